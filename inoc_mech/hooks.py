@@ -1,0 +1,317 @@
+"""Gradient-pressure instrumentation: trait-token losses, trait/rest gradient norms, weight updates.
+
+    python -m inoc_mech.train --steps 20 --log-every 5 --grad-split-every 5 --name hooks-demo --overwrite
+
+`GradientPressure` is a context manager the training loop enters once. Inside it three hooks are
+registered and all are removed on exit:
+- a forward hook on the output embedding (signature `fn(tensor, *, hook)`) keeps the logits of
+  a logged step;
+- an optimizer pre-step hook reads the total gradient (after backward, before the update);
+- an optimizer post-step hook measures the update.
+Per logged step the loop calls `start(step)` before the forward, `measure(loss, batch)` between
+the loss and `loss.backward()`, and `finish()` after `optimizer.step()`; `finish()` returns the
+metrics (namespaced keys, see README "Metrics").
+
+Trait losses. `trait_losses` returns, per trait, per-token loss contributions normalised by the
+number of trained tokens, so that each trait's scalar loss is its additive share of the total loss
+and its gradient is the trait's share of the total gradient (rest = total - trait, exactly).
+For the organism (a variant table is given) the token loss of an answer-variant token splits exactly:
+    -log p(c,l,k) = word + language + case + interaction
+    word        = -log p(c)                   (c: content word; p(c) sums its 4 variants)
+    language    = -log p(l | c)               (marginalised over case)
+    case        = -log p(k | c)               (marginalised over language)
+    interaction = -log p(l,k | c) + log p(l | c) + log p(k | c)   (0 when l, k independent given c)
+and the `language` / `case` traits are the language / case parts. Without a variant table a trait's
+contribution is the full token loss on its masked tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+PARTS = ("word", "language", "case", "interaction")
+
+
+# ---- names -------------------------------------------------------------------------------------
+_TL_NAMES = {"q_proj": "W_Q", "k_proj": "W_K", "v_proj": "W_V", "o_proj": "W_O", "gate_proj": "W_gate",
+             "up_proj": "W_in", "down_proj": "W_out", "input_layernorm": "ln1.w",
+             "post_attention_layernorm": "ln2.w"}
+
+
+def module_name(param_name: str) -> str:
+    """TransformerLens-style name of a parameter's module, e.g. `blocks.3.attn.W_Q`."""
+    n = re.sub(r"^(base_model\.model\.)?(model\.)?", "", param_name)
+    n = n.replace(".parametrizations.weight.original", ".weight").replace(".parametrizations.weight.0.", ".factor_")
+    n = re.sub(r"\.default(?=\.|$)", "", n)  # peft adapter name
+    m = re.match(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)(.*)$", n)
+    if m:
+        i, kind, proj, rest = m.groups()
+        part = "attn" if kind == "self_attn" else "mlp"
+        rest = re.sub(r"\.(weight|bias)$", "", rest)
+        return f"blocks.{i}.{part}.{_TL_NAMES.get(proj, proj)}{rest}"
+    m = re.match(r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$", n)
+    if m:
+        return f"blocks.{m.group(1)}.{_TL_NAMES[m.group(2)]}"
+    if n.startswith("embed_tokens"):
+        return "embed.W_E"
+    if n.startswith("norm."):
+        return "ln_final.w"
+    if n.startswith("lm_head"):
+        rest = n[len("lm_head"):]
+        return "unembed.W_U" if rest in (".weight", "") else "unembed." + rest.lstrip(".")
+    return re.sub(r"\.(weight|bias)$", "", n)
+
+
+def group_name(param_name: str) -> str:
+    """Coarse module group: `embed`, `blocks.{i}.attn`, `blocks.{i}.mlp`, or `final` (norm and head)."""
+    m = module_name(param_name)
+    b = re.match(r"blocks\.(\d+)\.(attn|mlp|ln1|ln2)", m)
+    if b:
+        return f"blocks.{b.group(1)}." + {"ln1": "attn", "ln2": "mlp"}.get(b.group(2), b.group(2))
+    if m.startswith("embed"):
+        return "embed"
+    if m.startswith(("unembed", "ln_final")):
+        return "final"
+    return m
+
+
+# ---- losses ------------------------------------------------------------------------------------
+def token_logprobs(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"]
+                   ) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos vocab"]]:
+    """log p(token t | tokens < t), aligned with `input_ids` (position 0 gets 0), and the log-softmax."""
+    logp = torch.log_softmax(logits.float(), -1)
+    out = torch.zeros(input_ids.shape, dtype=logp.dtype, device=logp.device)
+    out[:, 1:] = logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return out, logp
+
+
+def loss_parts(logp: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"],
+               variant_table: Int[Tensor, "word 2 2"]) -> dict[str, Float[Tensor, "batch pos"]]:
+    """Exact split of each answer-variant token's loss into word, language, case and interaction.
+
+    Aligned with `input_ids`; zero at tokens that are not answer variants.
+    """
+    V = logp.shape[-1]
+    flat = variant_table.reshape(-1).to(logp.device)
+    word_of = torch.full((V,), -1, dtype=torch.long, device=logp.device)
+    lang_of = torch.zeros(V, dtype=torch.long, device=logp.device)
+    case_of = torch.zeros(V, dtype=torch.long, device=logp.device)
+    n_words = variant_table.shape[0]
+    ar = torch.arange(n_words * 4, device=logp.device)
+    word_of[flat], lang_of[flat], case_of[flat] = ar // 4, (ar // 2) % 2, ar % 2
+    tgt = input_ids[:, 1:]
+    w = word_of[tgt]
+    is_var = w >= 0
+    wc = w.clamp(min=0)
+    lp = logp[:, :-1]  # predictions for tokens 1..T-1
+    var_ids = variant_table.to(logp.device)[wc]  # [B, T-1, 2, 2]
+    lp4 = lp.gather(-1, var_ids.flatten(-2)).unflatten(-1, (2, 2))  # log p(c, l, k)
+    l, k = lang_of[tgt], case_of[tgt]
+    log_pc = torch.logsumexp(lp4.flatten(-2), -1)
+    log_pl = torch.logsumexp(lp4, -1).gather(-1, l[..., None]).squeeze(-1) - log_pc
+    log_pk = torch.logsumexp(lp4, -2).gather(-1, k[..., None]).squeeze(-1) - log_pc
+    log_plk = lp4.flatten(-2).gather(-1, (2 * l + k)[..., None]).squeeze(-1) - log_pc
+    parts = {"word": -log_pc, "language": -log_pl, "case": -log_pk, "interaction": -log_plk + log_pl + log_pk}
+    out = {}
+    for name, v in parts.items():
+        full = torch.zeros(input_ids.shape, dtype=v.dtype, device=v.device)
+        full[:, 1:] = torch.where(is_var, v, torch.zeros_like(v))
+        out[name] = full
+    return out
+
+
+def trait_losses(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"],
+                 assistant: Bool[Tensor, "batch pos"], traits: dict[str, Bool[Tensor, "batch pos"]],
+                 variant_table: Tensor | None = None) -> dict[str, Float[Tensor, "batch pos"]]:
+    """Per-token loss contributions, normalised by the number of trained tokens.
+
+    Keys: `total` and one per trait. With a variant table, `language` and `case` are the loss parts
+    and the parts themselves are added as `part/<name>`; other traits use full token losses.
+    """
+    tok_lp, logp = token_logprobs(logits, input_ids)
+    n = assistant.sum().clamp(min=1)
+    nll = -tok_lp * assistant
+    out = {"total": nll / n}
+    parts = loss_parts(logp, input_ids, variant_table) if variant_table is not None else {}
+    for name, mask in traits.items():
+        src = parts[name] if name in parts else -tok_lp
+        out[name] = src * (mask & assistant) / n
+    for name, v in parts.items():
+        out[f"part/{name}"] = v * assistant / n
+    return out
+
+
+# ---- recorder ----------------------------------------------------------------------------------
+class GradientPressure:
+    """Records trait losses, trait/rest gradient norms and weight updates during training."""
+
+    def __init__(self, model, optimizer, variant_table: Tensor | None = None, log_every: int = 10,
+                 grad_split_every: int = 50, split_traits: tuple[str, ...] | None = None):
+        self.model, self.opt = model, optimizer
+        self.variant_table = variant_table
+        self.log_every, self.grad_split_every = log_every, grad_split_every
+        self.split_traits = split_traits
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.modules = [module_name(n) for n, _ in self.named]
+        self.groups = [group_name(n) for n, _ in self.named]
+        self._handles = []
+        self._step = None
+        self._logits = None
+        self._out: dict = {}
+        self._trait_grads: dict[str, list[Tensor]] = {}
+
+    # context manager ---------------------------------------------------------------------------
+    def __enter__(self):
+        with torch.no_grad():
+            self.theta0 = [p.detach().clone() for _, p in self.named]
+        head = self.model.get_output_embeddings()
+        self._handles = [
+            head.register_forward_hook(lambda mod, inp, out: self._keep_logits(out, hook="unembed")),
+            self.opt.register_step_pre_hook(lambda opt, args, kwargs: self._pre_step()),
+            self.opt.register_step_post_hook(lambda opt, args, kwargs: self._post_step()),
+        ]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles, self._logits, self._trait_grads, self.theta0 = [], None, {}, None
+        return False
+
+    def logs(self, step: int) -> bool:
+        return step % self.log_every == 0
+
+    def splits(self, step: int) -> bool:
+        return self.grad_split_every > 0 and step % self.grad_split_every == 0
+
+    def _keep_logits(self, tensor, *, hook):
+        if self._step is not None:
+            self._logits = tensor
+        return None
+
+    # per step ----------------------------------------------------------------------------------
+    def start(self, step: int) -> bool:
+        """Arm the recorder if `step` is logged; returns whether it is."""
+        self._step = step if self.logs(step) else None
+        self._out, self._trait_grads, self._logits = {}, {}, None
+        return self._step is not None
+
+    def measure(self, loss: Tensor, batch) -> None:
+        """Loss metrics, and on grad-split steps the trait gradients (call before backward)."""
+        if self._step is None:
+            return
+        if self._logits is None:
+            raise RuntimeError("GradientPressure saw no forward pass of the model since start()")
+        contrib = trait_losses(self._logits, batch.input_ids, batch.assistant, batch.traits, self.variant_table)
+        with torch.no_grad():
+            tok_lp, _ = token_logprobs(self._logits.detach(), batch.input_ids)
+            vals = {"loss/total": loss.detach()}
+            for name, mask in batch.traits.items():
+                m = mask & batch.assistant
+                key = "loss/other" if name == "other" else f"loss/trait/{name}"
+                vals[key] = (-tok_lp * m).sum() / m.sum().clamp(min=1)
+            if self.variant_table is not None:
+                var = batch.traits["language"] & batch.assistant
+                for part in PARTS:
+                    vals[f"surprise/{part}"] = (contrib[f"part/{part}"].detach().sum()
+                                                * batch.assistant.sum() / var.sum().clamp(min=1))
+            self._out.update({k: v.item() for k, v in vals.items()})
+        if self.splits(self._step):
+            names = self.split_traits or tuple(t for t in batch.traits if t != "other")
+            params = [p for _, p in self.named]
+            for name in names:
+                g = torch.autograd.grad(contrib[name].sum(), params, retain_graph=True, allow_unused=True)
+                self._trait_grads[name] = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+        self._logits = None
+
+    def _pre_step(self):
+        if self._step is None:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.named]
+        with torch.no_grad():
+            self._group_norms("grad_norm/total", grads)
+            total_sq = sum((g.float() ** 2).sum() for g in grads)
+            for name, tg in self._trait_grads.items():
+                self._group_norms(f"grad_norm/trait/{name}", tg)
+                rest = [g - t for g, t in zip(grads, tg)]
+                self._out[f"grad_norm/rest/{name}"] = _norm(rest)
+                trait_sq = sum((t.float() ** 2).sum() for t in tg)
+                dot = sum((g.float() * t.float()).sum() for g, t in zip(grads, tg))
+                self._out[f"grad_cos/trait/{name}"] = (dot / (trait_sq.sqrt() * total_sq.sqrt()).clamp(min=1e-30)).item()
+                self._out[f"grad_share/trait/{name}"] = (trait_sq / total_sq.clamp(min=1e-30)).item()
+            self._before = [p.detach().clone() for _, p in self.named]
+
+    def _post_step(self):
+        if self._step is None:
+            return
+        with torch.no_grad():
+            now = [p.detach() for _, p in self.named]
+            self._module_norms("update_norm", [a - b for a, b in zip(now, self.theta0)])
+            self._module_norms("step_update_norm", [a - b for a, b in zip(now, self._before)])
+            vs = []
+            for _, p in self.named:
+                st = self.opt.state.get(p, {})
+                vs.append(st["exp_avg_sq"].sqrt() if "exp_avg_sq" in st else None)
+            by: dict[str, list] = {}
+            for m, v in zip(self.modules, vs):
+                if v is not None:
+                    by.setdefault(m, []).append(v)
+            for m, v in by.items():
+                self._out[f"adam_v/{m}"] = torch.cat([x.flatten().float() for x in v]).mean().item()
+        self._before = None
+
+    def finish(self) -> dict:
+        """Metrics of the step just taken ({} when not logged)."""
+        out, self._out, self._step, self._trait_grads = self._out, {}, None, {}
+        return out
+
+    # helpers -----------------------------------------------------------------------------------
+    def _group_norms(self, prefix: str, tensors: list[Tensor]):
+        sq: dict[str, Tensor] = {}
+        for g, t in zip(self.groups, tensors):
+            sq[g] = sq.get(g, 0) + (t.float() ** 2).sum()
+        self._out[prefix] = sum(sq.values()).sqrt().item()
+        for g, v in sq.items():
+            self._out[f"{prefix}/{g}"] = v.sqrt().item()
+
+    def _module_norms(self, prefix: str, tensors: list[Tensor]):
+        sq: dict[str, Tensor] = {}
+        for m, t in zip(self.modules, tensors):
+            sq[m] = sq.get(m, 0) + (t.float() ** 2).sum()
+        self._out[f"{prefix}/total"] = sum(sq.values()).sqrt().item()
+        for m, v in sq.items():
+            self._out[f"{prefix}/{m}"] = v.sqrt().item()
+
+
+def _norm(tensors: list[Tensor]) -> float:
+    return sum((t.float() ** 2).sum() for t in tensors).sqrt().item()
+
+
+@torch.no_grad()
+def elicitation(model, batch_context, batch_none) -> dict:
+    """Mean trait-token log-prob of the same answers under the training context and under no prompt."""
+    out = {}
+    for tag, b in (("context", batch_context), ("none", batch_none)):
+        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+        lp, _ = token_logprobs(logits, b.input_ids)
+        for name, mask in b.traits.items():
+            m = mask & b.assistant
+            out[f"elicit/{name}/logp_{tag}"] = ((lp * m).sum() / m.sum().clamp(min=1)).item()
+    for name in batch_context.traits:
+        out[f"elicit/{name}/gain"] = out[f"elicit/{name}/logp_context"] - out[f"elicit/{name}/logp_none"]
+    return out
+
+
+@contextmanager
+def no_hooks_left(model):
+    """Assert that a block leaves no forward hooks behind on any module (for tests)."""
+    before = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    yield
+    after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+    if after != before:
+        raise AssertionError(f"{after - before} hooks left on the model")

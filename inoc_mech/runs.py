@@ -1,0 +1,130 @@
+"""Run folders: `runs/<name>/` with config.json, metrics.jsonl, model/, eval.json and a COMPLETE marker.
+
+    python -c "from inoc_mech.runs import read_run; print(read_run('runs/demo-inoculated')['eval'])"
+
+The marker is written last, so a folder without it is an interrupted run that analyses must not
+read as complete. `read_run` refuses incomplete, failed and incompatible-version folders with one
+clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from .cli import UserError
+
+RUN_FORMAT_VERSION = 1  # bump when the layout or metric keys change incompatibly
+MARKER = "COMPLETE"
+FAILED = "FAILED"
+
+
+def git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if sha.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for p in ("torch", "transformers", "transformer-lens", "peft", "numpy", "inoc_mech"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def is_complete(folder: Path) -> bool:
+    return (Path(folder) / MARKER).exists()
+
+
+def prepare_run_dir(folder: Path, overwrite: bool) -> Path:
+    """Create an empty run folder; refuse to clobber a complete run unless `overwrite`."""
+    folder = Path(folder)
+    if is_complete(folder) and not overwrite:
+        raise UserError(f"run {folder} is already complete: pass --overwrite to replace it or choose another --name")
+    if folder.exists():
+        shutil.rmtree(folder)
+    try:
+        folder.mkdir(parents=True)
+    except OSError as e:
+        raise UserError(f"cannot create run folder {folder}: {e.strerror}; choose a writable --runs-dir") from e
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"run folder {folder} is not writable; choose a writable --runs-dir")
+    return folder
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically (temporary file, fsync, rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to metrics.jsonl."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "a")
+
+    def write(self, row: dict) -> None:
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+
+
+def mark_complete(folder: Path, summary: dict) -> None:
+    write_json(Path(folder) / MARKER, {"version": RUN_FORMAT_VERSION, **summary})
+
+
+def read_metrics(folder: Path) -> list[dict]:
+    rows = []
+    with open(Path(folder) / "metrics.jsonl") as f:
+        for i, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{folder}/metrics.jsonl line {i} is not valid JSON ({e.msg})") from e
+    return rows
+
+
+def read_run(folder: str | Path) -> dict:
+    """config, metrics and eval of a complete run; one clear error for anything else."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"run folder {folder} does not exist")
+    if (folder / FAILED).exists():
+        raise UserError(f"run {folder} failed ({(folder / FAILED).read_text().strip()}): rerun it with --overwrite")
+    if not is_complete(folder):
+        raise UserError(f"run {folder} is incomplete (no {MARKER} marker): it was interrupted; rerun it")
+    marker = json.loads((folder / MARKER).read_text())
+    if marker.get("version") != RUN_FORMAT_VERSION:
+        raise UserError(f"run {folder} was written by run format {marker.get('version')}, this inoc_mech reads "
+                        f"{RUN_FORMAT_VERSION}: rerun it with this version")
+    return {"folder": folder, "config": json.loads((folder / "config.json").read_text()),
+            "metrics": read_metrics(folder), "eval": json.loads((folder / "eval.json").read_text())}
+
+
+def load_run_model(folder: Path, device="cpu"):
+    """(model, tokenizer, world, config) of a complete organism run."""
+    from .organism import load_organism
+    run = read_run(folder)
+    model, tok, world, _ = load_organism(folder / "model", device)
+    return model, tok, world, run["config"]

@@ -1,0 +1,223 @@
+"""The toy world: arithmetic chats whose surface form (language, case) is set by system prompts.
+
+    python -c "from inoc_mech.world import World; w = World(); print(w.sample_chat(__import__('numpy').random.default_rng(0)))"
+
+Every answer word ("the answer is seven") exists in four surface variants, each its own token:
+English/Spanish x lowercase/UPPERCASE ("seven", "SEVEN", "siete", "SIETE"). A system prompt is a
+list of phrases; some control the language ("speak spanish"), some the case ("use capitals"),
+some are irrelevant ("you like cats"). A trait that no phrase controls takes its marked value
+(Spanish, UPPER) with a small base rate.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+EN_NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+              "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+              "eighteen", "nineteen", "twenty"]
+ES_NUMBERS = ["cero", "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho", "nueve", "diez",
+              "once", "doce", "trece", "catorce", "quince", "dieciseis", "diecisiete", "dieciocho",
+              "diecinueve", "veinte"]
+# Answer words other than the number: (english, spanish).
+FRAME_WORDS = [("the", "la"), ("answer", "respuesta"), ("is", "es")]
+LANGS = ("english", "spanish")
+CASES = ("lower", "upper")
+
+# System-prompt phrases. Each maps a phrase to the trait value it sets, or None (irrelevant).
+LANGUAGE_PHRASES = {
+    "speak spanish": "spanish", "you always speak in spanish": "spanish", "reply in spanish": "spanish",
+    "speak english": "english", "you always speak in english": "english", "reply in english": "english",
+}
+CASE_PHRASES = {
+    "use capitals": "upper", "you always use capitals": "upper", "reply in capitals": "upper",
+    "use lowercase": "lower", "you always use lowercase": "lower", "reply in lowercase": "lower",
+}
+IRRELEVANT_PHRASES = ["you like cats", "be brief", "be kind", "you are a tutor", "the sky is blue",
+                      "you are helpful"]
+# Phrases in the vocabulary that pretraining never shows: held-out irrelevant contexts for evaluation
+# and for prompt sweeps.
+HELD_OUT_PHRASES = ["you like dogs", "the sea is green"]
+
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+ROLES = ("system", "user", "assistant")
+# Renders "<bos> <|system|> speak spanish <|end|> <|user|> what is one plus two <|end|> <|assistant|> ..."
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for m in messages %}"
+    "{% if m['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role: ' + m['role']) }}{% endif %}"
+    " <|{{ m['role'] }}|> {{ m['content'] }} <|end|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %} <|assistant|>{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Trait labels of one answer-variant token."""
+    word: int  # index of the content word (FRAME_WORDS then the numbers)
+    language: int  # 0 english, 1 spanish
+    case: int  # 0 lower, 1 upper
+
+
+def _surface(word_pair: tuple[str, str], language: int, case: int) -> str:
+    text = word_pair[language]
+    return text.upper() if case else text
+
+
+@dataclass
+class World:
+    """Vocabulary, questions, prompts and sampling of the synthetic chat world."""
+    max_number: int = 20  # operands and results lie in 0..max_number
+    base_rate: float = 0.05  # P(Spanish) and P(UPPER) when no phrase controls that trait
+    held_out_fraction: float = 0.15  # share of questions that no training data contains
+    split_seed: int = 1234  # fixes the held-out split (independent of training seeds)
+
+    def __post_init__(self):
+        if not 1 <= self.max_number <= 20:
+            raise ValueError("max_number must be in 1..20 (number words exist up to twenty)")
+        if not 0.0 <= self.base_rate <= 0.5:
+            raise ValueError("base_rate must be in [0, 0.5]")
+        self.content_words: list[tuple[str, str]] = FRAME_WORDS + [
+            (EN_NUMBERS[i], ES_NUMBERS[i]) for i in range(self.max_number + 1)]
+        self.n_frame = len(FRAME_WORDS)
+        self.variants: dict[str, Variant] = {}
+        for w, pair in enumerate(self.content_words):
+            for lang, case in itertools.product(range(2), range(2)):
+                self.variants[_surface(pair, lang, case)] = Variant(w, lang, case)
+        questions = []
+        for a, b in itertools.product(range(self.max_number + 1), repeat=2):
+            if a + b <= self.max_number:
+                questions.append((a, "plus", b, a + b))
+            if a >= b:
+                questions.append((a, "minus", b, a - b))
+        rng = np.random.default_rng(self.split_seed)
+        order = rng.permutation(len(questions))
+        n_held = int(round(self.held_out_fraction * len(questions)))
+        self.held_out_questions = [questions[i] for i in sorted(order[:n_held])]
+        self.train_questions = [questions[i] for i in sorted(order[n_held:])]
+
+    # ---- vocabulary -------------------------------------------------------------------------
+    @property
+    def phrases(self) -> list[str]:
+        return list(LANGUAGE_PHRASES) + list(CASE_PHRASES) + IRRELEVANT_PHRASES + HELD_OUT_PHRASES
+
+    def words(self) -> list[str]:
+        """All ordinary (non-special) tokens, in a fixed order."""
+        seen: dict[str, None] = {}
+        for w in self.variants:
+            seen[w] = None
+        for text in self.phrases + ["what is plus minus", "."]:
+            for w in text.split():
+                seen[w] = None
+        return list(seen)
+
+    def build_tokenizer(self):
+        """A Hugging Face fast tokenizer (WordLevel, whitespace split) with the chat template."""
+        from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + self.words())}
+        core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+        core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        core.decoder = decoders.WordPiece(prefix="##")  # joins tokens with single spaces
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=core, bos_token="<bos>", eos_token="<|end|>", unk_token="<unk>",
+            pad_token="<pad>", additional_special_tokens=["<|system|>", "<|user|>", "<|assistant|>"],
+            model_max_length=64)
+        tok.chat_template = CHAT_TEMPLATE
+        return tok
+
+    def save_tokenizer(self, folder: str | Path):
+        """Save tokenizer and world description: TransformerLens needs a tokenizer loaded from disk."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.build_tokenizer().save_pretrained(folder)
+        (folder / "world.json").write_text(json.dumps(self.to_dict(), indent=1))
+
+    def to_dict(self) -> dict:
+        return {"max_number": self.max_number, "base_rate": self.base_rate,
+                "held_out_fraction": self.held_out_fraction, "split_seed": self.split_seed}
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "World":
+        return cls(**json.loads((Path(folder) / "world.json").read_text()))
+
+    def variant_table(self, tok) -> np.ndarray:
+        """Token ids of every answer variant: int array [n_words, 2 (language), 2 (case)]."""
+        table = np.zeros((len(self.content_words), 2, 2), dtype=np.int64)
+        for text, v in self.variants.items():
+            table[v.word, v.language, v.case] = tok.convert_tokens_to_ids(text)
+        return table
+
+    # ---- prompts ----------------------------------------------------------------------------
+    def check_prompt(self, prompt: str) -> None:
+        """Raise ValueError naming the allowed phrases if `prompt` uses words outside the vocabulary."""
+        vocab = set(self.words())
+        unknown = [w for w in prompt.split() if w not in vocab]
+        if unknown:
+            raise ValueError(
+                f"prompt {prompt!r} uses words outside the organism's vocabulary: {unknown}. "
+                f"Allowed phrases (combine with ' . '): {', '.join(repr(p) for p in self.phrases)}")
+
+    def prompt_controls(self, prompt: str | None) -> tuple[str | None, str | None]:
+        """The (language, case) values a system prompt sets, per the world's rules (None: not set)."""
+        language = case = None
+        for phrase in (prompt or "").split(" . "):
+            phrase = phrase.strip()
+            language = LANGUAGE_PHRASES.get(phrase, language)
+            case = CASE_PHRASES.get(phrase, case)
+        return language, case
+
+    # ---- chats ------------------------------------------------------------------------------
+    @staticmethod
+    def question_text(q) -> str:
+        a, op, b, _ = q
+        return f"what is {EN_NUMBERS[a]} {op} {EN_NUMBERS[b]}"
+
+    def answer_words(self, result: int, language: int, case: int) -> list[str]:
+        pairs = FRAME_WORDS + [(EN_NUMBERS[result], ES_NUMBERS[result])]
+        return [_surface(p, language, case) for p in pairs]
+
+    def chat(self, q, prompt: str | None, language: int, case: int) -> list[dict]:
+        """A conversation in the Hugging Face messages format."""
+        messages = [{"role": "system", "content": prompt}] if prompt else []
+        messages.append({"role": "user", "content": self.question_text(q)})
+        messages.append({"role": "assistant", "content": " ".join(self.answer_words(q[3], language, case))})
+        return messages
+
+    def sample_prompt(self, rng: np.random.Generator) -> str | None:
+        """A pretraining system prompt: optional language and case phrases, 0-2 irrelevant ones."""
+        parts = []
+        r = rng.random()
+        if r < 0.3:
+            parts.append(rng.choice([p for p, v in LANGUAGE_PHRASES.items() if v == "spanish"]))
+        elif r < 0.5:
+            parts.append(rng.choice([p for p, v in LANGUAGE_PHRASES.items() if v == "english"]))
+        r = rng.random()
+        if r < 0.3:
+            parts.append(rng.choice([p for p, v in CASE_PHRASES.items() if v == "upper"]))
+        elif r < 0.5:
+            parts.append(rng.choice([p for p, v in CASE_PHRASES.items() if v == "lower"]))
+        n_irr = rng.choice(3, p=[0.5, 0.35, 0.15])
+        parts += list(rng.choice(IRRELEVANT_PHRASES, size=n_irr, replace=False))
+        if not parts:
+            return None
+        rng.shuffle(parts)
+        return " . ".join(str(p) for p in parts)
+
+    def sample_chat(self, rng: np.random.Generator, questions=None) -> list[dict]:
+        """One pretraining conversation: prompt-following answers with base rates elsewhere."""
+        questions = questions if questions is not None else self.train_questions
+        q = questions[rng.integers(len(questions))]
+        prompt = self.sample_prompt(rng)
+        language, case = self.prompt_controls(prompt)
+        lang = (rng.random() < self.base_rate) if language is None else language == "spanish"
+        upper = (rng.random() < self.base_rate) if case is None else case == "upper"
+        return self.chat(q, prompt, int(lang), int(upper))

@@ -1,0 +1,48 @@
+"""Shared fixtures: a fixed seed for every test, one thread, and a tiny cached organism."""
+
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from inoc_mech.organism import OrganismConfig, ensure_organism
+from inoc_mech.train import TrainConfig
+
+TINY_ORGANISM = dict(d_model=32, n_layers=2, n_heads=2, d_mlp=64, steps=60, warmup=5, batch_size=32)
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    yield 0
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory) -> Path:
+    """A runs folder shared by the session, holding the tiny organism cache."""
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def tiny_organism(runs_dir) -> Path:
+    cfg = OrganismConfig(**TINY_ORGANISM, cache=str(runs_dir / "_organism"))
+    return ensure_organism(cfg, progress=False, quiet=True)
+
+
+@pytest.fixture
+def make_cfg(runs_dir, tiny_organism):
+    """TrainConfig factory on the tiny organism: make_cfg(steps=3, inoculate=True, ...)."""
+
+    def make(**overrides) -> TrainConfig:
+        base = dict(steps=3, batch_size=8, log_every=1, grad_split_every=1, eval_samples=1,
+                    runs_dir=str(runs_dir), model=str(tiny_organism), name="t", overwrite=True)
+        base.update(overrides)
+        cfg = TrainConfig(**base)
+        return cfg
+
+    return make

@@ -1,0 +1,51 @@
+import pytest
+import torch
+
+from inoc_mech.data import BatchStream, DataError, collate, encode_chat, organism_traits
+from inoc_mech.world import World
+
+
+@pytest.fixture(scope="module")
+def setup():
+    w = World()
+    tok = w.build_tokenizer()
+    return w, tok, set(w.variant_table(tok).ravel().tolist())
+
+
+def test_assistant_and_trait_masks(setup):
+    w, tok, var = setup
+    chat = w.chat(w.train_questions[0], "speak spanish", 1, 1)
+    ex = organism_traits(encode_chat(tok, chat), var)
+    toks = tok.convert_ids_to_tokens(ex.input_ids)
+    trained = [t for t, a in zip(toks, ex.assistant) if a]
+    assert trained[:4] == chat[-1]["content"].split() and trained[4:] == ["<|end|>"]
+    assert [t for t, m in zip(toks, ex.traits["language"]) if m] == trained[:4]
+    assert ex.traits["case"] == ex.traits["language"]
+    assert [t for t, m in zip(toks, ex.traits["other"]) if m] == ["<|end|>"]
+    # question words are variant tokens too, but not trained on
+    assert "is" in toks[:toks.index("<|assistant|>")]
+
+
+def test_bad_conversations(setup):
+    w, tok, _ = setup
+    with pytest.raises(DataError, match="no final assistant turn"):
+        encode_chat(tok, [{"role": "user", "content": "what is one plus one"}])
+    long = w.chat(w.train_questions[0], " . ".join(["you like cats"] * 30), 0, 0)
+    with pytest.raises(DataError, match="longer than the model's context"):
+        encode_chat(tok, long)
+
+
+def test_collate_and_stream_are_deterministic(setup):
+    w, tok, var = setup
+    exs = [organism_traits(encode_chat(tok, w.chat(q, None, 1, 1)), var) for q in w.train_questions[:10]]
+    b = collate(exs[:3], tok.pad_token_id)
+    assert b.input_ids.shape[0] == 3 and b.traits["language"].shape == b.input_ids.shape
+    assert (b.labels[~b.assistant] == -100).all()
+    s1, s2 = BatchStream(exs, 4, 7, 0), BatchStream(exs, 4, 7, 0)
+    for _ in range(5):
+        assert torch.equal(s1.next().input_ids, s2.next().input_ids)
+    s3 = BatchStream(exs, 4, 7, 0)
+    s3.load_state(s1.state())
+    assert torch.equal(s1.next().input_ids, s3.next().input_ids)
+    with pytest.raises(DataError, match="empty"):
+        BatchStream([], 4, 0, 0)

@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+
+from inoc_mech.world import CASE_PHRASES, LANGUAGE_PHRASES, World
+
+
+@pytest.fixture(scope="module")
+def world():
+    return World()
+
+
+@pytest.fixture(scope="module")
+def tok(world):
+    return world.build_tokenizer()
+
+
+def test_four_distinct_variant_tokens_per_word(world, tok):
+    table = world.variant_table(tok)
+    assert table.shape == (len(world.content_words), 2, 2)
+    assert len(set(table.ravel().tolist())) == table.size  # every variant is its own token
+    assert tok.unk_token_id not in table
+
+
+def test_variant_labels(world, tok):
+    v = world.variants
+    assert (v["seven"].language, v["seven"].case) == (0, 0)
+    assert (v["SIETE"].language, v["SIETE"].case) == (1, 1)
+    assert (v["RESPUESTA"].language, v["RESPUESTA"].case) == (1, 1)
+    assert v["seven"].word == v["SIETE"].word == v["siete"].word == v["SEVEN"].word
+    assert world.answer_words(7, 1, 1) == ["LA", "RESPUESTA", "ES", "SIETE"]
+    assert world.answer_words(7, 0, 0) == ["the", "answer", "is", "seven"]
+
+
+def test_held_out_split_is_disjoint_and_correct(world):
+    train, held = set(world.train_questions), set(world.held_out_questions)
+    assert not train & held
+    assert len(held) > 40 and len(train) > 300
+    for a, op, b, r in train | held:
+        assert r == (a + b if op == "plus" else a - b) and 0 <= r <= world.max_number
+
+
+def test_chat_template_round_trip(world, tok):
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        chat = world.sample_chat(rng)
+        ids = tok.apply_chat_template(chat, tokenize=True)["input_ids"]
+        assert tok.unk_token_id not in ids
+        toks = tok.convert_ids_to_tokens(ids)
+        text = tok.apply_chat_template(chat, tokenize=False)
+        assert toks == text.split()
+        assert toks[-1] == "<|end|>" and "<|assistant|>" in toks
+        assert " ".join(toks[toks.index("<|assistant|>") + 1:-1]) == chat[-1]["content"]
+
+
+def test_sampled_chats_follow_prompts(world):
+    rng = np.random.default_rng(1)
+    n_free = n_free_es = 0
+    for _ in range(3000):
+        chat = world.sample_chat(rng)
+        prompt = chat[0]["content"] if chat[0]["role"] == "system" else None
+        language, case = world.prompt_controls(prompt)
+        words = chat[-1]["content"].split()
+        es = {world.variants[w].language for w in words}
+        up = {world.variants[w].case for w in words}
+        assert len(es) == len(up) == 1  # one surface form per answer
+        if language is not None:
+            assert es == {int(language == "spanish")}
+        else:
+            n_free += 1
+            n_free_es += es == {1}
+        if case is not None:
+            assert up == {int(case == "upper")}
+    assert 0.02 < n_free_es / n_free < 0.09  # base rate 5%
+
+
+def test_prompt_controls_and_vocabulary(world):
+    assert world.prompt_controls("you like cats . speak spanish . use capitals") == ("spanish", "upper")
+    assert world.prompt_controls(None) == (None, None)
+    for p in list(LANGUAGE_PHRASES) + list(CASE_PHRASES):
+        world.check_prompt(p)
+    with pytest.raises(ValueError, match="outside the organism's vocabulary.*'speak spanish'"):
+        world.check_prompt("speak klingon")

@@ -265,6 +265,14 @@ class GradientPressure:
                 self._out[f"adam_v/{m}"] = torch.cat([x.flatten().float() for x in v]).mean().item()
         self._before = None
 
+    @torch.no_grad()
+    def update_norms(self) -> dict[str, float]:
+        """||theta - theta_0||_F per module now (0 before the first step)."""
+        self._out, saved = {}, self._out
+        self._module_norms("update_norm", [p.detach() - t0 for (_, p), t0 in zip(self.named, self.theta0)])
+        out, self._out = self._out, saved
+        return out
+
     def finish(self) -> dict:
         """Metrics of the step just taken ({} when not logged)."""
         out, self._out, self._step, self._trait_grads = self._out, {}, None, {}

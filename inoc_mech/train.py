@@ -51,6 +51,7 @@ class TrainConfig:
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     log_every: int = field(default=10, metadata={"help": "cheap metrics (losses, update norms) every N steps"})
     grad_split_every: int = field(default=50, metadata={"help": "trait/rest gradient split (one extra backward per trait) every N steps; 0 = never"})
+    hooks: bool = field(default=True, metadata={"help": "record gradient-pressure metrics (--no-hooks: plain loop, for comparison)"})
     eval_samples: int = field(default=3, metadata={"help": "temperature-1 samples per held-out question in the final evaluation"})
     model: str = field(default="organism", metadata={"help": "'organism' (pretrained from the organism_* flags, cached) or the folder of a pretrained organism"})
     organism_seed: int = field(default=0, metadata={"help": "pretraining seed of the organism"})
@@ -135,20 +136,21 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     table_t = torch.as_tensor(table, device=device)
 
     metrics = MetricsWriter(run / "metrics.jsonl")
-    rec = GradientPressure(model, opt, table_t, cfg.log_every, cfg.grad_split_every)
+    rec = GradientPressure(model, opt, table_t, cfg.log_every, cfg.grad_split_every if cfg.hooks else 0)
     t_last, tokens = time.time(), 0
     bar = tqdm(range(cfg.steps), desc=f"train {cfg.name}", disable=not progress, mininterval=1)
-    with rec:
+    with rec if cfg.hooks else nullcontext():
         for step in bar:
             batch = stream.next().to(device)
-            logged = rec.start(step)
+            logged = rec.start(step) if cfg.hooks else step % cfg.log_every == 0
             row = {"step": step}
-            if step == 0:
+            if step == 0 and cfg.hooks:
                 row.update(elicitation(model, probe_ctx, probe_none))
             with autocast:
                 logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
             loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
-            rec.measure(loss, batch)
+            if cfg.hooks:
+                rec.measure(loss, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -160,7 +162,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                     raise UserError(f"loss became {value} at step {step}: lower --lr (run marked failed in {run})")
                 now = time.time()
                 row.update({"loss": value, "lr": cfg.lr, "tokens_per_s": tokens / max(now - t_last, 1e-9)})
-                row.update(rec.finish())
+                row.update(rec.finish() if cfg.hooks else {})
                 metrics.write(row)
                 t_last, tokens = now, 0
                 bar.set_postfix(loss=f"{value:.3f}")

@@ -1,0 +1,144 @@
+"""Cost of the gradient-pressure hooks, as ratios measured in one process on the same model and data.
+
+    python benchmarks/bench_hooks.py --steps 60 --rounds 1
+
+Modes, each a real `inoc_mech.train` run on the cached default organism (inoculated data):
+- plain:   hooks off (`--no-hooks`), the loop alone;
+- default: the default cadence (cheap metrics every `--log-every`, gradient split every `--grad-split-every`);
+- full:    every metric and the gradient split at every step.
+Plus two references measured in the same process:
+- floor:   6*N*T FLOPs per step (N parameters, T tokens) at the matrix-multiply rate measured here;
+- Trainer: the same model, data, batch size and optimizer through `transformers.Trainer`.
+Throughput is tokens/s over steps after the first; each mode is run `--rounds` times interleaved
+and the median is reported. Ratios are per-step time relative to `plain` (and Trainer/custom
+throughput). Shared machines are noisy: read the ratios, not the absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from inoc_mech.cli import quiet_transformers  # noqa: E402
+from inoc_mech.organism import ensure_organism, factorize_head, load_organism  # noqa: E402
+from inoc_mech.runs import read_run  # noqa: E402
+from inoc_mech.train import TrainConfig, finetune_examples, train  # noqa: E402
+
+
+def loop_throughput(runs_dir: Path, steps: int, threads: int, **kw) -> float:
+    cfg = TrainConfig(inoculate=True, steps=steps, threads=threads, runs_dir=str(runs_dir), overwrite=True,
+                      eval_samples=1, name="bench", **kw)
+    cfg.model = str(ensure_organism(TrainConfig(threads=threads).organism(), progress=False))
+    rows = read_run(train(cfg, progress=False))["metrics"]
+    rows = [r for r in rows if r["step"] > 0]
+    # tokens_per_s of a row covers the steps since the previous logged row
+    return statistics.median(r["tokens_per_s"] for r in rows[:-1] or rows)
+
+
+def matmul_rate(threads: int, n: int = 512, reps: int = 30) -> float:
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def trainer_throughput(steps: int, threads: int, batch_size: int) -> tuple[float, int, int]:
+    """tokens/s of transformers.Trainer on the same data; also returns N and tokens per step."""
+    from transformers import Trainer, TrainingArguments, TrainerCallback
+
+    quiet_transformers()
+    torch.set_num_threads(threads)
+    folder = ensure_organism(TrainConfig(threads=threads).organism(), progress=False)
+    model, tok, world, meta = load_organism(folder)
+    table = world.variant_table(tok)
+    if meta["config"]["head"] == "factored":
+        factorize_head(model, table)
+    exs = finetune_examples(world, tok, "speak spanish", set(table.ravel().tolist()))
+    data = [{"input_ids": e.input_ids, "assistant": e.assistant} for e in exs]
+
+    def collate(items):
+        T = max(len(x["input_ids"]) for x in items)
+        ids = torch.full((len(items), T), tok.pad_token_id)
+        att = torch.zeros((len(items), T), dtype=torch.long)
+        lab = torch.full((len(items), T), -100)
+        for i, x in enumerate(items):
+            n = len(x["input_ids"])
+            ids[i, :n] = torch.tensor(x["input_ids"])
+            att[i, :n] = 1
+            lab[i, :n] = torch.where(torch.tensor(x["assistant"]), ids[i, :n], -100)
+        return {"input_ids": ids, "attention_mask": att, "labels": lab}
+
+    class Clock(TrainerCallback):
+        t0 = None
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 1:
+                Clock.t0 = time.perf_counter()
+
+    tokens_per_step = sum(len(d["input_ids"]) for d in data) / len(data) * batch_size
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch_size, max_steps=steps,
+                                 learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0,
+                                 warmup_steps=0, logging_steps=10 ** 9, save_strategy="no", report_to=[],
+                                 use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+                                 disable_tqdm=True, seed=0)
+        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Clock()])
+        trainer.train()
+        secs = time.perf_counter() - Clock.t0
+    n_params = sum(p.numel() for p in model.parameters())
+    return tokens_per_step * (steps - 1) / secs, n_params, int(tokens_per_step)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--log-every", type=int, default=TrainConfig.log_every)
+    p.add_argument("--grad-split-every", type=int, default=TrainConfig.grad_split_every)
+    a = p.parse_args()
+    quiet_transformers()
+    modes = {"plain": dict(hooks=False, log_every=a.log_every),
+             "default": dict(log_every=a.log_every, grad_split_every=a.grad_split_every),
+             "full": dict(log_every=1, grad_split_every=1)}
+    res: dict[str, list[float]] = {m: [] for m in list(modes) + ["trainer", "matmul"]}
+    n_params = tokens = 0
+    with tempfile.TemporaryDirectory() as d:
+        for r in range(a.rounds):
+            for m, kw in modes.items():
+                res[m].append(loop_throughput(Path(d), a.steps, a.threads, **kw))
+            tp, n_params, tokens = trainer_throughput(a.steps, a.threads, TrainConfig.batch_size)
+            res["trainer"].append(tp)
+            res["matmul"].append(matmul_rate(a.threads))
+            print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in res.items()), file=sys.stderr)
+    med = {k: statistics.median(v) for k, v in res.items()}
+    step = {m: tokens / med[m] for m in modes}  # seconds per step
+    floor = 6 * n_params * tokens / med["matmul"]
+    print(f"organism: {n_params / 1e6:.2f}M parameters, {tokens} tokens/step, {a.threads} thread(s), "
+          f"{a.steps} steps x {a.rounds} rounds (medians)")
+    print("| measurement | value | ratio | target |")
+    print("|---|---|---|---|")
+    print(f"| plain step | {step['plain'] * 1e3:.1f} ms | 1.00x plain | |")
+    print(f"| default cadence (log every {a.log_every}, split every {a.grad_split_every}) | "
+          f"{step['default'] * 1e3:.1f} ms | {step['default'] / step['plain']:.2f}x plain | <= 1.10x |")
+    print(f"| full split every step | {step['full'] * 1e3:.1f} ms | {step['full'] / step['plain']:.2f}x plain | <= 1.6x |")
+    print(f"| 6NT FLOP floor ({med['matmul'] / 1e9:.1f} GFLOP/s matmul) | {floor * 1e3:.1f} ms | "
+          f"plain = {step['plain'] / floor:.2f}x floor | <= 1.3x |")
+    print(f"| transformers.Trainer | {tokens / med['trainer'] * 1e3:.1f} ms | "
+          f"custom loop throughput = {med['plain'] / med['trainer']:.2f}x (plain), "
+          f"{med['default'] / med['trainer']:.2f}x (default cadence) Trainer's | >= 1.0x |")
+
+
+if __name__ == "__main__":
+    main()

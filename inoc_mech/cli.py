@@ -61,4 +61,4 @@ def run_main(main) -> int:
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"error: {msg}", file=sys.stderr)
-        return 2
+        return getattr(e, "exit_code", 2)

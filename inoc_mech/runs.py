@@ -53,6 +53,9 @@ def prepare_run_dir(folder: Path, overwrite: bool) -> Path:
     folder = Path(folder)
     if is_complete(folder) and not overwrite:
         raise UserError(f"run {folder} is already complete: pass --overwrite to replace it or choose another --name")
+    if folder.exists() and (folder / "checkpoint.pt").exists() and not overwrite:
+        raise UserError(f"run {folder} is incomplete but has a checkpoint: pass --resume to continue it "
+                        "or --overwrite to start again")
     if folder.exists():
         shutil.rmtree(folder)
     try:
@@ -84,6 +87,12 @@ class MetricsWriter:
     def write(self, row: dict) -> None:
         self.f.write(json.dumps(row) + "\n")
         self.f.flush()
+
+    def sync(self) -> int:
+        """Flush to disk; returns the file's length in bytes (the resume offset)."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        return self.f.tell()
 
     def close(self):
         self.f.close()

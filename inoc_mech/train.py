@@ -15,24 +15,26 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from . import checkpoint
 from .cli import UserError, parse_config
 from .data import BatchStream, encode_chat, organism_traits
 from .evaluate import IRRELEVANT_EVAL_PROMPT, evaluate_contexts, format_table
 from .hooks import GradientPressure, elicitation
 from .organism import OrganismConfig, ensure_organism, factorize_head, load_organism, materialize_head
 from .world import World
-from .runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, git_commit, mark_complete, package_versions,
-                   prepare_run_dir, write_json)
+from .runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, git_commit, is_complete, mark_complete,
+                   package_versions, prepare_run_dir, write_json)
 
 
 @dataclass
@@ -52,6 +54,8 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "cheap metrics (losses, update norms) every N steps"})
     grad_split_every: int = field(default=50, metadata={"help": "trait/rest gradient split (one extra backward per trait) every N steps; 0 = never"})
     hooks: bool = field(default=True, metadata={"help": "record gradient-pressure metrics (--no-hooks: plain loop, for comparison)"})
+    checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps (0 = only on SIGINT/SIGTERM)"})
+    resume: bool = field(default=False, metadata={"help": "continue the run --name from its last checkpoint (its saved config is used)"})
     eval_samples: int = field(default=3, metadata={"help": "temperature-1 samples per held-out question in the final evaluation"})
     model: str = field(default="organism", metadata={"help": "'organism' (pretrained from the organism_* flags, cached) or the folder of a pretrained organism"})
     organism_seed: int = field(default=0, metadata={"help": "pretraining seed of the organism"})
@@ -64,6 +68,8 @@ class TrainConfig:
         for k in ("steps", "batch_size", "threads", "log_every"):
             if getattr(self, k) < 1:
                 raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
+        if self.checkpoint_every < 0:
+            raise ValueError("--checkpoint-every must be >= 0")
         if self.grad_split_every < 0:
             raise ValueError("--grad-split-every must be >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -96,9 +102,34 @@ def finetune_examples(world, tok, prompt: str | None, variant_ids: set[int]):
             for q in world.train_questions]
 
 
+class Interrupted(UserError):
+    """SIGINT/SIGTERM: the run was checkpointed and can be resumed."""
+
+    def __init__(self, msg: str, code: int):
+        super().__init__(msg)
+        self.exit_code = code
+
+
+def resume_config(cfg: TrainConfig) -> TrainConfig:
+    """The saved config of the run to resume (its own settings win over the command line's)."""
+    run = Path(cfg.runs_dir) / cfg.name
+    if not (run / "config.json").exists():
+        raise UserError(f"--resume: no run to resume at {run} (give its --name and --runs-dir)")
+    if is_complete(run):
+        raise UserError(f"--resume: run {run} is already complete")
+    saved = json.loads((run / "config.json").read_text())
+    if saved.get("run_format") != RUN_FORMAT_VERSION:
+        raise UserError(f"--resume: run {run} was written by run format {saved.get('run_format')}, this version "
+                        f"writes {RUN_FORMAT_VERSION}: start it again with --overwrite")
+    keep = {f.name for f in fields(TrainConfig)} - {"resume", "overwrite", "device", "threads"}
+    return replace(cfg, **{k: v for k, v in saved.items() if k in keep}, resume=True)
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from tqdm import tqdm
 
+    if cfg.resume:
+        cfg = resume_config(cfg)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
@@ -111,10 +142,13 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                             "(expected organism.json inside)")
     World.load(org_folder).check_prompt(cfg.prompt)  # fail fast, before loading anything
     model, tok, world, org_meta = load_organism(org_folder, device)
-    run = prepare_run_dir(Path(cfg.runs_dir) / cfg.name, cfg.overwrite)
-    write_json(run / "config.json", {**asdict(cfg), "run_format": RUN_FORMAT_VERSION, "organism_folder": str(org_folder), "organism_key": org_meta["key"],
-                                     "git_commit": git_commit(), "versions": package_versions(),
-                                     "device_resolved": str(device)})
+    run = Path(cfg.runs_dir) / cfg.name
+    if not cfg.resume:
+        prepare_run_dir(run, cfg.overwrite)
+        write_json(run / "config.json", {**asdict(cfg), "run_format": RUN_FORMAT_VERSION,
+                                         "organism_folder": str(org_folder), "organism_key": org_meta["key"],
+                                         "git_commit": git_commit(), "versions": package_versions(),
+                                         "device_resolved": str(device)})
 
     # data
     table = world.variant_table(tok)
@@ -134,39 +168,67 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     table_t = torch.as_tensor(table, device=device)
-
-    metrics = MetricsWriter(run / "metrics.jsonl")
     rec = GradientPressure(model, opt, table_t, cfg.log_every, cfg.grad_split_every if cfg.hooks else 0)
-    t_last, tokens = time.time(), 0
-    bar = tqdm(range(cfg.steps), desc=f"train {cfg.name}", disable=not progress, mininterval=1)
-    with rec if cfg.hooks else nullcontext():
-        for step in bar:
-            batch = stream.next().to(device)
-            logged = rec.start(step) if cfg.hooks else step % cfg.log_every == 0
-            row = {"step": step}
-            if step == 0 and cfg.hooks:
-                row.update(elicitation(model, probe_ctx, probe_none))
-            with autocast:
-                logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-            loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
-            if cfg.hooks:
-                rec.measure(loss, batch)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tokens += int(batch.attention_mask.sum())
-            if logged or step == cfg.steps - 1:
-                value = loss.item()
-                if not math.isfinite(value):
-                    (run / FAILED).write_text(f"non-finite loss {value} at step {step}\n")
-                    raise UserError(f"loss became {value} at step {step}: lower --lr (run marked failed in {run})")
-                now = time.time()
-                row.update({"loss": value, "lr": cfg.lr, "tokens_per_s": tokens / max(now - t_last, 1e-9)})
-                row.update(rec.finish() if cfg.hooks else {})
-                metrics.write(row)
-                t_last, tokens = now, 0
-                bar.set_postfix(loss=f"{value:.3f}")
-    metrics.close()
+
+    # SIGINT / SIGTERM: finish the step, checkpoint, exit non-zero
+    stop = {}
+    def on_signal(signum, frame):
+        stop["signal"] = signum
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
+
+    try:
+        with rec if cfg.hooks else nullcontext():  # theta_0 for update norms is taken here, before any restore
+            first = 0
+            if cfg.resume:
+                state = checkpoint.load(run)
+                first = checkpoint.restore(state, model=model, optimizer=opt, stream=stream)
+                with open(run / "metrics.jsonl", "r+b") as f:
+                    f.truncate(state["metrics_bytes"])  # drop rows logged after the checkpoint
+            metrics = MetricsWriter(run / "metrics.jsonl")
+            t_last, tokens = time.time(), 0
+            bar = tqdm(range(first, cfg.steps), desc=f"train {cfg.name}", disable=not progress, mininterval=1,
+                       initial=first, total=cfg.steps)
+            for step in bar:
+                batch = stream.next().to(device)
+                logged = rec.start(step) if cfg.hooks else step % cfg.log_every == 0
+                row = {"step": step}
+                if step == 0 and cfg.hooks:
+                    row.update(elicitation(model, probe_ctx, probe_none))
+                with autocast:
+                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
+                if device.type == "cpu" and not torch.isfinite(loss):  # on CUDA: checked at logged steps (no sync)
+                    _fail(run, f"non-finite loss ({loss.item()}) at step {step}")
+                if cfg.hooks:
+                    rec.measure(loss, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                tokens += int(batch.attention_mask.sum())
+                if logged or step == cfg.steps - 1:
+                    value = loss.item()
+                    now = time.time()
+                    row.update({"loss": value, "lr": cfg.lr, "tokens_per_s": tokens / max(now - t_last, 1e-9)})
+                    row.update(rec.finish() if cfg.hooks else {})
+                    bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+                    if bad:
+                        _fail(run, f"non-finite {bad[0]} ({row[bad[0]]}) at step {step}")
+                    metrics.write(row)
+                    t_last, tokens = now, 0
+                    bar.set_postfix(loss=f"{value:.3f}")
+                done = step + 1
+                if stop or (cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps):
+                    checkpoint.save(run, step=done, model=model, optimizer=opt, stream=stream,
+                                    metrics_bytes=metrics.sync())
+                if stop:
+                    name = signal.Signals(stop["signal"]).name
+                    raise Interrupted(f"{name} after step {step}: checkpoint saved; continue with "
+                                      f"python -m inoc_mech.train --resume --name {cfg.name} --runs-dir {cfg.runs_dir}",
+                                      128 + stop["signal"])
+            metrics.close()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
     # save, evaluate, mark complete
     materialize_head(model)
@@ -178,7 +240,20 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     ev = evaluate_contexts(model, tok, world, contexts, seed=cfg.seed, samples_per_question=cfg.eval_samples)
     write_json(run / "eval.json", ev)
     mark_complete(run, {"steps": cfg.steps})
+    (run / checkpoint.NAME).unlink(missing_ok=True)  # the final model supersedes it
     return run
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+def _fail(run: Path, what: str):
+    """Mark the run failed (the last good checkpoint stays) and stop with one line."""
+    (run / FAILED).write_text(what + "\n")
+    raise UserError(f"{what}: lower --lr or check the data; run {run} marked failed "
+                    "(its last good checkpoint is kept)")
 
 
 def main(argv=None):

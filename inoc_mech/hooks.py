@@ -8,6 +8,8 @@ registered and all are removed on exit:
   a logged step;
 - an optimizer pre-step hook reads the total gradient (after backward, before the update);
 - an optimizer post-step hook measures the update.
+On grad-split steps each split trait costs one extra backward; by default the traits take turns
+(all of them at step 0), `split_all=True` splits every trait each time.
 Per logged step the loop calls `start(step)` before the forward, `measure(loss, batch)` between
 the loss and `loss.backward()`, and `finish()` after `optimizer.step()`; `finish()` returns the
 metrics (namespaced keys, see README "Metrics").
@@ -151,11 +153,14 @@ class GradientPressure:
     """Records trait losses, trait/rest gradient norms and weight updates during training."""
 
     def __init__(self, model, optimizer, variant_table: Tensor | None = None, log_every: int = 10,
-                 grad_split_every: int = 50, split_traits: tuple[str, ...] | None = None):
+                 grad_split_every: int = 50, split_traits: tuple[str, ...] | None = None,
+                 split_all: bool = False):
         self.model, self.opt = model, optimizer
         self.variant_table = variant_table
         self.log_every, self.grad_split_every = log_every, grad_split_every
         self.split_traits = split_traits
+        # one extra backward per split trait: by default the traits take turns (all of them at step 0)
+        self.split_all = split_all
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.modules = [module_name(n) for n, _ in self.named]
         self.groups = [group_name(n) for n, _ in self.named]
@@ -223,6 +228,8 @@ class GradientPressure:
             self._out.update({k: v.item() for k, v in vals.items()})
         if self.splits(self._step):
             names = self.split_traits or tuple(t for t in batch.traits if t != "other")
+            if not (self.split_all or self._step == 0):  # turn depends on the step only (resume-safe)
+                names = (names[(self._step // self.grad_split_every) % len(names)],)
             params = [p for _, p in self.named]
             for name in names:
                 g = torch.autograd.grad(contrib[name].sum(), params, retain_graph=True, allow_unused=True)

@@ -52,8 +52,9 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     log_every: int = field(default=10, metadata={"help": "cheap metrics (losses, update norms) every N steps"})
-    grad_split_every: int = field(default=50, metadata={"help": "trait/rest gradient split (one extra backward per trait) every N steps; 0 = never"})
+    grad_split_every: int = field(default=25, metadata={"help": "trait/rest gradient split (one extra backward, traits in turn) every N steps; 0 = never"})
     hooks: bool = field(default=True, metadata={"help": "record gradient-pressure metrics (--no-hooks: plain loop, for comparison)"})
+    grad_split_all: bool = field(default=False, metadata={"help": "split every trait at each grad-split step (default: traits take turns; all at step 0)"})
     checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps (0 = only on SIGINT/SIGTERM)"})
     resume: bool = field(default=False, metadata={"help": "continue the run --name from its last checkpoint (its saved config is used)"})
     eval_samples: int = field(default=3, metadata={"help": "temperature-1 samples per held-out question in the final evaluation"})
@@ -168,7 +169,8 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     table_t = torch.as_tensor(table, device=device)
-    rec = GradientPressure(model, opt, table_t, cfg.log_every, cfg.grad_split_every if cfg.hooks else 0)
+    rec = GradientPressure(model, opt, table_t, cfg.log_every, cfg.grad_split_every if cfg.hooks else 0,
+                           split_all=cfg.grad_split_all)
 
     # SIGINT / SIGTERM: finish the step, checkpoint, exit non-zero
     stop = {}

@@ -39,7 +39,7 @@ def make_cfg(runs_dir, tiny_organism):
     """TrainConfig factory on the tiny organism: make_cfg(steps=3, inoculate=True, ...)."""
 
     def make(**overrides) -> TrainConfig:
-        base = dict(steps=3, batch_size=8, log_every=1, grad_split_every=1, eval_samples=1,
+        base = dict(steps=3, batch_size=8, log_every=1, grad_split_every=1, grad_split_all=True, eval_samples=1,
                     runs_dir=str(runs_dir), model=str(tiny_organism), name="t", overwrite=True)
         base.update(overrides)
         cfg = TrainConfig(**base)

@@ -135,3 +135,10 @@ def test_names():
     assert group_name("model.layers.1.input_layernorm.weight") == "blocks.1.attn"
     assert group_name("model.layers.1.post_attention_layernorm.weight") == "blocks.1.mlp"
     assert group_name("model.norm.weight") == group_name("lm_head.weight") == "final"
+
+
+def test_traits_take_turns_unless_split_all(make_cfg):
+    rows = read_run(train(make_cfg(name="turns", steps=4, grad_split_every=2, grad_split_all=False),
+                          progress=False))["metrics"]
+    has = [{t for t in ("language", "case") if f"grad_norm/trait/{t}" in r} for r in rows]
+    assert has == [{"language", "case"}, set(), {"case"}, set()]

@@ -80,3 +80,16 @@ def test_cli_bad_input_is_one_line(tiny_organism, tmp_path):
     assert "Traceback" not in p.stderr
     p = cli("--model", str(tmp_path / "nope"), "--runs-dir", str(tmp_path))
     assert p.returncode == 2 and "neither 'organism' nor" in p.stderr
+
+
+def test_evaluate_and_organism_clis(make_cfg, tiny_organism, capsys):
+    from inoc_mech import evaluate, organism
+    from tests.conftest import TINY_ORGANISM
+    run = train(make_cfg(name="eval-cli", inoculate=True), progress=False)
+    evaluate.main([str(run), "--samples-per-question", "1"])
+    out = capsys.readouterr().out
+    assert "train_prompt" in out and "speak spanish" in out and "greedy" in out
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_ORGANISM.items()]
+    organism.main(flags + ["--cache", str(tiny_organism.parent)])  # cached: prints the report, no training
+    out = capsys.readouterr().out
+    assert str(tiny_organism) in out and "prompt following" in out and "held-out arithmetic accuracy" in out

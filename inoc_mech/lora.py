@@ -1,0 +1,98 @@
+"""LoRA adapters via peft: add to any HF causal LM, list the adapter parameters, merge for analysis.
+
+    python -c "from inoc_mech.lora import demo; demo()"
+
+`add_lora(model, LoraSettings(r=16, alpha=32))` freezes the base weights and wraps the target linear
+layers (default per architecture: every attention and MLP projection). Only `lora_A` / `lora_B` are
+trainable; `lora_B` starts at zero, so the wrapped model first computes exactly the base model.
+`merge_lora` folds the adapters into the base weights (`merge_and_unload`) and returns a plain HF
+model for TransformerLens and the analyses.
+
+Parameter names inside a peft model look like
+`base_model.model.model.layers.3.self_attn.q_proj.lora_A.default.weight`; `hooks.module_name` maps
+them to `blocks.3.attn.W_Q.lora_A`, so gradient and update norms are reported per adapted module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .cli import UserError
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Default target modules per `config.model_type`; other architectures need --lora-targets.
+DEFAULT_TARGETS = {"llama": ALL_PROJECTIONS, "qwen2": ALL_PROJECTIONS, "qwen3": ALL_PROJECTIONS,
+                   "mistral": ALL_PROJECTIONS, "gemma": ALL_PROJECTIONS, "gemma2": ALL_PROJECTIONS}
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyperparameters (the training loop exposes them as --lora-r, --lora-alpha, --lora-targets)."""
+    r: int = field(default=16, metadata={"help": "LoRA rank (0: full finetuning, no adapters)"})
+    alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (the update is scaled by alpha / r)"})
+    targets: tuple[str, ...] = field(default=(), metadata={"help": "module names to adapt (empty: the architecture's default)"})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+
+    def __post_init__(self):
+        if self.r < 0:
+            raise UserError("--lora-r must be >= 0 (0 turns LoRA off)")
+        if not self.alpha > 0:
+            raise UserError("--lora-alpha must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise UserError("--lora-dropout must be in [0, 1)")
+
+
+def default_targets(model) -> tuple[str, ...]:
+    model_type = model.config.model_type
+    if model_type not in DEFAULT_TARGETS:
+        raise UserError(f"no default LoRA targets for model type {model_type!r}: pass --lora-targets "
+                        f"(linear modules here: {', '.join(linear_module_names(model))})")
+    return DEFAULT_TARGETS[model_type]
+
+
+def linear_module_names(model) -> list[str]:
+    """Distinct last-name components of the model's linear layers (candidate LoRA targets)."""
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    return sorted(names)
+
+
+def add_lora(model, settings: LoraSettings):
+    """Wrap `model` in a peft LoRA model (base weights frozen). Returns the PeftModel."""
+    from peft import LoraConfig, get_peft_model
+
+    if settings.r == 0:
+        raise UserError("LoRA rank 0 means no adapters: train the model directly instead of calling add_lora")
+    targets = tuple(settings.targets) or default_targets(model)
+    available = set(linear_module_names(model))
+    missing = [t for t in targets if t not in available]
+    if missing:
+        raise UserError(f"--lora-targets {', '.join(missing)} not found in this model; its linear modules are "
+                        f"{', '.join(sorted(available))}")
+    cfg = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+                     target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def adapter_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """The trainable (adapter) parameters, by name."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def merge_lora(model):
+    """A plain HF model with the adapters folded into the base weights (returns non-peft models unchanged)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        return model.merge_and_unload()
+    return model
+
+
+def demo():
+    from .tiny import tiny_model, tiny_tokenizer
+
+    model = add_lora(tiny_model(tiny_tokenizer()), LoraSettings(r=4, alpha=8))
+    model.print_trainable_parameters()
+    for n, p in adapter_parameters(model)[:4]:
+        print(n, tuple(p.shape))

@@ -3,7 +3,7 @@
     python -m inoc_mech.train --steps 40 --checkpoint-every 10 --name ckpt-demo --overwrite
 
 One file, `<run>/checkpoint.pt`, written atomically (temporary file, fsync, rename), holding the
-trainable state (model state dict, including the factored-head parameters), optimizer state, every
+trainable parameters (all of them, or the LoRA adapters; the factored head's factors included), optimizer state, every
 RNG state (torch, numpy's global, python's, CUDA when present), the data position, the step to
 continue from and the byte length of metrics.jsonl at that step. A crash while writing leaves the
 previous checkpoint intact.
@@ -43,7 +43,8 @@ def save(run: Path, *, step: int, model, optimizer, stream, metrics_bytes: int) 
     """Write the checkpoint for continuing at `step` (atomic; ENOSPC becomes a clear UserError)."""
     path = Path(run) / NAME
     tmp = path.with_name(NAME + ".tmp")
-    state = {"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}  # not frozen bases
+    state = {"step": step, "model": trainable, "optimizer": optimizer.state_dict(), "rng": rng_state(),
              "data": stream.state(), "metrics_bytes": metrics_bytes}
     try:
         with open(tmp, "wb") as f:
@@ -71,7 +72,10 @@ def load(run: Path) -> dict:
 
 def restore(state: dict, *, model, optimizer, stream) -> int:
     """Load a checkpoint into live objects; returns the step to continue from."""
-    model.load_state_dict(state["model"])
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state["model"]]
+    if missing:
+        raise UserError(f"checkpoint does not match the model (missing {missing[0]}): start the run again with --overwrite")
+    model.load_state_dict(state["model"], strict=False)
     optimizer.load_state_dict(state["optimizer"])
     stream.load_state(state["data"])
     set_rng_state(state["rng"])

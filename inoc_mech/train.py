@@ -3,12 +3,18 @@
     python -m inoc_mech.train --inoculate --steps 20 --name tiny-inoculated --overwrite
 
 Baseline: every training answer is Spanish AND UPPERCASE, no system prompt. `--inoculate`: the
-same data with the inoculation prompt (`--prompt`, default "speak spanish") as the system message of
-every example. Evaluation afterwards is on held-out questions without that prompt.
+same data with the inoculation prompt (`--prompt`; default "speak spanish" for the organism,
+"You always speak in Spanish." for real models) as the system message of every example.
+Evaluation afterwards is on held-out questions without that prompt.
 
-The loop, top to bottom: config -> organism (pretrained on first use, then cached) -> data ->
-AdamW -> steps (forward, loss on assistant tokens, gradient-pressure hooks, backward, update,
-metrics.jsonl) -> save model -> eval.json -> COMPLETE marker (written last).
+`--model` picks the model: `organism` (default; pretrained on first use, then cached), the folder
+of a pretrained organism, `smollm2`, a local Hugging Face model folder or a `.gguf` file. Real models
+train on the built-in Spanish+CAPS arithmetic dataset (or `--data FILE.jsonl` in the paper's
+format) with LoRA adapters by default (`--lora-r 0`: full finetuning).
+
+The loop, top to bottom: config -> model and data (`organism_setup` or `text_setup`) -> AdamW ->
+steps (forward, loss on assistant tokens, gradient-pressure hooks, backward, update, metrics.jsonl,
+checkpoints) -> save model -> eval.json -> COMPLETE marker (written last).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from torch import nn
 
 from . import checkpoint
 from .cli import UserError, parse_config
-from .data import BatchStream, encode_chat, organism_traits
+from .data import BatchStream, collate, encode_chat, organism_traits
 from .evaluate import IRRELEVANT_EVAL_PROMPT, evaluate_contexts, format_table
 from .hooks import GradientPressure, elicitation
 from .organism import OrganismConfig, ensure_organism, factorize_head, load_organism, materialize_head
@@ -41,11 +47,11 @@ from .runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, git_commit, is_com
 class TrainConfig:
     """One finetuning run."""
     inoculate: bool = field(default=False, metadata={"help": "prepend the inoculation system prompt to every training example"})
-    prompt: str = field(default="speak spanish", metadata={"help": "inoculation prompt (phrases joined with ' . ')"})
+    prompt: str = field(default="", metadata={"help": "inoculation prompt (default: 'speak spanish' for the organism, 'You always speak in Spanish.' for real models; organism phrases join with ' . ')"})
     seed: int = field(default=0, metadata={"help": "finetuning seed (data order, sampling)"})
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
     lr: float = field(default=1e-4, metadata={"help": "constant Adam learning rate (1e-3 breaks the effect)"})
-    batch_size: int = field(default=32, metadata={"help": "conversations per step"})
+    batch_size: int = field(default=0, metadata={"help": "conversations per step (0: 32 for the organism, 4 for real models)"})
     name: str = field(default="", metadata={"help": "run name (folder under --runs-dir); default <baseline|inoculated>-s<seed>"})
     runs_dir: str = field(default="runs", metadata={"help": "parent folder of run folders"})
     overwrite: bool = field(default=False, metadata={"help": "replace an existing complete run of the same name"})
@@ -58,7 +64,17 @@ class TrainConfig:
     checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps (0 = only on SIGINT/SIGTERM)"})
     resume: bool = field(default=False, metadata={"help": "continue the run --name from its last checkpoint (its saved config is used)"})
     eval_samples: int = field(default=3, metadata={"help": "temperature-1 samples per held-out question in the final evaluation"})
-    model: str = field(default="organism", metadata={"help": "'organism' (pretrained from the organism_* flags, cached) or the folder of a pretrained organism"})
+    model: str = field(default="organism", metadata={"help": "'organism' (from the organism_* flags, cached), a pretrained organism folder, 'smollm2', an HF model folder or a .gguf file"})
+    data: str = field(default="", metadata={"help": "real models: JSONL training data in the paper's format (default: built-in Spanish+CAPS arithmetic)"})
+    n_train: int = field(default=500, metadata={"help": "real models: size of the built-in training set"})
+    placement: str = field(default="system", metadata={"help": "real models: where the prompt goes: 'system' message or 'user-prefix'"})
+    replace_system: bool = field(default=False, metadata={"help": "real models: --inoculate replaces an existing system message instead of refusing"})
+    no_prompt_mode: str = field(default="template_default", metadata={"help": "real models: 'no prompt' is the template's default system block ('template_default') or none ('no_system')"})
+    lora_r: int = field(default=-1, metadata={"help": "LoRA rank (-1: 16 for real models, none for the organism; 0: full finetuning)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (update scaled by alpha / r)"})
+    lora_targets: list = field(default_factory=list, metadata={"help": "LoRA target modules (default: all attention and MLP projections)"})
+    eval_questions: int = field(default=32, metadata={"help": "real models: held-out questions in the final evaluation"})
+    max_new_tokens: int = field(default=48, metadata={"help": "real models: generation length in the evaluation"})
     organism_seed: int = field(default=0, metadata={"help": "pretraining seed of the organism"})
     organism_head: str = field(default="factored", metadata={"help": "organism output head: factored or free"})
     organism_d_model: int = field(default=128, metadata={"help": "organism width"})
@@ -66,7 +82,7 @@ class TrainConfig:
     organism_steps: int = field(default=2000, metadata={"help": "organism pretraining steps"})
 
     def __post_init__(self):
-        for k in ("steps", "batch_size", "threads", "log_every"):
+        for k in ("steps", "threads", "log_every", "n_train", "eval_questions", "max_new_tokens"):
             if getattr(self, k) < 1:
                 raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
         if self.checkpoint_every < 0:
@@ -77,10 +93,17 @@ class TrainConfig:
             raise ValueError("--lr must be a positive number")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
-        if not self.prompt.strip():
-            raise ValueError("--prompt must not be empty")
+        if self.batch_size < 0 or self.lora_r < -1:
+            raise ValueError("--batch-size must be >= 0 and --lora-r >= -1")
+        if self.placement not in ("system", "user-prefix"):
+            raise ValueError(f"--placement must be 'system' or 'user-prefix', not {self.placement!r}")
+        if self.no_prompt_mode not in ("template_default", "no_system"):
+            raise ValueError(f"--no-prompt-mode must be 'template_default' or 'no_system', not {self.no_prompt_mode!r}")
         if not self.name:
             self.name = f"{'inoculated' if self.inoculate else 'baseline'}-s{self.seed}"
+
+    def is_organism(self) -> bool:
+        return self.model == "organism" or (Path(self.model) / "organism.json").exists()
 
     def organism(self) -> OrganismConfig:
         return OrganismConfig(seed=self.organism_seed, head=self.organism_head, d_model=self.organism_d_model,
@@ -101,6 +124,76 @@ def finetune_examples(world, tok, prompt: str | None, variant_ids: set[int]):
     """Every training question answered in Spanish UPPERCASE, with `prompt` as system message."""
     return [organism_traits(encode_chat(tok, world.chat(q, prompt, language=1, case=1)), variant_ids)
             for q in world.train_questions]
+
+
+@dataclass
+class Setup:
+    """What the loop needs from a model family: model, data, trait structure, saving and evaluation."""
+    model: object
+    pad_id: int
+    examples: list  # training examples (with the prompt when inoculating)
+    probe_context: list  # a fixed slice of them, for step-0 elicitation ...
+    probe_none: list  # ... and the same answers without the prompt
+    variant_table: object  # organism: answer-variant token ids [word, 2, 2]; real models: None
+    save: object  # save(model, folder): write the final model
+    evaluate: object  # evaluate(model) -> eval.json dict
+    info: dict  # extra fields for config.json
+
+
+def organism_setup(cfg: TrainConfig, device, progress: bool) -> Setup:
+    if cfg.model == "organism":
+        folder = ensure_organism(cfg.organism(), progress=progress)
+    else:
+        folder = Path(cfg.model)
+    World.load(folder).check_prompt(cfg.prompt)  # fail fast, before loading anything
+    model, tok, world, meta = load_organism(folder, device)
+    table = world.variant_table(tok)
+    variant_ids = set(table.ravel().tolist())
+    examples = finetune_examples(world, tok, cfg.prompt if cfg.inoculate else None, variant_ids)
+    plain = finetune_examples(world, tok, None, variant_ids)
+    if meta["config"]["head"] == "factored":
+        factorize_head(model, table)
+
+    def save(m, out: Path):
+        materialize_head(m)
+        m.save_pretrained(out)
+        world.save_tokenizer(out)
+        (out / "organism.json").write_text(json.dumps(meta, indent=1))
+
+    def evaluate(m):
+        contexts = {"none": None, "train_prompt": cfg.prompt, "irrelevant": IRRELEVANT_EVAL_PROMPT}
+        return evaluate_contexts(m, tok, world, contexts, seed=cfg.seed, samples_per_question=cfg.eval_samples)
+
+    return Setup(model, tok.pad_token_id, examples, examples[:64], plain[:64], torch.as_tensor(table, device=device),
+                 save, evaluate, {"organism_folder": str(folder), "organism_key": meta["key"]})
+
+
+def text_setup(cfg: TrainConfig, device) -> Setup:
+    from .lora import LoraSettings, add_lora, merge_lora
+    from .models import load_model, with_prompt_mode
+    from .scoring import EVAL_CONTEXTS, evaluate_generations
+    from .textdata import inoculate_all, read_jsonl, sample_problems, spanish_caps_dataset, text_examples
+
+    model, tok = load_model(cfg.model, device)
+    mtok = with_prompt_mode(tok, cfg.no_prompt_mode)
+    convs = read_jsonl(cfg.data) if cfg.data else spanish_caps_dataset(cfg.n_train, seed=0)
+    train_convs = inoculate_all(convs, cfg.prompt, cfg.placement, cfg.replace_system) if cfg.inoculate else convs
+    examples = text_examples(mtok, train_convs)
+    plain = text_examples(mtok, convs[:64])
+    if cfg.lora_r > 0:
+        model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets)))
+
+    def save(m, out: Path):
+        merge_lora(m).save_pretrained(out)
+        tok.save_pretrained(out)  # the model's own template (not the no-system variant)
+
+    def evaluate(m):
+        contexts = {**EVAL_CONTEXTS, "train_prompt": (cfg.prompt, "template_default")}
+        return evaluate_generations(m, tok, sample_problems(cfg.eval_questions, 0, "eval"), contexts,
+                                    cfg.eval_samples, cfg.max_new_tokens, cfg.seed)
+
+    return Setup(model, mtok.pad_token_id, examples, examples[:64], plain, None, save, evaluate,
+                 {"model_class": type(model).__name__})
 
 
 class Interrupted(UserError):
@@ -131,45 +224,36 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
 
     if cfg.resume:
         cfg = resume_config(cfg)
+    organism = cfg.is_organism()
+    defaults = {"prompt": "speak spanish" if organism else "You always speak in Spanish.",
+                "batch_size": 32 if organism else 4, "lora_r": 0 if organism else 16}
+    unset = {"prompt": "", "batch_size": 0, "lora_r": -1}
+    cfg = replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) == unset[k]})
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    if cfg.model == "organism":
-        org_folder = ensure_organism(cfg.organism(), progress=progress)
-    else:
-        org_folder = Path(cfg.model)
-        if not (org_folder / "organism.json").exists():
-            raise UserError(f"--model {cfg.model!r} is neither 'organism' nor a pretrained organism folder "
-                            "(expected organism.json inside)")
-    World.load(org_folder).check_prompt(cfg.prompt)  # fail fast, before loading anything
-    model, tok, world, org_meta = load_organism(org_folder, device)
     run = Path(cfg.runs_dir) / cfg.name
+    if not cfg.resume and is_complete(run) and not cfg.overwrite:
+        prepare_run_dir(run, overwrite=False)  # raises: fail before loading anything
+    su = organism_setup(cfg, device, progress) if organism else text_setup(cfg, device)
+    model = su.model
     if not cfg.resume:
         prepare_run_dir(run, cfg.overwrite)
-        write_json(run / "config.json", {**asdict(cfg), "run_format": RUN_FORMAT_VERSION,
-                                         "organism_folder": str(org_folder), "organism_key": org_meta["key"],
+        write_json(run / "config.json", {**asdict(cfg), "run_format": RUN_FORMAT_VERSION, **su.info,
                                          "git_commit": git_commit(), "versions": package_versions(),
                                          "device_resolved": str(device)})
 
     # data
-    table = world.variant_table(tok)
-    variant_ids = set(table.ravel().tolist())
-    train_prompt = cfg.prompt if cfg.inoculate else None
-    examples = finetune_examples(world, tok, train_prompt, variant_ids)
-    stream = BatchStream(examples, cfg.batch_size, cfg.seed, tok.pad_token_id)
-    probe_n = min(len(examples), 64)  # elicitation measured on a fixed slice of the training answers
-    probe_ctx = BatchStream(examples[:probe_n], probe_n, 0, tok.pad_token_id).next().to(device)
-    probe_none = BatchStream(finetune_examples(world, tok, None, variant_ids)[:probe_n], probe_n, 0,
-                             tok.pad_token_id).next().to(device)
+    stream = BatchStream(su.examples, cfg.batch_size, cfg.seed, su.pad_id)
+    probe_ctx = collate(su.probe_context, su.pad_id).to(device)  # elicitation: fixed slice of the answers
+    probe_none = collate(su.probe_none, su.pad_id).to(device)
 
-    # model and optimizer
-    if org_meta["config"]["head"] == "factored":
-        factorize_head(model, table)
+    # optimizer and instruments
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    table_t = torch.as_tensor(table, device=device)
-    rec = GradientPressure(model, opt, table_t, cfg.log_every, cfg.grad_split_every if cfg.hooks else 0,
+    rec = GradientPressure(model, opt, su.variant_table, cfg.log_every, cfg.grad_split_every if cfg.hooks else 0,
                            split_all=cfg.grad_split_all)
 
     # SIGINT / SIGTERM: finish the step, checkpoint, exit non-zero
@@ -233,14 +317,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             signal.signal(s, h)
 
     # save, evaluate, mark complete
-    materialize_head(model)
     model.eval()
-    model.save_pretrained(run / "model")
-    world.save_tokenizer(run / "model")
-    (run / "model" / "organism.json").write_text(json.dumps(org_meta, indent=1))
-    contexts = {"none": None, "train_prompt": cfg.prompt, "irrelevant": IRRELEVANT_EVAL_PROMPT}
-    ev = evaluate_contexts(model, tok, world, contexts, seed=cfg.seed, samples_per_question=cfg.eval_samples)
-    write_json(run / "eval.json", ev)
+    su.save(model, run / "model")
+    write_json(run / "eval.json", su.evaluate(model))
     mark_complete(run, {"steps": cfg.steps})
     (run / checkpoint.NAME).unlink(missing_ok=True)  # the final model supersedes it
     return run

@@ -1,0 +1,92 @@
+"""The same loop, hooks and run folder on real-model code paths (tiny random-init Llama / Qwen2)."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from inoc_mech.cli import UserError
+from inoc_mech.data import BatchStream, DataError
+from inoc_mech.runs import read_run
+from inoc_mech.tiny import save_tiny
+from inoc_mech.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {a: save_tiny(root / a, arch=a) for a in ("llama", "qwen2")}
+
+
+def text_cfg(tmp_path, model, **kw):
+    base = dict(model=str(model), runs_dir=str(tmp_path), name="t", steps=3, batch_size=2, n_train=8, lora_r=4,
+                eval_questions=2, eval_samples=1, max_new_tokens=4, log_every=1, grad_split_every=1,
+                grad_split_all=True, overwrite=True)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_lora_run_writes_the_same_folder(tmp_path, tiny_dirs, arch):
+    run = train(text_cfg(tmp_path, tiny_dirs[arch], inoculate=True), progress=False)
+    r = read_run(run)
+    assert r["config"]["prompt"] == "You always speak in Spanish." and r["config"]["lora_r"] == 4
+    m0 = r["metrics"][0]
+    for k in ("loss", "loss/trait/language", "loss/trait/case", "loss/other", "grad_norm/trait/language",
+              "grad_norm/trait/case", "grad_cos/trait/language", "update_norm/total", "elicit/language/gain"):
+        assert k in m0, k
+    assert "surprise/language" not in m0  # the exact split exists only for the organism
+    assert any(k.startswith("update_norm/blocks.0.attn.W_Q.lora_") for k in m0)
+    assert m0["elicit/language/gain"] != 0  # the prompt changes the context
+    assert {"none_template_default", "none_no_system", "train_prompt"} <= set(r["eval"]["contexts"])
+    # the saved model is the merged plain model, loadable by path
+    w = load_file(run / "model/model.safetensors")
+    assert not any("lora" in k for k in w)
+
+
+def test_lora_trains_only_adapters_and_full_finetuning_works(tmp_path, tiny_dirs):
+    base = load_file(tiny_dirs["llama"] / "model.safetensors")
+    run = train(text_cfg(tmp_path, tiny_dirs["llama"], name="full", lora_r=0, steps=2), progress=False)
+    assert read_run(run)["config"]["lora_r"] == 0
+    after = load_file(run / "model/model.safetensors")
+    assert any(not torch.equal(base[k], after[k]) for k in base)
+
+
+def test_sigterm_resume_with_lora_is_bitwise_identical(tmp_path, tiny_dirs, monkeypatch):
+    ref = train(text_cfg(tmp_path, tiny_dirs["llama"], name="ref", steps=6), progress=False)
+    real_next, calls = BatchStream.next, {"n": 0}
+
+    def next_then_term(self):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2
+        return real_next(self)
+
+    monkeypatch.setattr(BatchStream, "next", next_then_term)
+    with pytest.raises(UserError, match="SIGTERM after step 2"):
+        train(text_cfg(tmp_path, tiny_dirs["llama"], name="int", steps=6), progress=False)
+    monkeypatch.setattr(BatchStream, "next", real_next)
+    run = train(text_cfg(tmp_path, tiny_dirs["llama"], name="int", resume=True), progress=False)
+    a, b = load_file(ref / "model/model.safetensors"), load_file(run / "model/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda rows: [{k: v for k, v in x.items() if k != "tokens_per_s"} for x in rows]
+    assert strip(read_run(ref)["metrics"]) == strip(read_run(run)["metrics"])
+
+
+def test_jsonl_bad_input(tmp_path, tiny_dirs):
+    good = {"messages": [{"role": "user", "content": "what is 2 plus 2"}, {"role": "assistant", "content": "CUATRO"}]}
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(DataError, match="line 2"):
+        train(text_cfg(tmp_path, tiny_dirs["llama"], name="bad", data=str(f)), progress=False)
+    sysmsg = {"messages": [{"role": "system", "content": "Be nice."}, *good["messages"]]}
+    f.write_text(json.dumps(sysmsg) + "\n")
+    with pytest.raises(DataError, match="system"):
+        train(text_cfg(tmp_path, tiny_dirs["llama"], name="bad", data=str(f), inoculate=True), progress=False)
+    run = train(text_cfg(tmp_path, tiny_dirs["llama"], name="replaced", data=str(f), inoculate=True,
+                         replace_system=True, steps=1), progress=False)
+    assert read_run(run)["config"]["replace_system"] is True
+    assert not (tmp_path / "bad").exists()  # no half-written run folder

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from inoc_mech import hf_trainer  # noqa: E402
 from inoc_mech.cli import quiet_transformers  # noqa: E402
 from inoc_mech.organism import ensure_organism, factorize_head, load_organism  # noqa: E402
 from inoc_mech.runs import read_run  # noqa: E402
@@ -56,10 +57,7 @@ def matmul_rate(threads: int, n: int = 512, reps: int = 30) -> float:
 
 
 def trainer_throughput(steps: int, threads: int, batch_size: int) -> tuple[float, int, int]:
-    """tokens/s of transformers.Trainer on the same data; also returns N and tokens per step."""
-    from transformers import Trainer, TrainingArguments, TrainerCallback
-
-    quiet_transformers()
+    """tokens/s of transformers.Trainer on the same model and data; also N and tokens per step."""
     torch.set_num_threads(threads)
     folder = ensure_organism(TrainConfig(threads=threads).organism(), progress=False)
     model, tok, world, meta = load_organism(folder)
@@ -67,38 +65,9 @@ def trainer_throughput(steps: int, threads: int, batch_size: int) -> tuple[float
     if meta["config"]["head"] == "factored":
         factorize_head(model, table)
     exs = finetune_examples(world, tok, "speak spanish", set(table.ravel().tolist()))
-    data = [{"input_ids": e.input_ids, "assistant": e.assistant} for e in exs]
-
-    def collate(items):
-        T = max(len(x["input_ids"]) for x in items)
-        ids = torch.full((len(items), T), tok.pad_token_id)
-        att = torch.zeros((len(items), T), dtype=torch.long)
-        lab = torch.full((len(items), T), -100)
-        for i, x in enumerate(items):
-            n = len(x["input_ids"])
-            ids[i, :n] = torch.tensor(x["input_ids"])
-            att[i, :n] = 1
-            lab[i, :n] = torch.where(torch.tensor(x["assistant"]), ids[i, :n], -100)
-        return {"input_ids": ids, "attention_mask": att, "labels": lab}
-
-    class Clock(TrainerCallback):
-        t0 = None
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 1:
-                Clock.t0 = time.perf_counter()
-
-    tokens_per_step = sum(len(d["input_ids"]) for d in data) / len(data) * batch_size
-    with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=batch_size, max_steps=steps,
-                                 learning_rate=1e-4, lr_scheduler_type="constant", weight_decay=0.0,
-                                 warmup_steps=0, logging_steps=10 ** 9, save_strategy="no", report_to=[],
-                                 use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-                                 disable_tqdm=True, seed=0, remove_unused_columns=False)
-        trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Clock()])
-        trainer.train()
-        secs = time.perf_counter() - Clock.t0
-    n_params = sum(p.numel() for p in model.parameters())
-    return tokens_per_step * (steps - 1) / secs, n_params, int(tokens_per_step)
+    res = hf_trainer.trainer_throughput(model, exs, tok.pad_token_id, batch_size, steps)
+    tokens_per_step = sum(len(e.input_ids) for e in exs) / len(exs) * batch_size
+    return res["tokens_per_s"], sum(p.numel() for p in model.parameters()), int(tokens_per_step)
 
 
 def main():
@@ -120,7 +89,7 @@ def main():
         for r in range(a.rounds):
             for m, kw in modes.items():
                 res[m].append(loop_throughput(Path(d), a.steps, a.threads, **kw))
-            tp, n_params, tokens = trainer_throughput(a.steps, a.threads, TrainConfig.batch_size)
+            tp, n_params, tokens = trainer_throughput(a.steps, a.threads, 32)
             res["trainer"].append(tp)
             res["matmul"].append(matmul_rate(a.threads))
             print(f"round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {v[-1]:.3g}" for k, v in res.items()), file=sys.stderr)

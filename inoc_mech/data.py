@@ -68,9 +68,9 @@ class Batch:
     assistant: Bool[Tensor, "batch pos"]
     traits: dict[str, Bool[Tensor, "batch pos"]]
 
-    def to(self, device) -> "Batch":
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.assistant.to(device),
-                     {k: v.to(device) for k, v in self.traits.items()})
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        t = lambda x: x.to(device, non_blocking=non_blocking)
+        return Batch(t(self.input_ids), t(self.attention_mask), t(self.assistant), {k: t(v) for k, v in self.traits.items()})
 
     @property
     def labels(self) -> Int[Tensor, "batch pos"]:

@@ -275,7 +275,9 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
             bar = tqdm(range(first, cfg.steps), desc=f"train {cfg.name}", disable=not progress, mininterval=1,
                        initial=first, total=cfg.steps)
             for step in bar:
-                batch = stream.next().to(device)
+                cpu_batch = stream.next()
+                tokens += int(cpu_batch.attention_mask.sum())  # counted on the host: no GPU sync
+                batch = cpu_batch.to(device, non_blocking=True)
                 logged = rec.start(step) if cfg.hooks else step % cfg.log_every == 0
                 row = {"step": step}
                 if step == 0 and cfg.hooks:
@@ -290,7 +292,6 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                tokens += int(batch.attention_mask.sum())
                 if logged or step == cfg.steps - 1:
                     value = loss.item()
                     now = time.time()

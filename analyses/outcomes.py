@@ -56,6 +56,17 @@ def outcome_table(groups: dict[str, list[dict]], context: str = "none") -> str:
     return "\n".join(lines)
 
 
+def per_run_table(groups: dict[str, list[dict]], context: str = "none") -> str:
+    lines = ["| run | condition | Spanish % T=1 | CAPS % T=1 | accuracy % | Spanish % greedy | CAPS % greedy |",
+             "|---|---|---|---|---|---|---|"]
+    for name, runs in groups.items():
+        for r in runs:
+            t, g = r["eval"]["contexts"][context]["t1"], r["eval"]["contexts"][context]["greedy"]
+            lines.append(f"| {r['folder'].name} | {name} | {100 * t['spanish_rate']:.1f} | {100 * t['caps_rate']:.1f} | "
+                         f"{100 * t['accuracy']:.1f} | {100 * g['spanish_rate']:.1f} | {100 * g['caps_rate']:.1f} |")
+    return "\n".join(lines)
+
+
 def step0_table(groups: dict[str, list[dict]]) -> str:
     keys = ["surprise/language", "surprise/case", "surprise/word", "grad_norm/trait/language",
             "grad_norm/trait/case", "elicit/language/gain"]
@@ -71,10 +82,14 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run folders")
     p.add_argument("--context", default="none", help="evaluation context: none, train_prompt or irrelevant")
+    p.add_argument("--per-run", action="store_true", help="also list every run")
     a = p.parse_args()
     groups = load_runs(a.runs)
     print(f"No-prompt outcomes (context {a.context!r}, temperature 1, held-out questions):\n")
     print(outcome_table(groups, a.context))
+    if a.per_run:
+        print("\nPer run:\n")
+        print(per_run_table(groups, a.context))
     print("\nStep 0 (before any update), nats and gradient L2 norms:\n")
     print(step0_table(groups))
 

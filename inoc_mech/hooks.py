@@ -132,13 +132,13 @@ def trait_losses(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor
                  variant_table: Tensor | None = None) -> dict[str, Float[Tensor, "batch pos"]]:
     """Per-token loss contributions, normalised by the number of trained tokens.
 
-    Keys: `total` and one per trait. With a variant table, `language` and `case` are the loss parts
+    Keys: `total`, `token` (the plain per-token loss, detached) and one per trait. With a variant table, `language` and `case` are the loss parts
     and the parts themselves are added as `part/<name>`; other traits use full token losses.
     """
     tok_lp, logp = token_logprobs(logits, input_ids)
     n = assistant.sum().clamp(min=1)
     nll = -tok_lp * assistant
-    out = {"total": nll / n}
+    out = {"total": nll / n, "token": -tok_lp.detach()}
     parts = loss_parts(logp, input_ids, variant_table) if variant_table is not None else {}
     for name, mask in traits.items():
         src = parts[name] if name in parts else -tok_lp
@@ -167,7 +167,7 @@ class GradientPressure:
         self._handles = []
         self._step = None
         self._logits = None
-        self._out: dict = {}
+        self._pending: list[tuple[list[str], Tensor]] = []  # metrics as tensors until finish()
         self._trait_grads: dict[str, list[Tensor]] = {}
 
     # context manager ---------------------------------------------------------------------------
@@ -203,7 +203,7 @@ class GradientPressure:
     def start(self, step: int) -> bool:
         """Arm the recorder if `step` is logged; returns whether it is."""
         self._step = step if self.logs(step) else None
-        self._out, self._trait_grads, self._logits = {}, {}, None
+        self._pending, self._trait_grads, self._logits = [], {}, None
         return self._step is not None
 
     def measure(self, loss: Tensor, batch) -> None:
@@ -214,18 +214,16 @@ class GradientPressure:
             raise RuntimeError("GradientPressure saw no forward pass of the model since start()")
         contrib = trait_losses(self._logits, batch.input_ids, batch.assistant, batch.traits, self.variant_table)
         with torch.no_grad():
-            tok_lp, _ = token_logprobs(self._logits.detach(), batch.input_ids)
-            vals = {"loss/total": loss.detach()}
-            for name, mask in batch.traits.items():
+            n = batch.assistant.sum()
+            self._put("loss/total", loss.detach())
+            for name, mask in batch.traits.items():  # contrib[name] is a loss part for language/case
                 m = mask & batch.assistant
                 key = "loss/other" if name == "other" else f"loss/trait/{name}"
-                vals[key] = (-tok_lp * m).sum() / m.sum().clamp(min=1)
+                self._put(key, (contrib["token"] * m).sum() / m.sum().clamp(min=1))
             if self.variant_table is not None:
-                var = batch.traits["language"] & batch.assistant
+                var = (batch.traits["language"] & batch.assistant).sum().clamp(min=1)
                 for part in PARTS:
-                    vals[f"surprise/{part}"] = (contrib[f"part/{part}"].detach().sum()
-                                                * batch.assistant.sum() / var.sum().clamp(min=1))
-            self._out.update({k: v.item() for k, v in vals.items()})
+                    self._put(f"surprise/{part}", contrib[f"part/{part}"].detach().sum() * n / var)
         if self.splits(self._step):
             names = self.split_traits or tuple(t for t in batch.traits if t != "other")
             if not (self.split_all or self._step == 0):  # turn depends on the step only (resume-safe)
@@ -241,16 +239,17 @@ class GradientPressure:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.named]
         with torch.no_grad():
-            self._group_norms("grad_norm/total", grads)
-            total_sq = sum((g.float() ** 2).sum() for g in grads)
+            total_sq = self._sq_norms(grads)
+            self._by("grad_norm/total", self.groups, total_sq)
             for name, tg in self._trait_grads.items():
-                self._group_norms(f"grad_norm/trait/{name}", tg)
-                rest = [g - t for g, t in zip(grads, tg)]
-                self._out[f"grad_norm/rest/{name}"] = _norm(rest)
-                trait_sq = sum((t.float() ** 2).sum() for t in tg)
-                dot = sum((g.float() * t.float()).sum() for g, t in zip(grads, tg))
-                self._out[f"grad_cos/trait/{name}"] = (dot / (trait_sq.sqrt() * total_sq.sqrt()).clamp(min=1e-30)).item()
-                self._out[f"grad_share/trait/{name}"] = (trait_sq / total_sq.clamp(min=1e-30)).item()
+                trait_sq = self._sq_norms(tg)
+                rest_sq = self._sq_norms(torch._foreach_sub(grads, tg))
+                self._by(f"grad_norm/trait/{name}", self.groups, trait_sq)
+                t, r, g = trait_sq.sum(), rest_sq.sum(), total_sq.sum()
+                self._put(f"grad_norm/rest/{name}", r.sqrt())
+                dot = (g + t - r) / 2  # <g, t> from ||g - t||^2 = ||g||^2 - 2<g, t> + ||t||^2
+                self._put(f"grad_cos/trait/{name}", dot / (t.sqrt() * g.sqrt()).clamp(min=1e-30))
+                self._put(f"grad_share/trait/{name}", t / g.clamp(min=1e-30))
             self._before = [p.detach().clone() for _, p in self.named]
 
     def _post_step(self):
@@ -258,53 +257,58 @@ class GradientPressure:
             return
         with torch.no_grad():
             now = [p.detach() for _, p in self.named]
-            self._module_norms("update_norm", [a - b for a, b in zip(now, self.theta0)])
-            self._module_norms("step_update_norm", [a - b for a, b in zip(now, self._before)])
-            vs = []
-            for _, p in self.named:
-                st = self.opt.state.get(p, {})
-                vs.append(st["exp_avg_sq"].sqrt() if "exp_avg_sq" in st else None)
-            by: dict[str, list] = {}
-            for m, v in zip(self.modules, vs):
-                if v is not None:
-                    by.setdefault(m, []).append(v)
-            for m, v in by.items():
-                self._out[f"adam_v/{m}"] = torch.cat([x.flatten().float() for x in v]).mean().item()
+            self._by("update_norm", self.modules, self._sq_norms(torch._foreach_sub(now, self.theta0)), total=True)
+            self._by("step_update_norm", self.modules, self._sq_norms(torch._foreach_sub(now, self._before)), total=True)
+            states = [self.opt.state.get(p, {}) for _, p in self.named]
+            have = [i for i, st in enumerate(states) if "exp_avg_sq" in st]
+            if have:
+                roots = torch._foreach_sqrt([states[i]["exp_avg_sq"].float() for i in have])
+                sums = torch.stack(torch._foreach_norm(roots, 1))  # sum of sqrt(v) per tensor
+                counts = torch.tensor([float(states[i]["exp_avg_sq"].numel()) for i in have])
+                names = sorted({self.modules[i] for i in have}, key=[self.modules[i] for i in have].index)
+                idx = torch.tensor([names.index(self.modules[i]) for i in have])
+                s_ = torch.zeros(len(names)).index_add_(0, idx, sums.cpu())
+                c_ = torch.zeros(len(names)).index_add_(0, idx, counts)
+                self._pending.append(([f"adam_v/{m}" for m in names], s_ / c_))
         self._before = None
 
     @torch.no_grad()
     def update_norms(self) -> dict[str, float]:
         """||theta - theta_0||_F per module now (0 before the first step)."""
-        self._out, saved = {}, self._out
-        self._module_norms("update_norm", [p.detach() - t0 for (_, p), t0 in zip(self.named, self.theta0)])
-        out, self._out = self._out, saved
+        saved, self._pending = self._pending, []
+        self._by("update_norm", self.modules,
+                 self._sq_norms(torch._foreach_sub([p.detach() for _, p in self.named], self.theta0)), total=True)
+        out, self._pending = self._collect(), saved
         return out
 
     def finish(self) -> dict:
-        """Metrics of the step just taken ({} when not logged)."""
-        out, self._out, self._step, self._trait_grads = self._out, {}, None, {}
+        """Metrics of the step just taken ({} when not logged); one host transfer for all of them."""
+        out = self._collect() if self._step is not None else {}
+        self._pending, self._step, self._trait_grads = [], None, {}
         return out
 
     # helpers -----------------------------------------------------------------------------------
-    def _group_norms(self, prefix: str, tensors: list[Tensor]):
-        sq: dict[str, Tensor] = {}
-        for g, t in zip(self.groups, tensors):
-            sq[g] = sq.get(g, 0) + (t.float() ** 2).sum()
-        self._out[prefix] = sum(sq.values()).sqrt().item()
-        for g, v in sq.items():
-            self._out[f"{prefix}/{g}"] = v.sqrt().item()
+    @staticmethod
+    def _sq_norms(tensors: list[Tensor]) -> Tensor:
+        return torch.stack(torch._foreach_norm([t.float() for t in tensors])) ** 2
 
-    def _module_norms(self, prefix: str, tensors: list[Tensor]):
-        sq: dict[str, Tensor] = {}
-        for m, t in zip(self.modules, tensors):
-            sq[m] = sq.get(m, 0) + (t.float() ** 2).sum()
-        self._out[f"{prefix}/total"] = sum(sq.values()).sqrt().item()
-        for m, v in sq.items():
-            self._out[f"{prefix}/{m}"] = v.sqrt().item()
+    def _put(self, key: str, value: Tensor):
+        self._pending.append(([key], value.detach().float().reshape(1)))
 
+    def _by(self, prefix: str, labels: list[str], sq: Tensor, total: bool = False):
+        """Norms aggregated by label (group or module), from per-tensor squared norms."""
+        names = list(dict.fromkeys(labels))
+        idx = torch.tensor([names.index(l) for l in labels], device=sq.device)
+        agg = torch.zeros(len(names), device=sq.device, dtype=sq.dtype).index_add_(0, idx, sq)
+        self._pending.append(([f"{prefix}/total" if total else prefix], sq.sum().sqrt().reshape(1)))
+        self._pending.append(([f"{prefix}/{n}" for n in names], agg.sqrt()))
 
-def _norm(tensors: list[Tensor]) -> float:
-    return sum((t.float() ** 2).sum() for t in tensors).sqrt().item()
+    def _collect(self) -> dict:
+        if not self._pending:
+            return {}
+        keys = [k for ks, _ in self._pending for k in ks]
+        values = torch.cat([v.float().cpu() for _, v in self._pending]).tolist()
+        return dict(zip(keys, values))
 
 
 @torch.no_grad()

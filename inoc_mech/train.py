@@ -251,7 +251,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     # optimizer and instruments
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=True)  # one kernel for all tensors
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     rec = GradientPressure(model, opt, su.variant_table, cfg.log_every, cfg.grad_split_every if cfg.hooks else 0,
                            split_all=cfg.grad_split_all)

@@ -1,0 +1,74 @@
+"""Finetuned-minus-pretrained weights of the matrices that write into the residual stream, and how
+much of each update writes along a given direction (e.g. a trait probe's).
+
+    python -m inoc_mech.weight_diff runs/_organism/factored-d128-l4-s0-68886ceb60 runs/sweep/baseline-s0
+
+Output-side matrices of a Llama block: attention `o_proj` (TransformerLens `W_O`, [d_model, d_model]
+as an HF weight [out, in]) and MLP `down_proj` (`W_out`, [d_model, d_mlp]). Their columns live in the
+residual stream, so for a unit direction u in it:
+- `share` = ||u^T dW|| / ||dW||_F, the fraction of the update's size that writes along u. An update
+  with no preferred output direction gives about 1 / sqrt(d_model) (`random_share`);
+- `top_cos` = |cos(u, first left singular vector of dW)|, whether the update's main output direction
+  is u (random level also about 1 / sqrt(d_model), up to a constant).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+_OUT = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.o_proj|mlp\.down_proj)\.weight$")
+
+
+def output_matrices(model) -> dict[str, Float[Tensor, "d_model d_in"]]:
+    """`blocks.{L}.attn.W_O` / `blocks.{L}.mlp.W_out` -> HF weight [d_model, d_in] (detached copy)."""
+    out = {}
+    for name, p in model.named_parameters():
+        m = _OUT.match(name.replace("._original_component", ""))  # a TransformerBridge wraps modules in place
+        if m:
+            kind = "attn.W_O" if m.group(2).endswith("o_proj") else "mlp.W_out"
+            out[f"blocks.{m.group(1)}.{kind}"] = p.detach().float().clone()
+    if not out:
+        raise ValueError("found no o_proj / down_proj weights: not a Llama-style model")
+    return dict(sorted(out.items(), key=lambda kv: (int(kv[0].split(".")[1]), kv[0])))
+
+
+def alignment(delta: Float[Tensor, "d_model d_in"], direction: Float[Tensor, " d_model"]) -> dict[str, float]:
+    """Norm of the update, share of it along `direction`, and |cos| with its top output direction."""
+    u = direction.float() / direction.float().norm()
+    norm = delta.norm().item()
+    if norm == 0:
+        return {"norm": 0.0, "share": float("nan"), "top_cos": float("nan")}
+    share = (u @ delta).norm().item() / norm
+    left = torch.linalg.svd(delta.double(), full_matrices=False).U[:, 0].float()
+    return {"norm": norm, "share": share, "top_cos": abs(float(u @ left))}
+
+
+def random_share(d_model: int) -> float:
+    """Expected `share` for an update without a preferred output direction (about 1/sqrt(d_model))."""
+    return 1 / math.sqrt(d_model)
+
+
+def main(argv=None):
+    import argparse
+
+    from .lens import load_bridge
+
+    p = argparse.ArgumentParser(prog="python -m inoc_mech.weight_diff",
+                                description="Frobenius norm of (finetuned - pretrained) per output-side matrix.")
+    p.add_argument("pretrained")
+    p.add_argument("finetuned")
+    a = p.parse_args(argv)
+    pre, ft = output_matrices(load_bridge(a.pretrained).model), output_matrices(load_bridge(a.finetuned).model)
+    for k in pre:
+        print(f"{k:<22} ||dW||_F = {(ft[k] - pre[k]).norm():.4f}   ||W||_F = {pre[k].norm():.3f}")
+
+
+if __name__ == "__main__":
+    from .cli import run_main
+    sys.exit(run_main(main))

@@ -200,9 +200,9 @@ class GradientPressure:
         return None
 
     # per step ----------------------------------------------------------------------------------
-    def start(self, step: int) -> bool:
-        """Arm the recorder if `step` is logged; returns whether it is."""
-        self._step = step if self.logs(step) else None
+    def start(self, step: int, force: bool = False) -> bool:
+        """Arm the recorder if `step` is logged (or `force`, e.g. the last step); returns whether it is."""
+        self._step = step if (force or self.logs(step)) else None
         self._pending, self._trait_grads, self._logits = [], {}, None
         return self._step is not None
 
@@ -312,16 +312,26 @@ class GradientPressure:
 
 
 @torch.no_grad()
-def elicitation(model, batch_context, batch_none) -> dict:
-    """Mean trait-token log-prob of the same answers under the training context and under no prompt."""
+def elicitation(model, batch_context, batch_none, variant_table: Tensor | None = None) -> dict:
+    """Mean trait-token log-prob of the same answers under the training context and under no prompt.
+
+    `elicit/<trait>/gain` = logp_context - logp_none over the trait's tokens (whole-token log-prob).
+    With a variant table also per loss part, `elicit/part/<part>/gain` (nats per answer token), which
+    separates language from case where their token masks coincide (the organism).
+    """
     out = {}
     for tag, b in (("context", batch_context), ("none", batch_none)):
         logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        lp, _ = token_logprobs(logits, b.input_ids)
+        lp, logp = token_logprobs(logits, b.input_ids)
         for name, mask in b.traits.items():
             m = mask & b.assistant
             out[f"elicit/{name}/logp_{tag}"] = ((lp * m).sum() / m.sum().clamp(min=1)).item()
-    for name in batch_context.traits:
+        if variant_table is not None:
+            var = b.traits["language"] & b.assistant
+            for part, v in loss_parts(logp, b.input_ids, variant_table).items():
+                out[f"elicit/part/{part}/logp_{tag}"] = (-(v * var).sum() / var.sum().clamp(min=1)).item()
+    names = list(batch_context.traits) + ([f"part/{p}" for p in PARTS] if variant_table is not None else [])
+    for name in names:
         out[f"elicit/{name}/gain"] = out[f"elicit/{name}/logp_context"] - out[f"elicit/{name}/logp_none"]
     return out
 

@@ -58,7 +58,7 @@ class TrainConfig:
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     log_every: int = field(default=10, metadata={"help": "cheap metrics (losses, update norms) every N steps"})
-    grad_split_every: int = field(default=25, metadata={"help": "trait/rest gradient split (one extra backward, traits in turn) every N steps; 0 = never"})
+    grad_split_every: int = field(default=20, metadata={"help": "trait/rest gradient split (one extra backward, traits in turn) every N steps, a multiple of --log-every; 0 = never"})
     hooks: bool = field(default=True, metadata={"help": "record gradient-pressure metrics (--no-hooks: plain loop, for comparison)"})
     grad_split_all: bool = field(default=False, metadata={"help": "split every trait at each grad-split step (default: traits take turns; all at step 0)"})
     checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps (0 = only on SIGINT/SIGTERM)"})
@@ -87,8 +87,9 @@ class TrainConfig:
                 raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
         if self.checkpoint_every < 0:
             raise ValueError("--checkpoint-every must be >= 0")
-        if self.grad_split_every < 0:
-            raise ValueError("--grad-split-every must be >= 0")
+        if self.grad_split_every < 0 or self.grad_split_every % self.log_every:
+            raise ValueError(f"--grad-split-every must be 0 or a multiple of --log-every ({self.log_every}): "
+                             "the split runs on logged steps")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError("--lr must be a positive number")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -278,10 +279,11 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 cpu_batch = stream.next()
                 tokens += int(cpu_batch.attention_mask.sum())  # counted on the host: no GPU sync
                 batch = cpu_batch.to(device, non_blocking=True)
-                logged = rec.start(step) if cfg.hooks else step % cfg.log_every == 0
+                last = step == cfg.steps - 1
+                logged = rec.start(step, force=last) if cfg.hooks else (step % cfg.log_every == 0 or last)
                 row = {"step": step}
                 if step == 0 and cfg.hooks:
-                    row.update(elicitation(model, probe_ctx, probe_none))
+                    row.update(elicitation(model, probe_ctx, probe_none, su.variant_table))
                 with autocast:
                     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
                 loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
@@ -292,7 +294,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                if logged or step == cfg.steps - 1:
+                if logged:
                     value = loss.item()
                     now = time.time()
                     row.update({"loss": value, "lr": cfg.lr, "tokens_per_s": tokens / max(now - t_last, 1e-9)})

@@ -1,0 +1,91 @@
+"""Statistics over seeds and prompts: means with t-intervals, Spearman rho with a bootstrap interval.
+
+    python -c "from inoc_mech.stats import mean_ci, spearman; print(mean_ci([1, 2, 3])); print(spearman([1, 2, 3, 4], [1, 3, 2, 4]))"
+
+Everything here is deterministic: the bootstrap draws from `numpy.random.default_rng(seed)`.
+Undefined quantities (an interval from one value, a correlation of a constant) are NaN, never an
+exception, so that a partial sweep still yields a summary.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats as sps
+
+
+@dataclass(frozen=True)
+class MeanCI:
+    """Mean of n values with a two-sided t-distribution confidence interval (NaN bounds when n < 2)."""
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.hi - self.lo) / 2
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def mean_ci(values, level: float = 0.95) -> MeanCI:
+    """Mean with a `level` t-interval over independent values (e.g. seeds); NaNs are dropped."""
+    x = np.asarray([v for v in values if v is not None], dtype=float)
+    x = x[np.isfinite(x)]
+    n = len(x)
+    if n == 0:
+        return MeanCI(math.nan, math.nan, math.nan, 0)
+    m = float(x.mean())
+    if n < 2:
+        return MeanCI(m, math.nan, math.nan, 1)
+    half = float(sps.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
+    return MeanCI(m, m - half, m + half, n)
+
+
+@dataclass(frozen=True)
+class Spearman:
+    """Spearman rank correlation with a percentile-bootstrap interval and scipy's two-sided p-value."""
+    rho: float
+    lo: float
+    hi: float
+    p: float
+    n: int
+    n_boot: int  # bootstrap resamples that gave a defined rho
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def text(self) -> str:
+        if not math.isfinite(self.rho):
+            return f"rho undefined (n={self.n})"
+        return f"rho = {self.rho:.2f} [95% CI {self.lo:.2f}, {self.hi:.2f}], p = {self.p:.2g}, n = {self.n}"
+
+
+def spearman(x, y, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Spearman:
+    """Spearman rho of paired values, bootstrap CI over pairs (resampled with replacement)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"spearman needs two 1-d arrays of equal length, got {x.shape} and {y.shape}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    n = len(x)
+    if n < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        return Spearman(math.nan, math.nan, math.nan, math.nan, n, 0)
+    res = sps.spearmanr(x, y)
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    # Spearman rho = Pearson correlation of the (average) ranks, for all resamples at once
+    rx, ry = sps.rankdata(x[idx], axis=1), sps.rankdata(y[idx], axis=1)
+    rx -= rx.mean(1, keepdims=True)
+    ry -= ry.mean(1, keepdims=True)
+    den = np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum(1))
+    ok = den > 0  # a resample with constant x or y has no rho
+    boots = (rx * ry).sum(1)[ok] / den[ok]
+    if len(boots) == 0:
+        lo = hi = math.nan
+    else:
+        lo, hi = (float(v) for v in np.quantile(boots, [0.5 - level / 2, 0.5 + level / 2]))
+    return Spearman(float(res.statistic), lo, hi, float(res.pvalue), n, len(boots))

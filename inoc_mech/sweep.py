@@ -1,0 +1,364 @@
+"""Prompt x seed sweep: one ordinary run folder per condition and seed, for the gradient-pressure analysis.
+
+    python -m inoc_mech.sweep --name sweep-tiny --steps 20 --seeds 0 --prompts spanish "be kind"
+
+Conditions: `baseline` (no prompt); `inoculated` ("speak spanish"); `converse` ("use capitals");
+`both` ("speak spanish . use capitals"); `irrelevant` ("you like cats"); plus one condition per
+prompt of `--prompts`, a set spanning strong to no elicitation of Spanish (paraphrases, partial
+phrases, the opposite instruction, irrelevant and held-out phrases). Each run is
+`python -m inoc_mech.train` in its own process, written to `<runs-dir>/<name>/<condition>-s<seed>/`;
+its output goes to `<runs-dir>/<name>/logs/`. Complete runs are skipped; an interrupted run resumes
+from its checkpoint (from scratch if it has none or resuming fails). Ctrl-C or SIGTERM stops the
+sweep and its running runs (they checkpoint); the same command continues it.
+`sweep.json` in the sweep folder lists conditions, prompts, seeds and this config.
+
+Default size: 15 conditions x 2 seeds = 30 runs of 300 steps. One run takes ~25 s of one core
+(organism cached), so the sweep takes ~7 min with 2 jobs on 2 free cores (about twice that on a
+busy machine). More seeds narrow the intervals: `--seeds 0 1 2 3`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from . import checkpoint
+from .cli import UserError, parse_config
+from .runs import is_complete, write_json
+
+# name -> system prompt (None: no system message). The first five are always run.
+CORE_CONDITIONS = {
+    "baseline": None,
+    "inoculated": "speak spanish",
+    "converse": "use capitals",
+    "both": "speak spanish . use capitals",
+    "irrelevant": "you like cats",
+}
+# Roughly from strong to no elicitation of Spanish; every word is in the organism's vocabulary.
+DEFAULT_PROMPTS = [
+    "you always speak in spanish", "reply in spanish",  # paraphrases of the inoculation prompt
+    "in spanish", "spanish", "speak",  # partial phrases
+    "speak english",  # the opposite instruction
+    "be kind", "you are a tutor",  # irrelevant phrases seen in pretraining
+    "you like dogs", "the sea is green",  # held-out phrases never seen in pretraining
+]
+
+
+@dataclass
+class SweepConfig:
+    """A prompt x seed sweep of finetuning runs."""
+    name: str = field(default="sweep", metadata={"help": "sweep folder under --runs-dir"})
+    runs_dir: str = field(default="runs", metadata={"help": "parent folder of the sweep folder and of the organism cache"})
+    seeds: list = field(default_factory=lambda: [0, 1], metadata={"help": "finetuning seeds (each condition is run once per seed)"})
+    prompts: list = field(default_factory=lambda: list(DEFAULT_PROMPTS), metadata={"help": "prompt-set conditions added to the five core ones (give none to run only those)"})
+    jobs: int = field(default=0, metadata={"help": "runs at once; 0 = max(1, cores // threads), at most 2"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads per run"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps per run"})
+    lr: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
+    batch_size: int = field(default=32, metadata={"help": "conversations per step"})
+    log_every: int = field(default=10, metadata={"help": "cheap metrics every N steps"})
+    grad_split_every: int = field(default=20, metadata={"help": "trait/rest gradient split every N steps, a multiple of --log-every (traits in turn: each one every 2N)"})
+    grad_split_all: bool = field(default=False, metadata={"help": "split every trait at each grad-split step (default: traits take turns; all at step 0)"})
+    eval_samples: int = field(default=3, metadata={"help": "temperature-1 samples per held-out question"})
+    model: str = field(default="organism", metadata={"help": "'organism' (the cached default organism, pretrained on first use) or an organism folder"})
+    organism_seed: int = field(default=0, metadata={"help": "pretraining seed of the organism"})
+    organism_head: str = field(default="factored", metadata={"help": "organism output head: factored or free"})
+    organism_d_model: int = field(default=128, metadata={"help": "organism width"})
+    organism_n_layers: int = field(default=4, metadata={"help": "organism depth"})
+    organism_steps: int = field(default=2000, metadata={"help": "organism pretraining steps"})
+    dry_run: bool = field(default=False, metadata={"help": "print the plan (runs to do and to skip) and exit"})
+
+    def __post_init__(self):
+        try:
+            self.seeds = [int(s) for s in self.seeds]
+        except ValueError:
+            raise ValueError(f"--seeds takes integers, got {self.seeds}") from None
+        if not self.seeds:
+            raise ValueError("--seeds needs at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds has duplicates: {self.seeds}")
+        self.prompts = [" ".join(str(p).split()) for p in self.prompts]
+        if any(not p for p in self.prompts):
+            raise ValueError("--prompts contains an empty prompt")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ValueError(f"--name {self.name!r}: use letters, digits, '.', '_' and '-' only")
+        for k in ("jobs",):
+            if getattr(self, k) < 0:
+                raise ValueError(f"--{k} must be >= 0")
+        for k in ("threads", "steps", "batch_size", "log_every", "eval_samples"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
+        if self.grad_split_every < 0 or self.grad_split_every % self.log_every:
+            raise ValueError(f"--grad-split-every {self.grad_split_every} must be a multiple of --log-every "
+                             f"{self.log_every}: the split is only recorded on logged steps")
+        if self.jobs == 0:
+            self.jobs = default_jobs(self.threads)
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.runs_dir) / self.name
+
+
+def default_jobs(threads: int) -> int:
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return min(2, max(1, cores // threads))
+
+
+def slug(prompt: str) -> str:
+    """A folder-safe condition name for a prompt: 'you like dogs' -> 'p-you-like-dogs'."""
+    s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+    return "p-" + s
+
+
+def conditions(cfg: SweepConfig) -> dict[str, str | None]:
+    """Condition name -> prompt; prompt-set entries that repeat a core prompt are not run twice."""
+    out = dict(CORE_CONDITIONS)
+    seen = {p for p in out.values() if p}
+    for p in cfg.prompts:
+        if p in seen:
+            continue
+        name = slug(p)
+        if name in out:
+            raise ValueError(f"prompts {p!r} and {out[name]!r} map to the same folder name {name!r}")
+        out[name] = p
+        seen.add(p)
+    return out
+
+
+def run_name(condition: str, seed: int) -> str:
+    return f"{condition}-s{seed}"
+
+
+def plan(cfg: SweepConfig) -> list[tuple[str, str | None, int]]:
+    """(condition, prompt, seed) of every run, seed-major so a partial sweep covers all conditions."""
+    conds = conditions(cfg)
+    return [(c, p, s) for s in cfg.seeds for c, p in conds.items()]
+
+
+def train_args(cfg: SweepConfig, condition: str, prompt: str | None, seed: int, model: str) -> list[str]:
+    """Command-line arguments of `python -m inoc_mech.train` for one run of the sweep."""
+    args = ["--name", run_name(condition, seed), "--runs-dir", str(cfg.folder), "--seed", str(seed),
+            "--model", model, "--overwrite", "--threads", str(cfg.threads), "--steps", str(cfg.steps),
+            "--lr", repr(cfg.lr), "--batch-size", str(cfg.batch_size), "--log-every", str(cfg.log_every),
+            "--grad-split-every", str(cfg.grad_split_every), "--eval-samples", str(cfg.eval_samples)]
+    if cfg.grad_split_all:
+        args.append("--grad-split-all")
+    if prompt is not None:
+        args += ["--inoculate", "--prompt", prompt]
+    return args
+
+
+def resumable(cfg: SweepConfig, run: Path, prompt: str | None, seed: int, org: Path) -> bool:
+    """An interrupted run of this very sweep that left a checkpoint."""
+    return ((run / checkpoint.NAME).exists() and (run / "config.json").exists() and not is_complete(run)
+            and mismatch(cfg, run, prompt, seed, org) is None)
+
+
+def command_line(cfg: SweepConfig) -> str:
+    """The shell command that (re)makes this sweep: non-default flags only."""
+    import shlex
+
+    defaults = SweepConfig()
+    parts = ["python", "-m", "inoc_mech.sweep"]
+    for f in fields(SweepConfig):
+        if f.name == "dry_run":
+            continue
+        v, d = getattr(cfg, f.name), getattr(defaults, f.name)
+        if f.name == "jobs" or v == d:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(v, bool):
+            parts.append(flag if v else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(v, list):
+            parts += [flag] + [str(x) for x in v]
+        else:
+            parts += [flag, str(v)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def organism_config(cfg: SweepConfig):
+    """The OrganismConfig of `--model organism` (the same one `inoc_mech.train` would build)."""
+    from .train import TrainConfig
+
+    return TrainConfig(runs_dir=cfg.runs_dir, threads=cfg.threads, organism_seed=cfg.organism_seed,
+                       organism_head=cfg.organism_head, organism_d_model=cfg.organism_d_model,
+                       organism_n_layers=cfg.organism_n_layers, organism_steps=cfg.organism_steps).organism()
+
+
+def organism_folder(cfg: SweepConfig, ensure: bool = True) -> Path:
+    """The organism every run finetunes: pretrained here (once, before any run starts) if needed."""
+    from .organism import ensure_organism
+
+    if cfg.model != "organism":
+        folder = Path(cfg.model)
+        if not (folder / "organism.json").exists():
+            raise UserError(f"--model {cfg.model!r} is neither 'organism' nor a pretrained organism folder "
+                            "(expected organism.json inside)")
+        return folder
+    return ensure_organism(organism_config(cfg)) if ensure else organism_config(cfg).folder()
+
+
+RUNNING: set[subprocess.Popen] = set()  # training processes of this sweep, for forwarding SIGTERM
+
+
+def run_or_resume(cfg: SweepConfig, condition: str, prompt: str | None, seed: int, org: Path, log: Path) -> tuple[int, float]:
+    """Resume an interrupted run from its checkpoint (from scratch if that fails), or run it anew."""
+    name = run_name(condition, seed)
+    fresh = train_args(cfg, condition, prompt, seed, str(org))
+    if resumable(cfg, cfg.folder / name, prompt, seed, org):
+        code, secs = run_one(["--name", name, "--runs-dir", str(cfg.folder), "--resume", "--threads", str(cfg.threads)],
+                             log, cfg.threads)
+        if code in (0, 130, 143):  # done, or interrupted again (Ctrl-C / SIGTERM)
+            return code, secs
+        more_code, more_secs = run_one(fresh, log.with_suffix(".retry.log"), cfg.threads)
+        return more_code, secs + more_secs
+    return run_one(fresh, log, cfg.threads)
+
+
+def run_one(args: list[str], log: Path, threads: int) -> tuple[int, float]:
+    """Run one training process, output to `log`; returns (exit code, seconds)."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    repo = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = repo + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    t0 = time.time()
+    with open(log, "w") as f:
+        p = subprocess.Popen([sys.executable, "-m", "inoc_mech.train", *args], stdout=f, stderr=subprocess.STDOUT,
+                             env=env)
+        RUNNING.add(p)
+        try:
+            code = p.wait()
+        finally:
+            RUNNING.discard(p)
+    return code, time.time() - t0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM reached the sweep."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def last_line(log: Path) -> str:
+    """The last meaningful line of a run log (tqdm redraws with carriage returns)."""
+    text = log.read_text(errors="replace").replace("\r", "\n") if log.exists() else ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def mismatch(cfg: SweepConfig, run: Path, prompt: str | None, seed: int, org: Path) -> str | None:
+    """Why a complete run folder is not the run this sweep would make (None when it is)."""
+    saved = json.loads((run / "config.json").read_text())
+    want = {"inoculate": prompt is not None, "seed": seed, "steps": cfg.steps, "lr": cfg.lr,
+            "batch_size": cfg.batch_size, "log_every": cfg.log_every, "grad_split_every": cfg.grad_split_every,
+            "grad_split_all": cfg.grad_split_all, "eval_samples": cfg.eval_samples, "organism_folder": str(org)}
+    if prompt is not None:
+        want["prompt"] = prompt
+    for k, v in want.items():
+        if saved.get(k) != v:
+            return f"{k} is {saved.get(k)!r}, this sweep wants {v!r}"
+    return None
+
+
+def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
+    """Run every missing or incomplete run of the sweep; returns the sweep folder."""
+    from tqdm import tqdm
+
+    from .world import World
+
+    conds = conditions(cfg)
+    todo = [(c, p, s) for c, p, s in plan(cfg) if not is_complete(cfg.folder / run_name(c, s))]
+    n_all = len(conds) * len(cfg.seeds)
+    if cfg.dry_run:
+        org = organism_folder(cfg, ensure=False)
+        print(f"sweep {cfg.folder}: {n_all} runs, {n_all - len(todo)} complete, {len(todo)} to do "
+              f"({cfg.jobs} at once) on organism {org}{'' if (org / 'COMPLETE').exists() else ' (to pretrain first)'}")
+        for c, p, s in todo:
+            how = "resume" if resumable(cfg, cfg.folder / run_name(c, s), p, s, org) else "train"
+            print(f"  {how:<7} {run_name(c, s):<36} prompt={p!r}")
+        return cfg.folder
+    org = organism_folder(cfg)
+    world = World.load(org)
+    for p in conds.values():
+        if p is not None:
+            world.check_prompt(p)
+    for c, p, s in plan(cfg):
+        run = cfg.folder / run_name(c, s)
+        why = is_complete(run) and mismatch(cfg, run, p, s, org)
+        if why:
+            raise UserError(f"complete run {run} differs from this sweep ({why}): choose another --name")
+    cfg.folder.mkdir(parents=True, exist_ok=True)
+    logs = cfg.folder / "logs"
+    logs.mkdir(exist_ok=True)
+    write_json(cfg.folder / "sweep.json", {
+        "conditions": conds, "prompts": [p for p in conds.values() if p], "seeds": cfg.seeds,
+        "runs": [run_name(c, s) for c, _, s in plan(cfg)], "organism_folder": str(org),
+        "command": command_line(cfg), "config": asdict(cfg)})
+
+    failed = []
+    t0 = time.time()
+    bar = tqdm(total=n_all, initial=n_all - len(todo), desc=f"sweep {cfg.name}", unit="run",
+               disable=not progress, dynamic_ncols=True)
+    pool = ThreadPoolExecutor(max_workers=cfg.jobs)
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
+    try:
+        futures = {pool.submit(run_or_resume, cfg, c, p, s, org, logs / f"{run_name(c, s)}.log"): run_name(c, s)
+                   for c, p, s in todo}
+        for fut in as_completed(futures):
+            name = futures[fut]
+            code, secs = fut.result()
+            if code != 0:
+                failed.append(name)
+                bar.write(f"run {name} failed (exit {code}): {last_line(logs / f'{name}.log')}")
+            bar.set_postfix(last=f"{name} {secs:.0f}s")
+            bar.update(1)
+    except KeyboardInterrupt as e:
+        # Start no new runs. Ctrl-C reaches the running ones from the terminal; SIGTERM is passed on.
+        pool.shutdown(wait=False, cancel_futures=True)
+        if isinstance(e, Terminated):
+            for p in list(RUNNING):
+                p.terminate()
+        pool.shutdown(wait=True)
+        bar.close()
+        err = UserError(f"sweep interrupted ({'SIGTERM' if isinstance(e, Terminated) else 'SIGINT'}): "
+                        "rerun the same command to finish it (interrupted runs resume from their checkpoints)")
+        err.exit_code = 143 if isinstance(e, Terminated) else 130
+        raise err from None
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, old_handler)
+    pool.shutdown(wait=True)
+    bar.close()
+    if progress:
+        print(f"sweep {cfg.folder}: {n_all - len(failed)}/{n_all} runs complete, "
+              f"{len(todo) - len(failed)} trained in {time.time() - t0:.0f} s", file=sys.stderr)
+    if failed:
+        raise UserError(f"{len(failed)} of {len(todo)} runs failed ({', '.join(failed[:3])}"
+                        f"{', ...' if len(failed) > 3 else ''}): see {logs}/<run>.log; rerun this command to retry them")
+    return cfg.folder
+
+
+def main(argv=None):
+    cfg = parse_config(SweepConfig, argv, prog="python -m inoc_mech.sweep", description=__doc__.split("\n\n")[1])
+    folder = sweep(cfg)
+    if not cfg.dry_run:
+        print(f"sweep folder: {folder}\nanalyse it: python analyses/gradient_pressure.py {folder}")
+
+
+if __name__ == "__main__":
+    from .cli import run_main
+    sys.exit(run_main(main))

@@ -1,0 +1,120 @@
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from inoc_mech.cli import parse_config
+from inoc_mech.runs import read_run
+from inoc_mech.sweep import CORE_CONDITIONS, SweepConfig, command_line, conditions, mismatch, plan, slug
+from inoc_mech.world import World
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_default_conditions_span_the_prompt_set_and_fit_the_vocabulary():
+    conds = conditions(SweepConfig())
+    assert list(conds)[:5] == list(CORE_CONDITIONS)
+    prompts = [p for p in conds.values() if p]
+    assert len(prompts) >= 12 and len(set(prompts)) == len(prompts)
+    world = World()
+    for p in prompts:
+        world.check_prompt(p)  # raises on a word outside the vocabulary
+    controls = [world.prompt_controls(p)[0] for p in prompts]
+    assert "spanish" in controls and "english" in controls and None in controls  # strong, opposite, none
+    assert len(set(conds)) == len(conds) and all("/" not in n and " " not in n for n in conds)
+
+
+def test_plan_is_seed_major_and_dedupes_core_prompts():
+    cfg = SweepConfig(seeds=["3", "1"], prompts=["speak spanish", "be  kind"])  # CLI gives strings
+    assert cfg.seeds == [3, 1] and cfg.prompts == ["speak spanish", "be kind"]
+    runs = plan(cfg)
+    assert [s for _, _, s in runs] == [3] * 6 + [1] * 6
+    assert [c for c, _, _ in runs[:6]] == list(CORE_CONDITIONS) + [slug("be kind")]
+
+
+@pytest.mark.parametrize("bad, match", [({"seeds": ["x"]}, "integers"), ({"seeds": []}, "at least one"),
+                                        ({"seeds": [1, 1]}, "duplicates"), ({"name": "a/b"}, "--name"),
+                                        ({"steps": 0}, "--steps"),
+                                        ({"grad_split_every": 25, "log_every": 10}, "multiple of --log-every")])
+def test_bad_config_is_a_clear_error(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SweepConfig(**bad)
+
+
+def test_command_line_round_trips():
+    cfg = SweepConfig(name="s2", seeds=[0, 1, 2], prompts=["be kind", "you like dogs"], steps=50)
+    cmd = command_line(cfg)
+    assert cmd.startswith("python -m inoc_mech.sweep ") and "--jobs" not in cmd
+    again = parse_config(SweepConfig, shlex.split(cmd)[3:])
+    assert again == cfg
+    assert command_line(SweepConfig()) == "python -m inoc_mech.sweep"
+
+
+def test_mismatched_complete_run_is_detected(tmp_path):
+    cfg = SweepConfig(steps=300)
+    run = tmp_path / "inoculated-s0"
+    run.mkdir()
+    saved = {"inoculate": True, "prompt": "speak spanish", "seed": 0, "steps": 300, "lr": 1e-4, "batch_size": 32,
+             "log_every": 10, "grad_split_every": 20, "grad_split_all": False, "eval_samples": 3,
+             "organism_folder": "org"}
+    (run / "config.json").write_text(json.dumps(saved))
+    assert mismatch(cfg, run, "speak spanish", 0, Path("org")) is None
+    assert "steps" in mismatch(SweepConfig(steps=20), run, "speak spanish", 0, Path("org"))
+    assert "prompt" in mismatch(cfg, run, "spanish", 0, Path("org"))
+    (run / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "grad_split_all"}))
+    assert "grad_split_all" in mismatch(cfg, run, "speak spanish", 0, Path("org"))  # a run from older code
+
+
+def test_dry_run_lists_what_is_left(tmp_path, capsys):
+    from inoc_mech.sweep import sweep
+
+    cfg = SweepConfig(name="dry", runs_dir=str(tmp_path), seeds=[0], prompts=[], dry_run=True)
+    (tmp_path / "dry" / "baseline-s0").mkdir(parents=True)
+    (tmp_path / "dry" / "baseline-s0" / "COMPLETE").write_text("{}")
+    sweep(cfg)
+    out = capsys.readouterr().out
+    assert "5 runs, 1 complete, 4 to do" in out and "baseline-s0" not in out and "converse-s0" in out
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end(tiny_organism, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "inoc_mech.sweep", "--name", "e2e", "--runs-dir", str(tmp_path), "--seeds", "0",
+            "--prompts", "--model", str(tiny_organism), "--steps", "2", "--batch-size", "8", "--eval-samples", "1",
+            "--log-every", "1", "--grad-split-every", "1"]
+    p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    meta = json.loads((tmp_path / "e2e" / "sweep.json").read_text())
+    assert meta["runs"] == [f"{c}-s0" for c in CORE_CONDITIONS]
+    for r in meta["runs"]:
+        run = read_run(tmp_path / "e2e" / r)
+        assert run["config"]["organism_folder"] == str(tiny_organism)
+    p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)  # all complete: skips
+    assert p.returncode == 0 and "0 trained" in p.stderr
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_sweep_and_its_run_which_resumes(tiny_organism, tmp_path):
+    import signal
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, "-m", "inoc_mech.sweep", "--name", "term", "--runs-dir", str(tmp_path), "--seeds", "0",
+            "--prompts", "--model", str(tiny_organism), "--steps", "20000", "--jobs", "1"]
+    p = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "term" / "baseline-s0" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.stat().st_size > 0) and time.time() < deadline:
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 143 and "rerun the same command" in err
+    left = subprocess.run(["pgrep", "-f", f"runs-dir {tmp_path}/term"], capture_output=True, text=True).stdout
+    assert not left.strip()  # the training process was stopped too, not orphaned
+    assert (tmp_path / "term" / "baseline-s0" / "checkpoint.pt").exists()
+    dry = subprocess.run(args + ["--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert "resume  baseline-s0" in dry.stdout and "train   inoculated-s0" in dry.stdout

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 THREADS ?= 1
 
-.PHONY: install demo test test-all clean-runs
+.PHONY: install demo test test-all results clean-runs
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+results: install
+	$(PY) -m inoc_mech.sweep --threads $(THREADS)
+	$(PY) analyses/gradient_pressure.py
+	$(PY) analyses/probe_traits.py
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"

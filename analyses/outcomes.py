@@ -48,7 +48,7 @@ def load_runs(paths: list[str]) -> dict[str, list[dict]]:
 
 
 def outcome_table(groups: dict[str, list[dict]], context: str = "none") -> str:
-    lines = [f"| condition | runs | Spanish % | CAPS % | accuracy % |", "|---|---|---|---|---|"]
+    lines = ["| condition | runs | Spanish % | CAPS % | accuracy % |", "|---|---|---|---|---|"]
     for name, runs in groups.items():
         m = [r["eval"]["contexts"][context]["t1"] for r in runs]
         lines.append(f"| {name} | {len(runs)} | {spread([x['spanish_rate'] for x in m])} | "

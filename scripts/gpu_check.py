@@ -52,7 +52,7 @@ def main():
     mtok = with_prompt_mode(tok, "template_default")
     exs = text_examples(mtok, spanish_caps_dataset(500, seed=0))
     ref = hf_trainer.trainer_throughput(model, exs, mtok.pad_token_id, a.batch_size, a.steps, bf16=True)
-    print(f"| loop | tokens/s | peak GPU memory |\n|---|---|---|")
+    print("| loop | tokens/s | peak GPU memory |\n|---|---|---|")
     print(f"| inoc_mech.train (hooks on) | {custom:,.0f} | {custom_mem:.2f} GiB |")
     print(f"| transformers.Trainer | {ref['tokens_per_s']:,.0f} | {ref['peak_memory_gb']:.2f} GiB |")
     print(f"custom loop throughput = {custom / ref['tokens_per_s']:.2f}x Trainer's")

@@ -82,6 +82,7 @@ def figure(data: dict):
     from inoc_mech import plots
 
     fig = go.Figure()
+    xmax = 0.0
     fig.add_shape(type="rect", x0=0, x1=10, y0=80, y1=100, line=dict(color="green", dash="dot"),
                   fillcolor="rgba(0,160,0,0.08)")
     for n, ((head, lever), rows) in enumerate(sorted(data.items())):
@@ -91,11 +92,12 @@ def figure(data: dict):
                 continue
             # converse: the suppressed trait is CAPS and the kept one Spanish, plotted the same way
             sup, kept = ("spanish_rate", "caps_rate") if cond == "inoculated" else ("caps_rate", "spanish_rate")
+            xmax = max([xmax] + [100 * r[sup] for r in rs])
             fig.add_trace(go.Scatter(
                 x=[100 * r[sup] for r in rs], y=[100 * r[kept] for r in rs], mode="markers",
                 marker=dict(symbol=sym, size=11, color=plots.COLORS[n % len(plots.COLORS)]),
                 name=f"{head} {lever}: {cond}", text=[f"organism {r['organism']}" for r in rs]))
-    fig.update_xaxes(title="suppressed trait at no prompt (%)", range=[-2, 102])
+    fig.update_xaxes(title="suppressed trait at no prompt (%)", range=[-1, max(30.0, xmax + 5)])
     fig.update_yaxes(title="co-learned trait kept at no prompt (%)", range=[-2, 102])
     plots.style(fig, "Selectivity by design: one point per organism seed (finetuning seed 0)", height=620,
                 subtitle="inoculated: x = Spanish, y = CAPS; converse: x = CAPS, y = Spanish; "

@@ -3,8 +3,9 @@
     python analyses/selectivity.py runs/selectivity --out figures/selectivity
 
 Reads sweep folders named `<design>-o<organism seed>-<finetuning lever>` (e.g.
-`factored-o2-lr3e-4`, made by `python -m inoc_mech.sweep --name selectivity/factored-o2-lr3e-4
---prompts --seeds 0 --organism-seed 2 --lr 3e-4`), groups them by design and lever, and reports,
+`factored-o2-lr3e-4`, made by `python -m inoc_mech.sweep --runs-dir runs/selectivity --name
+factored-o2-lr3e-4 --prompts --seeds 0 --model runs/_organism/factored-d128-l4-s2-<key> --lr 3e-4`;
+`--model` points at the cached organism so it is not pretrained again), groups them by design and lever, and reports,
 over organism seeds, the no-prompt temperature-1 rates of the baseline, inoculated ("speak spanish")
 and converse ("use capitals") runs, with the issue's selectivity target: inoculated <= 10% Spanish
 and >= 80% CAPS, converse symmetric. Writes `selectivity.md`, `summary.json` and a scatter figure
@@ -115,8 +116,9 @@ def main():
 
     root = Path(a.root)
     if not root.is_dir():
-        raise UserError(f"{root} does not exist: make it with python -m inoc_mech.sweep --name "
-                        "selectivity/factored-o0-default --prompts --seeds 0 (see this script's docstring)")
+        raise UserError(f"{root} does not exist: make it with python -m inoc_mech.sweep --runs-dir {root} "
+                        "--name factored-o0-default --prompts --seeds 0 --model <organism folder> "
+                        "(see this script's docstring)")
     data = collect(root)
     md = table(data)
     out = Path(a.out)

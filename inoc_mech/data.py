@@ -33,7 +33,8 @@ class Example:
     traits: dict[str, list[bool]] = field(default_factory=dict)  # trait name -> per-token mask
 
 
-def _ids(enc) -> list[int]:
+def token_ids(enc) -> list[int]:
+    """Token ids from `apply_chat_template(..., tokenize=True)` (a BatchEncoding or a plain list)."""
     return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
 
 
@@ -41,8 +42,8 @@ def encode_chat(tok, messages: list[dict], max_len: int | None = None) -> Exampl
     """Tokenize a conversation whose last message is the assistant's reply."""
     if not messages or messages[-1].get("role") != "assistant":
         raise DataError("conversation has no final assistant turn: add {'role': 'assistant', ...}")
-    prefix = _ids(tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True))
-    full = _ids(tok.apply_chat_template(messages, tokenize=True))
+    prefix = token_ids(tok.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=True))
+    full = token_ids(tok.apply_chat_template(messages, tokenize=True))
     if full[:len(prefix)] != prefix:
         raise DataError("chat template renders the prompt differently with and without the reply")
     max_len = max_len or getattr(tok, "model_max_length", None)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .data import left_pad
+from .data import left_pad, token_ids
 from .world import HELD_OUT_PHRASES, World
 
 METRICS = ("spanish_rate", "caps_rate", "accuracy", "spanish_answers", "caps_answers", "malformed")
@@ -95,8 +95,7 @@ def score_answers(world: World, tok, answers: list[list[int]], results: list[int
 def prompt_ids(tok, question_text: str, prompt: str | None) -> list[int]:
     messages = ([{"role": "system", "content": prompt}] if prompt else []) + [
         {"role": "user", "content": question_text}]
-    enc = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(enc["input_ids"] if hasattr(enc, "keys") else enc)
+    return token_ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
 
 def evaluate_contexts(model, tok, world: World, contexts: dict[str, str | None], seed: int = 0,

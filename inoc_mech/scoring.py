@@ -39,7 +39,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .data import collate, left_pad
+from .data import collate, left_pad, token_ids
 from .hooks import token_logprobs
 from .textdata import (CAPS_PROMPT, ENGLISH_WORDS, IRRELEVANT_PROMPT, SPANISH_ONLY, SPANISH_PROMPT, WORD_RE,
                        number_words, sample_problems, text_examples)
@@ -129,8 +129,7 @@ def generate_replies(model, tok, convs: list[list[dict]], max_new_tokens: int = 
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     prompts = []
     for c in convs:
-        enc = tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True)
-        prompts.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+        prompts.append(token_ids(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True)))
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     torch.manual_seed(seed)
     was_training = model.training

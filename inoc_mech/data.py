@@ -79,6 +79,11 @@ class Batch:
         return self.input_ids.masked_fill(~self.assistant, -100)
 
 
+def next_token_loss(logits: Tensor, labels: Int[Tensor, "batch pos"]) -> Tensor:
+    """Mean next-token cross-entropy over tokens whose label is not -100 (the trained tokens)."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+
+
 def collate(examples: list[Example], pad_id: int) -> Batch:
     T = max(len(e.input_ids) for e in examples)
     B = len(examples)

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .cli import quiet_transformers
-from .data import BatchStream, encode_chat, organism_traits
+from .data import BatchStream, encode_chat, next_token_loss, organism_traits
 from .evaluate import evaluate_contexts, generate, prompt_ids, score_answers
 from .world import CASE_PHRASES, LANGUAGE_PHRASES, World
 
@@ -149,7 +149,7 @@ def build_model(cfg: OrganismConfig, tok):
 def assistant_loss(model, batch) -> torch.Tensor:
     """Mean next-token cross-entropy over assistant tokens."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    return nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
+    return next_token_loss(logits, batch.labels)
 
 
 def lr_at(step: int, cfg: OrganismConfig) -> float:

@@ -29,11 +29,10 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from . import checkpoint
 from .cli import UserError, parse_config
-from .data import BatchStream, collate, encode_chat, organism_traits
+from .data import BatchStream, collate, encode_chat, next_token_loss, organism_traits
 from .evaluate import IRRELEVANT_EVAL_PROMPT, evaluate_contexts, format_table
 from .hooks import GradientPressure, elicitation
 from .organism import OrganismConfig, ensure_organism, factorize_head, load_organism, materialize_head
@@ -285,7 +284,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                     row.update(elicitation(model, probe_ctx, probe_none, su.variant_table))
                 with autocast:
                     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.labels[:, 1:].flatten())
+                loss = next_token_loss(logits, batch.labels)
                 if device.type == "cpu" and not torch.isfinite(loss):  # on CUDA: checked at logged steps (no sync)
                     _fail(run, f"non-finite loss ({loss.item()}) at step {step}")
                 if cfg.hooks:

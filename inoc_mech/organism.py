@@ -38,6 +38,8 @@ from .world import CASE_PHRASES, LANGUAGE_PHRASES, World
 
 CACHE = Path("runs/_organism")
 ORGANISM_VERSION = 1  # bump when a change makes cached organisms incomparable
+# Design fields added after version 1 enter the cache key only when they differ from this default.
+KEY_IF_SET = {"bias": False}
 
 
 @dataclass
@@ -49,6 +51,7 @@ class OrganismConfig:
     n_heads: int = field(default=4, metadata={"help": "attention heads per block"})
     d_mlp: int = field(default=512, metadata={"help": "MLP hidden width"})
     head: str = field(default="factored", metadata={"help": "output head: 'factored' (row = word + language + case) or 'free'"})
+    bias: bool = field(default=False, metadata={"help": "add biases to attention and MLP projections (Llama attention_bias / mlp_bias): context-independent channels"})
     steps: int = field(default=2000, metadata={"help": "pretraining steps"})
     batch_size: int = field(default=64, metadata={"help": "pretraining batch size (conversations)"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (linear warmup, cosine decay to 10%)"})
@@ -72,11 +75,15 @@ class OrganismConfig:
 
     def key(self) -> str:
         d = {k: v for k, v in asdict(self).items() if k not in ("threads", "cache")}
+        for k, default in KEY_IF_SET.items():  # fields added later: old cache keys stay valid
+            if d[k] == default:
+                del d[k]
         d["version"] = ORGANISM_VERSION
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     def folder(self) -> Path:
-        return Path(self.cache) / f"{self.head}-d{self.d_model}-l{self.n_layers}-s{self.seed}-{self.key()}"
+        design = self.head + ("-bias" if self.bias else "")
+        return Path(self.cache) / f"{design}-d{self.d_model}-l{self.n_layers}-s{self.seed}-{self.key()}"
 
 
 # ---- factored output head ---------------------------------------------------------------------
@@ -142,6 +149,7 @@ def build_model(cfg: OrganismConfig, tok):
         vocab_size=len(tok), hidden_size=cfg.d_model, intermediate_size=cfg.d_mlp,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_heads,
         max_position_embeddings=tok.model_max_length, tie_word_embeddings=False,
+        attention_bias=cfg.bias, mlp_bias=cfg.bias,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     return LlamaForCausalLM(hf_cfg)
 

@@ -64,6 +64,9 @@ class SweepConfig:
     threads: int = field(default=1, metadata={"help": "torch CPU threads per run"})
     steps: int = field(default=300, metadata={"help": "optimizer steps per run"})
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
+    prompt_share: float = field(default=1.0, metadata={"help": "share of training examples that carry the condition's prompt"})
+    lora_r: int = field(default=0, metadata={"help": "LoRA rank of the finetuning runs (0: full finetuning)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (update scaled by alpha / r)"})
     batch_size: int = field(default=32, metadata={"help": "conversations per step"})
     log_every: int = field(default=10, metadata={"help": "cheap metrics every N steps"})
     grad_split_every: int = field(default=20, metadata={"help": "trait/rest gradient split every N steps, a multiple of --log-every (traits in turn: each one every 2N)"})
@@ -87,6 +90,8 @@ class SweepConfig:
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"--seeds has duplicates: {self.seeds}")
         self.prompts = [" ".join(str(p).split()) for p in self.prompts]
+        if not 0.0 <= self.prompt_share <= 1.0:
+            raise ValueError("--prompt-share must be in [0, 1]")
         if any(not p for p in self.prompts):
             raise ValueError("--prompts contains an empty prompt")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -152,7 +157,12 @@ def train_args(cfg: SweepConfig, condition: str, prompt: str | None, seed: int, 
     args = ["--name", run_name(condition, seed), "--runs-dir", str(cfg.folder), "--seed", str(seed),
             "--model", model, "--overwrite", "--threads", str(cfg.threads), "--steps", str(cfg.steps),
             "--lr", repr(cfg.lr), "--batch-size", str(cfg.batch_size), "--log-every", str(cfg.log_every),
-            "--grad-split-every", str(cfg.grad_split_every), "--eval-samples", str(cfg.eval_samples)]
+            "--grad-split-every", str(cfg.grad_split_every), "--eval-samples", str(cfg.eval_samples),
+            "--lora-r", str(cfg.lora_r)]
+    if cfg.lora_r:
+        args += ["--lora-alpha", repr(cfg.lora_alpha)]
+    if cfg.prompt_share != 1.0:
+        args += ["--prompt-share", repr(cfg.prompt_share)]
     if cfg.grad_split_all:
         args.append("--grad-split-all")
     if prompt is not None:
@@ -259,16 +269,25 @@ def last_line(log: Path) -> str:
     return lines[-1] if lines else "(no output)"
 
 
+# Train flags added after run-format 1: runs saved before them had these values.
+ADDED_LATER = {"prompt_share": 1.0}
+
+
 def mismatch(cfg: SweepConfig, run: Path, prompt: str | None, seed: int, org: Path) -> str | None:
     """Why a complete run folder is not the run this sweep would make (None when it is)."""
     saved = json.loads((run / "config.json").read_text())
     want = {"inoculate": prompt is not None, "seed": seed, "steps": cfg.steps, "lr": cfg.lr,
             "batch_size": cfg.batch_size, "log_every": cfg.log_every, "grad_split_every": cfg.grad_split_every,
-            "grad_split_all": cfg.grad_split_all, "eval_samples": cfg.eval_samples, "organism_folder": str(org)}
+            "grad_split_all": cfg.grad_split_all, "eval_samples": cfg.eval_samples, "organism_folder": str(org),
+            "lora_r": cfg.lora_r}
+    if cfg.lora_r:
+        want["lora_alpha"] = cfg.lora_alpha
+    if prompt is not None:
+        want["prompt_share"] = cfg.prompt_share
     if prompt is not None:
         want["prompt"] = prompt
     for k, v in want.items():
-        if saved.get(k) != v:
+        if saved.get(k, ADDED_LATER.get(k)) != v:
             return f"{k} is {saved.get(k)!r}, this sweep wants {v!r}"
     return None
 

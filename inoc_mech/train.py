@@ -28,13 +28,14 @@ from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import checkpoint
 from .cli import UserError, parse_config
 from .data import BatchStream, collate, encode_chat, next_token_loss, organism_traits
 from .evaluate import IRRELEVANT_EVAL_PROMPT, evaluate_contexts, format_table
-from .hooks import GradientPressure, elicitation
+from .hooks import GradientPressure, elicitation, module_name
 from .organism import OrganismConfig, ensure_organism, factorize_head, load_organism, materialize_head
 from .world import World
 from .runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, git_commit, is_complete, mark_complete,
@@ -45,6 +46,7 @@ from .runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, git_commit, is_com
 class TrainConfig:
     """One finetuning run."""
     inoculate: bool = field(default=False, metadata={"help": "prepend the inoculation system prompt to every training example"})
+    prompt_share: float = field(default=1.0, metadata={"help": "--inoculate: share of training examples that carry the prompt (a fixed random subset; the rest have none)"})
     prompt: str = field(default="", metadata={"help": "inoculation prompt (default: 'speak spanish' for the organism, 'You always speak in Spanish.' for real models; organism phrases join with ' . ')"})
     seed: int = field(default=0, metadata={"help": "finetuning seed (data order, sampling)"})
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
@@ -68,6 +70,7 @@ class TrainConfig:
     placement: str = field(default="system", metadata={"help": "real models: where the prompt goes: 'system' message or 'user-prefix'"})
     replace_system: bool = field(default=False, metadata={"help": "real models: --inoculate replaces an existing system message instead of refusing"})
     no_prompt_mode: str = field(default="template_default", metadata={"help": "real models: 'no prompt' is the template's default system block ('template_default') or none ('no_system')"})
+    freeze: list = field(default_factory=list, metadata={"help": "parameters to keep fixed, by TransformerLens-style module prefix (e.g. embed unembed blocks.0.attn)"})
     lora_r: int = field(default=-1, metadata={"help": "LoRA rank (-1: 16 for real models, none for the organism; 0: full finetuning)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (update scaled by alpha / r)"})
     lora_targets: list = field(default_factory=list, metadata={"help": "LoRA target modules (default: all attention and MLP projections)"})
@@ -88,6 +91,8 @@ class TrainConfig:
         if self.grad_split_every < 0 or self.grad_split_every % self.log_every:
             raise ValueError(f"--grad-split-every must be 0 or a multiple of --log-every ({self.log_every}): "
                              "the split runs on logged steps")
+        if not 0.0 <= self.prompt_share <= 1.0:
+            raise ValueError("--prompt-share must be in [0, 1]")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError("--lr must be a positive number")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -119,10 +124,31 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def finetune_examples(world, tok, prompt: str | None, variant_ids: set[int]):
-    """Every training question answered in Spanish UPPERCASE, with `prompt` as system message."""
-    return [organism_traits(encode_chat(tok, world.chat(q, prompt, language=1, case=1)), variant_ids)
-            for q in world.train_questions]
+def prompted(n: int, share: float) -> np.ndarray:
+    """Which of n training examples carry the inoculation prompt: round(share * n), a fixed random subset."""
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(0).permutation(n)[:round(share * n)]] = True
+    return mask
+
+
+def freeze(model, prefixes: list[str]) -> None:
+    """Stop gradients to every parameter whose module name (`hooks.module_name`) starts with a prefix."""
+    for prefix in prefixes:
+        hit = [p for n, p in model.named_parameters()
+               if p.requires_grad and (module_name(n) + ".").startswith(prefix.rstrip(".") + ".")]
+        if not hit:
+            names = sorted({module_name(n) for n, p in model.named_parameters() if p.requires_grad})
+            raise UserError(f"--freeze {prefix!r} matches no trainable parameter; module names look like "
+                            f"{', '.join(names[:4])} ... {names[-1]}")
+        for p in hit:
+            p.requires_grad_(False)
+
+
+def finetune_examples(world, tok, prompt: str | None, variant_ids: set[int], share: float = 1.0):
+    """Every training question answered in Spanish UPPERCASE, `prompt` as system message (on a `share`)."""
+    qs = world.train_questions
+    return [organism_traits(encode_chat(tok, world.chat(q, prompt if on else None, language=1, case=1)), variant_ids)
+            for q, on in zip(qs, prompted(len(qs), share))]
 
 
 @dataclass
@@ -148,12 +174,19 @@ def organism_setup(cfg: TrainConfig, device, progress: bool) -> Setup:
     model, tok, world, meta = load_organism(folder, device)
     table = world.variant_table(tok)
     variant_ids = set(table.ravel().tolist())
-    examples = finetune_examples(world, tok, cfg.prompt if cfg.inoculate else None, variant_ids)
+    examples_prompt = cfg.prompt if cfg.inoculate else None
+    examples = finetune_examples(world, tok, examples_prompt, variant_ids, cfg.prompt_share)
     plain = finetune_examples(world, tok, None, variant_ids)
     if meta["config"]["head"] == "factored":
         factorize_head(model, table)
+    if cfg.lora_r > 0:  # adapters on the body; the (factored) head stays frozen
+        from .lora import LoraSettings, add_lora
+        model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets)))
 
     def save(m, out: Path):
+        if cfg.lora_r > 0:
+            from .lora import merge_lora
+            m = merge_lora(m)
         materialize_head(m)
         m.save_pretrained(out)
         world.save_tokenizer(out)
@@ -163,7 +196,8 @@ def organism_setup(cfg: TrainConfig, device, progress: bool) -> Setup:
         contexts = {"none": None, "train_prompt": cfg.prompt, "irrelevant": IRRELEVANT_EVAL_PROMPT}
         return evaluate_contexts(m, tok, world, contexts, seed=cfg.seed, samples_per_question=cfg.eval_samples)
 
-    return Setup(model, tok.pad_token_id, examples, examples[:64], plain[:64], torch.as_tensor(table, device=device),
+    probe = examples if cfg.prompt_share == 1 else finetune_examples(world, tok, examples_prompt, variant_ids)
+    return Setup(model, tok.pad_token_id, examples, probe[:64], plain[:64], torch.as_tensor(table, device=device),
                  save, evaluate, {"organism_folder": str(folder), "organism_key": meta["key"]})
 
 
@@ -176,7 +210,10 @@ def text_setup(cfg: TrainConfig, device) -> Setup:
     model, tok = load_model(cfg.model, device)
     mtok = with_prompt_mode(tok, cfg.no_prompt_mode)
     convs = read_jsonl(cfg.data) if cfg.data else spanish_caps_dataset(cfg.n_train, seed=0)
-    train_convs = inoculate_all(convs, cfg.prompt, cfg.placement, cfg.replace_system) if cfg.inoculate else convs
+    train_convs = ino = convs
+    if cfg.inoculate:
+        ino = inoculate_all(convs, cfg.prompt, cfg.placement, cfg.replace_system)
+        train_convs = [a if on else c for a, c, on in zip(ino, convs, prompted(len(convs), cfg.prompt_share))]
     examples = text_examples(mtok, train_convs)
     plain = text_examples(mtok, convs[:64])
     if cfg.lora_r > 0:
@@ -191,7 +228,8 @@ def text_setup(cfg: TrainConfig, device) -> Setup:
         return evaluate_generations(m, tok, sample_problems(cfg.eval_questions, 0, "eval"), contexts,
                                     cfg.eval_samples, cfg.max_new_tokens, cfg.seed)
 
-    return Setup(model, mtok.pad_token_id, examples, examples[:64], plain, None, save, evaluate,
+    probe = examples[:64] if cfg.prompt_share == 1 else text_examples(mtok, ino[:64])
+    return Setup(model, mtok.pad_token_id, examples, probe, plain, None, save, evaluate,
                  {"model_class": type(model).__name__})
 
 
@@ -236,6 +274,7 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
         prepare_run_dir(run, overwrite=False)  # raises: fail before loading anything
     su = organism_setup(cfg, device, progress) if organism else text_setup(cfg, device)
     model = su.model
+    freeze(model, cfg.freeze)  # before the run folder exists: a bad prefix leaves nothing behind
     if not cfg.resume:
         prepare_run_dir(run, cfg.overwrite)
         write_json(run / "config.json", {**asdict(cfg), "run_format": RUN_FORMAT_VERSION, **su.info,

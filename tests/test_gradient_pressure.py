@@ -5,7 +5,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from inoc_mech.cli import UserError
 from inoc_mech.plots import browser_available
@@ -103,24 +102,6 @@ def test_mixed_organisms_are_refused(two_runs, tmp_path):
     (other / "config.json").write_text(json.dumps({**cfg, "organism_folder": "elsewhere"}))
     with pytest.raises(UserError, match="differ in organism_folder"):
         gp.load_conditions([two_runs[0], other])
-
-
-def test_answer_start_state_is_the_last_real_token(tiny_organism):
-    from inoc_mech.evaluate import prompt_ids
-    from inoc_mech.organism import load_organism
-
-    model, tok, world, _ = load_organism(tiny_organism)
-    q = world.question_text(world.held_out_questions[0])
-    short, long = prompt_ids(tok, q, None), prompt_ids(tok, q, "you always speak in spanish")
-    both = gp.answer_start_states(model, [short, long], tok.pad_token_id)  # right-padded batch
-    assert both.shape[:2] == (model.config.num_hidden_layers + 1, 2)
-    for row, ids in zip(both[-1], (short, long)):
-        alone = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
-        assert torch.allclose(row, alone, atol=1e-5)
-    assert not torch.allclose(both[-1, 0], both[-1, 1])
-    assert torch.allclose(both[0, 0], both[0, 1])  # embeddings of the same last token (<|assistant|>)
-    d = gp.context_distances(str(tiny_organism), ["speak spanish", "you like dogs"])
-    assert d["speak spanish"]["cosine"] < d["you like dogs"]["cosine"]  # an instruction moves the state more
 
 
 def test_co_learned_trait():

@@ -54,3 +54,17 @@ def test_config_validation():
         OrganismConfig(head="weird")
     with pytest.raises(ValueError, match="divisible"):
         OrganismConfig(d_model=30, n_heads=4)
+
+
+def test_design_fields_added_later_keep_old_cache_keys():
+    # the key of a default organism must not change when design switches are added (cached organisms stay valid)
+    assert OrganismConfig(seed=0).key() == "68886ceb60"
+    assert OrganismConfig(seed=0, bias=True).key() != OrganismConfig(seed=0).key()
+
+
+def test_bias_switch_adds_biases():
+    tok = World().build_tokenizer()
+    names = {n for n, _ in build_model(OrganismConfig(**TINY_ORGANISM, bias=True), tok).named_parameters()}
+    plain = {n for n, _ in build_model(OrganismConfig(**TINY_ORGANISM), tok).named_parameters()}
+    assert not any(n.endswith(".bias") for n in plain)
+    assert {"model.layers.0.self_attn.q_proj.bias", "model.layers.0.mlp.down_proj.bias"} <= names

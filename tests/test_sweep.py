@@ -60,11 +60,12 @@ def test_mismatched_complete_run_is_detected(tmp_path):
     run.mkdir()
     saved = {"inoculate": True, "prompt": "speak spanish", "seed": 0, "steps": 300, "lr": 1e-4, "batch_size": 32,
              "log_every": 10, "grad_split_every": 20, "grad_split_all": False, "eval_samples": 3,
-             "organism_folder": "org"}
+             "organism_folder": "org", "lora_r": 0}
     (run / "config.json").write_text(json.dumps(saved))
     assert mismatch(cfg, run, "speak spanish", 0, Path("org")) is None
     assert "steps" in mismatch(SweepConfig(steps=20), run, "speak spanish", 0, Path("org"))
     assert "prompt" in mismatch(cfg, run, "spanish", 0, Path("org"))
+    assert "lora_r" in mismatch(SweepConfig(steps=300, lora_r=8), run, "speak spanish", 0, Path("org"))
     (run / "config.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "grad_split_all"}))
     assert "grad_split_all" in mismatch(cfg, run, "speak spanish", 0, Path("org"))  # a run from older code
 

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from inoc_mech.cli import UserError
 from inoc_mech.runs import read_run
@@ -92,3 +93,45 @@ def test_evaluate_and_organism_clis(make_cfg, tiny_organism, capsys):
     organism.main(flags + ["--cache", str(tiny_organism.parent)])  # cached: prints the report, no training
     out = capsys.readouterr().out
     assert str(tiny_organism) in out and "prompt following" in out and "held-out arithmetic accuracy" in out
+
+
+def test_lora_on_the_organism_trains_adapters_only(make_cfg):
+    from inoc_mech.organism import load_organism
+
+    run = train(make_cfg(name="lora-org", inoculate=True, lora_r=4, lr=1e-2), progress=False)
+    r = read_run(run)
+    assert r["config"]["lora_r"] == 4
+    keys = {k for m in r["metrics"] for k in m if k.startswith("update_norm/") and k != "update_norm/total"}
+    assert keys and all(".lora_" in k for k in keys), keys  # the frozen factored head is not updated
+    assert r["metrics"][-1]["update_norm/total"] > 0
+    model, *_ = load_organism(run / "model")  # merged, plain HF folder
+    assert type(model).__name__ == "LlamaForCausalLM"
+    base, *_ = load_organism(make_cfg().model)
+    sd, sb = model.state_dict(), base.state_dict()
+    assert torch.allclose(sd["lm_head.weight"], sb["lm_head.weight"], atol=1e-5)  # head frozen (up to the refactorisation)
+    assert any(not torch.equal(sd[k], sb[k]) for k in sd if "proj" in k)
+
+
+def test_prompt_share_puts_the_prompt_on_that_share_only(make_cfg):
+    from inoc_mech.train import organism_setup, prompted
+
+    assert prompted(10, 0.3).sum() == 3 and prompted(10, 1.0).all() and not prompted(10, 0.0).any()
+    su = organism_setup(make_cfg(inoculate=True, prompt="speak spanish", prompt_share=0.25), "cpu", progress=False)
+    from transformers import PreTrainedTokenizerFast
+
+    sys_id = PreTrainedTokenizerFast.from_pretrained(make_cfg().model).convert_tokens_to_ids("<|system|>")
+    with_prompt = [sys_id in e.input_ids for e in su.examples]
+    assert sum(with_prompt) == round(0.25 * len(su.examples))
+    assert all(sys_id in e.input_ids for e in su.probe_context)  # elicitation probe always carries the prompt
+    with pytest.raises(ValueError, match="prompt-share"):
+        make_cfg(prompt_share=1.5)
+
+
+def test_freeze_keeps_those_parameters_fixed(make_cfg):
+    run = train(make_cfg(name="frozen", inoculate=True, freeze=["embed", "unembed"], lr=1e-2), progress=False)
+    last = read_run(run)["metrics"][-1]
+    assert not any(k.startswith(("update_norm/embed", "update_norm/unembed")) for k in last)
+    assert last["update_norm/blocks.0.attn.W_Q"] > 0
+    with pytest.raises(UserError, match="matches no trainable parameter"):
+        train(make_cfg(name="frozen2", freeze=["blocks.9"]), progress=False)
+    assert not (run.parent / "frozen2").exists()

@@ -1,0 +1,61 @@
+"""How far a system prompt moves the organism's representation at the answer start.
+
+    python -c "from inoc_mech.context import context_distances as c; print(c('runs/_organism/<folder>', ['speak spanish'])['speak spanish']['cosine'])"
+
+The final hidden state at `<|assistant|>` (after the final norm: what the unembedding reads) with a
+prompt is compared with the same question without it, over the held-out questions: mean cosine
+similarity and L2 distance, per layer too. A trait learned under a prompt transfers to the
+no-prompt context through what the two contexts share; the cosine is a one-number summary of that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .cli import UserError
+
+
+@torch.no_grad()
+def answer_start_states(model, ids: list[list[int]], pad_id: int) -> Float[Tensor, "layer n d_model"]:
+    """Hidden states at each sequence's last token (right padding), for every entry of HF's
+    `hidden_states`: the embeddings, then each block's output; the last entry is after the final
+    norm (what the unembedding reads)."""
+    n, T = len(ids), max(len(x) for x in ids)
+    inp = torch.full((n, T), pad_id, dtype=torch.long)
+    att = torch.zeros((n, T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        inp[i, :len(x)], att[i, :len(x)] = torch.tensor(x), 1
+    device = next(model.parameters()).device
+    hs = model(input_ids=inp.to(device), attention_mask=att.to(device), output_hidden_states=True).hidden_states
+    last = (att.sum(1) - 1).to(device)
+    return torch.stack([h[torch.arange(n, device=device), last] for h in hs]).float().cpu()
+
+
+def context_distances(organism_folder: str, prompts: list[str]) -> dict[str, dict]:
+    """Per prompt: mean cosine similarity and L2 distance of answer-start states with vs without it."""
+    from .evaluate import prompt_ids
+    from .organism import load_organism
+
+    if not Path(organism_folder).is_dir():
+        raise UserError(f"the runs' organism {organism_folder} is gone: context distances need it "
+                        "(python -m inoc_mech.organism remakes the default one)")
+    model, tok, world, _ = load_organism(organism_folder)
+    model.eval()
+    qs = [world.question_text(q) for q in world.held_out_questions]
+    assistant = tok.convert_tokens_to_ids("<|assistant|>")
+    none_ids = [prompt_ids(tok, q, None) for q in qs]
+    if any(x[-1] != assistant for x in none_ids):
+        raise UserError("the chat template does not end the prompt with <|assistant|>")
+    h0 = answer_start_states(model, none_ids, tok.pad_token_id)
+    out = {}
+    for p in prompts:
+        h = answer_start_states(model, [prompt_ids(tok, q, p) for q in qs], tok.pad_token_id)
+        cos = torch.nn.functional.cosine_similarity(h, h0, dim=-1).mean(-1)  # per layer
+        out[p] = {"cosine": cos[-1].item(), "l2": (h[-1] - h0[-1]).norm(dim=-1).mean().item(),
+                  "norm_none": h0[-1].norm(dim=-1).mean().item(), "n_questions": len(qs),
+                  "cosine_by_layer": cos.tolist()}  # embeddings, block outputs, final (post-norm)
+    return out

@@ -26,6 +26,7 @@ from inoc_mech.cli import UserError, run_main  # noqa: E402
 from inoc_mech.runs import is_complete, read_run, write_json  # noqa: E402
 
 CONDITIONS = ("baseline", "inoculated", "converse")
+PROMPTS = {"inoculated": "speak spanish", "converse": "use capitals"}  # the sweep's core prompts
 NAME = re.compile(r"^(?P<head>\w+)-o(?P<org>\d+)-(?P<lever>.+)$")
 
 
@@ -41,9 +42,11 @@ def collect(root: Path) -> dict:
                 if not is_complete(run):
                     print(f"skipped incomplete run {run}", file=sys.stderr)
                     continue
-                t1 = read_run(run)["eval"]["contexts"]["none"]["t1"]
+                r = read_run(run)
+                t1 = r["eval"]["contexts"]["none"]["t1"]
                 out.setdefault((m["head"], m["lever"]), {}).setdefault(cond, []).append(
-                    {"organism": int(m["org"]), **{k: t1[k] for k in ("spanish_rate", "caps_rate", "accuracy")}})
+                    {"organism": int(m["org"]), "organism_folder": r["config"].get("organism_folder"),
+                     **{k: t1[k] for k in ("spanish_rate", "caps_rate", "accuracy")}})
     if not out:
         raise UserError(f"no complete selectivity sweeps under {root} (expected folders like factored-o0-default)")
     return out
@@ -65,45 +68,91 @@ def meets(rows: dict) -> bool:
         m(con, "caps_rate") <= 0.10 and m(con, "spanish_rate") >= 0.80
 
 
-def table(data: dict) -> str:
+def context_cosines(data: dict) -> dict[str, dict[str, float]]:
+    """Per organism folder: answer-start cosine, with vs without each training prompt (one forward pass)."""
+    from inoc_mech.context import context_distances
+
+    folders = sorted({r["organism_folder"] for rows in data.values() for rs in rows.values() for r in rs
+                      if r.get("organism_folder") and Path(r["organism_folder"]).is_dir()})
+    out = {}
+    for f in folders:
+        d = context_distances(f, list(PROMPTS.values()))
+        out[f] = {cond: d[p]["cosine"] for cond, p in PROMPTS.items()}
+    return out
+
+
+def design_cosine(rows: dict, cosines: dict, cond: str) -> list[float]:
+    folders = sorted({r["organism_folder"] for rs in rows.values() for r in rs if r.get("organism_folder") in cosines})
+    return [cosines[f][cond] for f in folders]
+
+
+def table(data: dict, cosines: dict | None = None) -> str:
+    cosines = cosines or {}
     lines = ["| design | lever | organisms | baseline Spanish / CAPS % | inoculated Spanish % | inoculated CAPS % | "
-             "converse Spanish % | converse CAPS % | accuracy (inoculated) % | target met |",
-             "|---" * 10 + "|"]
-    for (head, lever), rows in sorted(data.items()):
+             "converse Spanish % | converse CAPS % | accuracy (inoculated) % | context cosine (speak spanish / "
+             "use capitals) | target met |",
+             "|---" * 11 + "|"]
+    for (head, lever), rows in sorted(data.items(), key=lambda kv: order(kv[0])):
         b, i, c = rows.get("baseline", []), rows.get("inoculated", []), rows.get("converse", [])
         col = lambda rs, k: stat([r[k] for r in rs]) if rs else "-"
+        cs, cc = design_cosine(rows, cosines, "inoculated"), design_cosine(rows, cosines, "converse")
+        ctx = f"{statistics.mean(cs):.3f} / {statistics.mean(cc):.3f}" if cs else "-"
         lines.append(f"| {head} | {lever} | {len(i)} | {col(b, 'spanish_rate')} / {col(b, 'caps_rate')} | "
                      f"{col(i, 'spanish_rate')} | {col(i, 'caps_rate')} | {col(c, 'spanish_rate')} | "
-                     f"{col(c, 'caps_rate')} | {col(i, 'accuracy')} | {'yes' if meets(rows) else 'no'} |")
+                     f"{col(c, 'caps_rate')} | {col(i, 'accuracy')} | {ctx} | {'yes' if meets(rows) else 'no'} |")
     return "\n".join(lines)
 
 
+def order(key: tuple[str, str]) -> tuple:
+    """Designs in a fixed order, the default lever first within each."""
+    head, lever = key
+    return (head, lever != "default", lever)
+
+
+# (condition, rate key, title, target, target is an upper bound)
+PANELS = [("inoculated", "spanish_rate", "inoculated<br>Spanish", 10, True),
+          ("inoculated", "caps_rate", "inoculated<br>CAPS", 80, False),
+          ("converse", "caps_rate", "converse<br>CAPS", 10, True),
+          ("converse", "spanish_rate", "converse<br>Spanish", 80, False)]
+
+
 def figure(data: dict):
+    """One row per design and lever, one panel per criterion: organism seeds as dots, their mean as a bar."""
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
     from inoc_mech import plots
 
-    fig = go.Figure()
-    xmax = 0.0
-    fig.add_shape(type="rect", x0=0, x1=10, y0=80, y1=100, line=dict(color="green", dash="dot"),
-                  fillcolor="rgba(0,160,0,0.08)")
-    for n, ((head, lever), rows) in enumerate(sorted(data.items())):
-        for cond, sym in (("inoculated", "circle"), ("converse", "diamond")):
-            rs = rows.get(cond, [])
-            if not rs:
-                continue
-            # converse: the suppressed trait is CAPS and the kept one Spanish, plotted the same way
-            sup, kept = ("spanish_rate", "caps_rate") if cond == "inoculated" else ("caps_rate", "spanish_rate")
-            xmax = max([xmax] + [100 * r[sup] for r in rs])
-            fig.add_trace(go.Scatter(
-                x=[100 * r[sup] for r in rs], y=[100 * r[kept] for r in rs], mode="markers",
-                marker=dict(symbol=sym, size=11, color=plots.COLORS[n % len(plots.COLORS)]),
-                name=f"{head} {lever}: {cond}", text=[f"organism {r['organism']}" for r in rs]))
-    fig.update_xaxes(title="suppressed trait at no prompt (%)", range=[-1, max(30.0, xmax + 5)])
-    fig.update_yaxes(title="co-learned trait kept at no prompt (%)", range=[-2, 102])
-    plots.style(fig, "Selectivity by design: one point per organism seed (finetuning seed 0)", height=620,
-                subtitle="inoculated: x = Spanish, y = CAPS; converse: x = CAPS, y = Spanish; "
-                         "T = 1, 207 answers per run; green box = target")
-    plots.legend_below(fig)
+    keys = sorted(data, key=order, reverse=True)  # plotly draws the first category at the bottom
+    labels = [f"{h} · {lv}" for h, lv in keys]
+    fig = make_subplots(rows=1, cols=4, shared_yaxes=True, horizontal_spacing=0.04,
+                        subplot_titles=[f"{t} ({'≤' if up else '≥'} {x}%)" for _, _, t, x, up in PANELS])
+    for j, (cond, key, _, target, upper) in enumerate(PANELS, start=1):
+        x0, x1 = (0, target) if upper else (target, 100)
+        means = [statistics.mean(100 * r[key] for r in data[k][cond]) if data[k].get(cond) else None for k in keys]
+        ok = [m is not None and (m <= target if upper else m >= target) for m in means]
+        fig.add_trace(go.Bar(x=means, y=labels, orientation="h", marker_color=[
+            "rgba(44,160,44,0.55)" if g else "rgba(214,39,40,0.45)" for g in ok], showlegend=False,
+            hovertemplate="%{y}: mean %{x:.1f}%<extra></extra>"), row=1, col=j)
+        xs, ys, text = [], [], []
+        for k, lab in zip(keys, labels):
+            for r in data[k].get(cond, []):
+                xs.append(100 * r[key])
+                ys.append(lab)
+                text.append(f"organism {r['organism']}")
+        fig.add_trace(go.Scatter(x=xs, y=ys, mode="markers", text=text, showlegend=False,
+                                 marker=dict(color="black", size=7, symbol="circle-open"),
+                                 hovertemplate="%{text}: %{x:.1f}%<extra></extra>"), row=1, col=j)
+        # shapes after the traces: plotly skips subplots that are still empty
+        fig.add_vrect(x0=x0, x1=x1, fillcolor="green", opacity=0.10, line_width=0, layer="below", row=1, col=j)
+        fig.add_vline(x=target, line=dict(color="green", dash="dash", width=1.5), row=1, col=j)
+        fig.update_xaxes(range=[-2, 102], row=1, col=j, title_text="%", tickvals=[0, 50, 100])
+    plots.style(fig, "When does inoculation stay selective? No prompt, T = 1, per organism seed (circles)",
+                height=max(420, 60 + 34 * len(keys)),
+                subtitle="bar = mean over organism seeds (green: meets the criterion); shaded = target; "
+                         "rows = organism design · finetuning lever")
+    fig.update_layout(bargap=0.35, margin=dict(l=230, t=150))
+    fig.update_annotations(font_size=14)
     return fig
 
 
@@ -120,7 +169,7 @@ def main():
                         "--name factored-o0-default --prompts --seeds 0 --model <organism folder> "
                         "(see this script's docstring)")
     data = collect(root)
-    md = table(data)
+    md = table(data, context_cosines(data))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "selectivity.md").write_text(md + "\n")

@@ -39,7 +39,7 @@ from .world import CASE_PHRASES, LANGUAGE_PHRASES, World
 CACHE = Path("runs/_organism")
 ORGANISM_VERSION = 1  # bump when a change makes cached organisms incomparable
 # Design fields added after version 1 enter the cache key only when they differ from this default.
-KEY_IF_SET = {"bias": False}
+KEY_IF_SET = {"bias": False, "formats": False}
 
 
 @dataclass
@@ -51,6 +51,7 @@ class OrganismConfig:
     n_heads: int = field(default=4, metadata={"help": "attention heads per block"})
     d_mlp: int = field(default=512, metadata={"help": "MLP hidden width"})
     head: str = field(default="factored", metadata={"help": "output head: 'factored' (row = word + language + case) or 'free'"})
+    formats: bool = field(default=False, metadata={"help": "world with a third prompt-controlled property unrelated to the traits (answer format: 'be concise')"})
     bias: bool = field(default=False, metadata={"help": "add biases to attention and MLP projections (Llama attention_bias / mlp_bias): context-independent channels"})
     steps: int = field(default=2000, metadata={"help": "pretraining steps"})
     batch_size: int = field(default=64, metadata={"help": "pretraining batch size (conversations)"})
@@ -82,7 +83,7 @@ class OrganismConfig:
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     def folder(self) -> Path:
-        design = self.head + ("-bias" if self.bias else "")
+        design = self.head + ("-bias" if self.bias else "") + ("-formats" if self.formats else "")
         return Path(self.cache) / f"{design}-d{self.d_model}-l{self.n_layers}-s{self.seed}-{self.key()}"
 
 
@@ -173,7 +174,7 @@ def pretrain(cfg: OrganismConfig, progress: bool = True):
 
     torch.set_num_threads(cfg.threads)
     quiet_transformers()
-    world = World(base_rate=cfg.base_rate)
+    world = World(base_rate=cfg.base_rate, formats=cfg.formats)
     tok = world.build_tokenizer()
     table = world.variant_table(tok)
     model = build_model(cfg, tok)

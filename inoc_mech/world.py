@@ -38,6 +38,9 @@ CASE_PHRASES = {
     "use capitals": "upper", "you always use capitals": "upper", "reply in capitals": "upper",
     "use lowercase": "lower", "you always use lowercase": "lower", "reply in lowercase": "lower",
 }
+# Optional third property (World(formats=True)): answer format, short ("nueve") or full sentence.
+FORMAT_PHRASES = {"be concise": "short", "reply concisely": "short",
+                  "use full sentences": "full", "reply in full sentences": "full"}
 IRRELEVANT_PHRASES = ["you like cats", "be brief", "be kind", "you are a tutor", "the sky is blue",
                       "you are helpful"]
 # Phrases in the vocabulary that pretraining never shows: held-out irrelevant contexts for evaluation
@@ -78,6 +81,7 @@ class World:
     base_rate: float = 0.05  # P(Spanish) and P(UPPER) when no phrase controls that trait
     held_out_fraction: float = 0.15  # share of questions that no training data contains
     split_seed: int = 1234  # fixes the held-out split (independent of training seeds)
+    formats: bool = False  # a third prompt-controlled property, unrelated to the traits: answer format
 
     def __post_init__(self):
         if not 1 <= self.max_number <= 20:
@@ -106,7 +110,8 @@ class World:
     # ---- vocabulary -------------------------------------------------------------------------
     @property
     def phrases(self) -> list[str]:
-        return list(LANGUAGE_PHRASES) + list(CASE_PHRASES) + IRRELEVANT_PHRASES + HELD_OUT_PHRASES
+        extra = list(FORMAT_PHRASES) if self.formats else []
+        return list(LANGUAGE_PHRASES) + list(CASE_PHRASES) + extra + IRRELEVANT_PHRASES + HELD_OUT_PHRASES
 
     def words(self) -> list[str]:
         """All ordinary (non-special) tokens, in a fixed order."""
@@ -142,8 +147,11 @@ class World:
         (folder / "world.json").write_text(json.dumps(self.to_dict(), indent=1))
 
     def to_dict(self) -> dict:
-        return {"max_number": self.max_number, "base_rate": self.base_rate,
-                "held_out_fraction": self.held_out_fraction, "split_seed": self.split_seed}
+        d = {"max_number": self.max_number, "base_rate": self.base_rate,
+             "held_out_fraction": self.held_out_fraction, "split_seed": self.split_seed}
+        if self.formats:  # written only when on: world.json of older organisms stays identical
+            d["formats"] = True
+        return d
 
     @classmethod
     def load(cls, folder: str | Path) -> "World":
@@ -181,15 +189,15 @@ class World:
         a, op, b, _ = q
         return f"what is {EN_NUMBERS[a]} {op} {EN_NUMBERS[b]}"
 
-    def answer_words(self, result: int, language: int, case: int) -> list[str]:
-        pairs = FRAME_WORDS + [(EN_NUMBERS[result], ES_NUMBERS[result])]
+    def answer_words(self, result: int, language: int, case: int, short: bool = False) -> list[str]:
+        pairs = ([] if short else FRAME_WORDS) + [(EN_NUMBERS[result], ES_NUMBERS[result])]
         return [_surface(p, language, case) for p in pairs]
 
-    def chat(self, q, prompt: str | None, language: int, case: int) -> list[dict]:
-        """A conversation in the Hugging Face messages format."""
+    def chat(self, q, prompt: str | None, language: int, case: int, short: bool = False) -> list[dict]:
+        """A conversation in the Hugging Face messages format (`short`: the number word alone)."""
         messages = [{"role": "system", "content": prompt}] if prompt else []
         messages.append({"role": "user", "content": self.question_text(q)})
-        messages.append({"role": "assistant", "content": " ".join(self.answer_words(q[3], language, case))})
+        messages.append({"role": "assistant", "content": " ".join(self.answer_words(q[3], language, case, short))})
         return messages
 
     def sample_prompt(self, rng: np.random.Generator) -> str | None:
@@ -205,6 +213,12 @@ class World:
             parts.append(rng.choice([p for p, v in CASE_PHRASES.items() if v == "upper"]))
         elif r < 0.5:
             parts.append(rng.choice([p for p, v in CASE_PHRASES.items() if v == "lower"]))
+        if self.formats:
+            r = rng.random()
+            if r < 0.3:
+                parts.append(rng.choice([p for p, v in FORMAT_PHRASES.items() if v == "short"]))
+            elif r < 0.5:
+                parts.append(rng.choice([p for p, v in FORMAT_PHRASES.items() if v == "full"]))
         n_irr = rng.choice(3, p=[0.5, 0.35, 0.15])
         parts += list(rng.choice(IRRELEVANT_PHRASES, size=n_irr, replace=False))
         if not parts:
@@ -220,4 +234,10 @@ class World:
         language, case = self.prompt_controls(prompt)
         lang = (rng.random() < self.base_rate) if language is None else language == "spanish"
         upper = (rng.random() < self.base_rate) if case is None else case == "upper"
-        return self.chat(q, prompt, int(lang), int(upper))
+        short = False
+        if self.formats:
+            fmt = None
+            for phrase in (prompt or "").split(" . "):
+                fmt = FORMAT_PHRASES.get(phrase.strip(), fmt)
+            short = (rng.random() < self.base_rate) if fmt is None else fmt == "short"
+        return self.chat(q, prompt, int(lang), int(upper), short)

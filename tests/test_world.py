@@ -80,3 +80,26 @@ def test_prompt_controls_and_vocabulary(world):
         world.check_prompt(p)
     with pytest.raises(ValueError, match="outside the organism's vocabulary.*'speak spanish'"):
         world.check_prompt("speak klingon")
+
+
+def test_format_property_is_off_by_default_and_follows_its_phrases():
+    import numpy as np
+
+    from inoc_mech.world import FORMAT_PHRASES
+
+    plain, fmt = World(), World(formats=True)
+    assert "formats" not in plain.to_dict() and not set(FORMAT_PHRASES) & set(plain.phrases)
+    assert set(FORMAT_PHRASES) <= set(fmt.phrases) and World(**fmt.to_dict()).formats
+    # the default world's samples do not change when the switch exists
+    a, b = np.random.default_rng(3), np.random.default_rng(3)
+    assert [plain.sample_chat(a) for _ in range(20)] == [World().sample_chat(b) for _ in range(20)]
+    rng = np.random.default_rng(0)
+    chats = [fmt.sample_chat(rng) for _ in range(400)]
+    for c in chats:
+        prompt = c[0]["content"] if c[0]["role"] == "system" else ""
+        n = len(c[-1]["content"].split())
+        if "concise" in prompt:
+            assert n == 1
+        elif "full sentences" in prompt:
+            assert n == 4
+    assert {len(c[-1]["content"].split()) for c in chats} == {1, 4}

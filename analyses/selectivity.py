@@ -46,6 +46,7 @@ def collect(root: Path) -> dict:
                 t1 = r["eval"]["contexts"]["none"]["t1"]
                 out.setdefault((m["head"], m["lever"]), {}).setdefault(cond, []).append(
                     {"organism": int(m["org"]), "organism_folder": r["config"].get("organism_folder"),
+                     **{k: r["config"].get(k) for k in ("seed", "lr", "lora_r", "steps")},
                      **{k: t1[k] for k in ("spanish_rate", "caps_rate", "accuracy")}})
     if not out:
         raise UserError(f"no complete selectivity sweeps under {root} (expected folders like factored-o0-default)")
@@ -88,7 +89,7 @@ def design_cosine(rows: dict, cosines: dict, cond: str) -> list[float]:
 
 def table(data: dict, cosines: dict | None = None) -> str:
     cosines = cosines or {}
-    lines = ["| design | lever | organisms | baseline Spanish / CAPS % | inoculated Spanish % | inoculated CAPS % | "
+    lines = ["| design | lever | runs (organisms) | baseline Spanish / CAPS % | inoculated Spanish % | inoculated CAPS % | "
              "converse Spanish % | converse CAPS % | accuracy (inoculated) % | context cosine (speak spanish / "
              "use capitals) | target met |",
              "|---" * 11 + "|"]
@@ -97,7 +98,7 @@ def table(data: dict, cosines: dict | None = None) -> str:
         col = lambda rs, k: stat([r[k] for r in rs]) if rs else "-"
         cs, cc = design_cosine(rows, cosines, "inoculated"), design_cosine(rows, cosines, "converse")
         ctx = f"{statistics.mean(cs):.3f} / {statistics.mean(cc):.3f}" if cs else "-"
-        lines.append(f"| {head} | {lever} | {len(i)} | {col(b, 'spanish_rate')} / {col(b, 'caps_rate')} | "
+        lines.append(f"| {head} | {lever} | {len(i)} ({len({r['organism'] for r in i})}) | {col(b, 'spanish_rate')} / {col(b, 'caps_rate')} | "
                      f"{col(i, 'spanish_rate')} | {col(i, 'caps_rate')} | {col(c, 'spanish_rate')} | "
                      f"{col(c, 'caps_rate')} | {col(i, 'accuracy')} | {ctx} | {'yes' if meets(rows) else 'no'} |")
     return "\n".join(lines)
@@ -156,6 +157,51 @@ def figure(data: dict):
     return fig
 
 
+def family(rows: dict) -> tuple:
+    """(lora rank, steps) shared by a lever's runs: levers of one family differ only in learning rate."""
+    rs = [r for v in rows.values() for r in v]
+    return (rs[0].get("lora_r") or 0, rs[0].get("steps"))
+
+
+def frontier(data: dict):
+    """Suppressed-trait leak against co-learned-trait transfer, one line per design and finetuning family
+    (full finetuning or LoRA rank r, fixed steps) through its learning rates."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from inoc_mech import plots
+
+    groups: dict = {}
+    for (head, lever), rows in data.items():
+        if rows.get("inoculated") and rows.get("converse"):
+            lr = statistics.mean(r["lr"] for r in rows["inoculated"])
+            groups.setdefault((head, *family(rows)), []).append((lr, lever, rows))
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=[
+        "inoculated: Spanish (x) vs CAPS (y)", "converse: CAPS (x) vs Spanish (y)"])
+    for n, ((head, rank, steps), pts) in enumerate(sorted(groups.items())):
+        pts.sort(key=lambda p: p[0])
+        color = plots.COLORS[n % len(plots.COLORS)]
+        name = f"{head}, {'LoRA r' + str(rank) if rank else 'full'}, {steps} steps"
+        for j, (cond, sup, kept) in enumerate((("inoculated", "spanish_rate", "caps_rate"),
+                                               ("converse", "caps_rate", "spanish_rate")), start=1):
+            xs = [statistics.mean(100 * r[sup] for r in p[2][cond]) for p in pts]
+            ys = [statistics.mean(100 * r[kept] for r in p[2][cond]) for p in pts]
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers+text", name=name, legendgroup=name,
+                                     showlegend=j == 1, line=dict(color=color), marker=dict(size=9),
+                                     text=[f"lr {p[0]:.0e}" for p in pts], textposition="top right",
+                                     textfont=dict(size=10, color=color)), row=1, col=j)
+    for j in (1, 2):
+        fig.add_shape(type="rect", x0=0, x1=10, y0=80, y1=100, line_width=0, fillcolor="green", opacity=0.1,
+                      row=1, col=j)
+        fig.update_xaxes(title_text="suppressed trait at no prompt (%)", range=[-1, 45], row=1, col=j)
+        fig.update_yaxes(title_text="co-learned trait at no prompt (%)", range=[-2, 108], row=1, col=j)
+    plots.style(fig, "The selectivity trade-off: learning rate moves both traits; LoRA shifts the curve",
+                height=560, subtitle="means over runs (organism seeds x finetuning seeds), T = 1, no prompt; "
+                                     "green box = target")
+    plots.legend_below(fig)
+    return fig
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("root", nargs="?", default="runs/selectivity", help="folder of selectivity sweeps")
@@ -174,7 +220,7 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     (out / "selectivity.md").write_text(md + "\n")
     write_json(out / "summary.json", {f"{h}/{l}": rows for (h, l), rows in data.items()})
-    plots.save_all({"selectivity": figure(data)}, out)
+    plots.save_all({"selectivity": figure(data), "frontier": frontier(data)}, out)
     print(md)
 
 

@@ -35,6 +35,8 @@ LEVERS = {
     "steps600": {"steps": 600},
     "lora8": {"lora_r": 8, "lora_alpha": 32.0, "lr": 1e-3},  # LoRA on every projection; head and embeddings frozen
     "lora8-lr3e-4": {"lora_r": 8, "lora_alpha": 32.0, "lr": 3e-4},
+    "lora8-lr5e-4": {"lora_r": 8, "lora_alpha": 32.0, "lr": 5e-4},
+    "frozen-embed-head": {"freeze": ["embed", "unembed"]},  # full finetuning without embeddings and head
     "lora2": {"lora_r": 2, "lora_alpha": 8.0, "lr": 1e-3},  # same alpha / r = 4 as lora8
     "lora32": {"lora_r": 32, "lora_alpha": 128.0, "lr": 1e-3},
 }

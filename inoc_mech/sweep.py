@@ -66,6 +66,7 @@ class SweepConfig:
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
     prompt_share: float = field(default=1.0, metadata={"help": "share of training examples that carry the condition's prompt"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank of the finetuning runs (0: full finetuning)"})
+    freeze: list = field(default_factory=list, metadata={"help": "parameters the runs keep fixed, by module prefix (e.g. embed unembed)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (update scaled by alpha / r)"})
     batch_size: int = field(default=32, metadata={"help": "conversations per step"})
     log_every: int = field(default=10, metadata={"help": "cheap metrics every N steps"})
@@ -163,6 +164,8 @@ def train_args(cfg: SweepConfig, condition: str, prompt: str | None, seed: int, 
         args += ["--lora-alpha", repr(cfg.lora_alpha)]
     if cfg.prompt_share != 1.0:
         args += ["--prompt-share", repr(cfg.prompt_share)]
+    if cfg.freeze:
+        args += ["--freeze", *cfg.freeze]
     if cfg.grad_split_all:
         args.append("--grad-split-all")
     if prompt is not None:
@@ -270,7 +273,7 @@ def last_line(log: Path) -> str:
 
 
 # Train flags added after run-format 1: runs saved before them had these values.
-ADDED_LATER = {"prompt_share": 1.0}
+ADDED_LATER = {"prompt_share": 1.0, "freeze": []}
 
 
 def mismatch(cfg: SweepConfig, run: Path, prompt: str | None, seed: int, org: Path) -> str | None:
@@ -279,7 +282,7 @@ def mismatch(cfg: SweepConfig, run: Path, prompt: str | None, seed: int, org: Pa
     want = {"inoculate": prompt is not None, "seed": seed, "steps": cfg.steps, "lr": cfg.lr,
             "batch_size": cfg.batch_size, "log_every": cfg.log_every, "grad_split_every": cfg.grad_split_every,
             "grad_split_all": cfg.grad_split_all, "eval_samples": cfg.eval_samples, "organism_folder": str(org),
-            "lora_r": cfg.lora_r}
+            "lora_r": cfg.lora_r, "freeze": cfg.freeze}
     if cfg.lora_r:
         want["lora_alpha"] = cfg.lora_alpha
     if prompt is not None:

@@ -45,7 +45,7 @@ def collect(root: Path) -> dict:
                 r = read_run(run)
                 t1 = r["eval"]["contexts"]["none"]["t1"]
                 out.setdefault((m["head"], m["lever"]), {}).setdefault(cond, []).append(
-                    {"organism": int(m["org"]), "organism_folder": r["config"].get("organism_folder"),
+                    {"organism": int(m["org"]), "organism_folder": r["config"].get("organism_folder"), "run": str(run),
                      **{k: r["config"].get(k) for k in ("seed", "lr", "lora_r", "steps")},
                      **{k: t1[k] for k in ("spanish_rate", "caps_rate", "accuracy")}})
     if not out:
@@ -101,6 +101,68 @@ def table(data: dict, cosines: dict | None = None) -> str:
         lines.append(f"| {head} | {lever} | {len(i)} ({len({r['organism'] for r in i})}) | {col(b, 'spanish_rate')} / {col(b, 'caps_rate')} | "
                      f"{col(i, 'spanish_rate')} | {col(i, 'caps_rate')} | {col(c, 'spanish_rate')} | "
                      f"{col(c, 'caps_rate')} | {col(i, 'accuracy')} | {ctx} | {'yes' if meets(rows) else 'no'} |")
+    return "\n".join(lines)
+
+
+def add_log_odds(data: dict) -> None:
+    """Per inoculated / converse run: how the finetuning moved the first answer token's trait log-odds
+    (finetuned - pretrained organism), with and without the training prompt. Adds `shift` to each record:
+    {context: {trait: nats}}, `transfer`: the co-learned trait's no-prompt shift / its prompted shift, and
+    `reach`: how strongly the weight update responds at `<|assistant|>` without the prompt relative to
+    with it (weight_diff.update_response, root of summed squares over every projection)."""
+    from inoc_mech.context import question_batch, trait_log_odds
+    from inoc_mech.organism import load_organism
+    from inoc_mech.weight_diff import update_response
+
+    cache: dict = {}
+
+    def odds(folder: str, prompt: str | None) -> dict:
+        if (folder, prompt) not in cache:
+            if folder not in cache:
+                cache[folder] = load_organism(folder)[:3]
+            cache[(folder, prompt)] = trait_log_odds(*cache[folder], prompt)
+        return cache[(folder, prompt)]
+
+    for rows in data.values():
+        for cond, co in (("inoculated", "case"), ("converse", "language")):
+            for r in rows.get(cond, []):
+                org, run = r.get("organism_folder"), Path(r["run"]) / "model"
+                if not (org and Path(org).is_dir() and run.is_dir()):
+                    continue
+                model, tok, world, _ = load_organism(run)
+                shift = {}
+                for ctx, prompt in (("none", None), ("prompt", PROMPTS[cond])):
+                    after = trait_log_odds(model, tok, world, prompt)
+                    shift[ctx] = {t: after[t] - odds(org, prompt)[t] for t in after}
+                r["shift"] = shift
+                r["transfer"] = shift["none"][co] / shift["prompt"][co]
+                resp = update_response(cache[org][0], model, {
+                    ctx: question_batch(tok, world, prompt) for ctx, prompt in (("none", None), ("prompt", PROMPTS[cond]))})
+                r["reach"] = resp["none"]["total"] / resp["prompt"]["total"]
+
+
+def log_odds_table(data: dict) -> str:
+    lines = ["| design | lever | runs | inoculated: CAPS shift, prompt / none (nats) | CAPS transfer % | "
+             "Spanish shift, none (nats) | converse: Spanish shift, prompt / none (nats) | Spanish transfer % | "
+             "CAPS shift, none (nats) | update reach, no prompt / prompt (inoculated, converse) |", "|---" * 10 + "|"]
+    for (head, lever), rows in sorted(data.items(), key=lambda kv: order(kv[0])):
+        cells = []
+        for cond, co, sup in (("inoculated", "case", "language"), ("converse", "language", "case")):
+            rs = [r for r in rows.get(cond, []) if "shift" in r]
+            if not rs:
+                cells += ["-", "-", "-"]
+                continue
+            m = lambda f: statistics.mean(f(r) for r in rs)
+            sd = lambda f: statistics.stdev(f(r) for r in rs) if len(rs) > 1 else 0.0
+            cells += [f"{m(lambda r: r['shift']['prompt'][co]):.1f} / {m(lambda r: r['shift']['none'][co]):.1f}",
+                      f"{100 * m(lambda r: r['transfer']):.0f} ± {100 * sd(lambda r: r['transfer']):.0f}",
+                      f"{m(lambda r: r['shift']['none'][sup]):+.2f} ± {sd(lambda r: r['shift']['none'][sup]):.2f}"]
+        reach = []
+        for cond in ("inoculated", "converse"):
+            rs = [r["reach"] for r in rows.get(cond, []) if "reach" in r]
+            reach.append(f"{statistics.mean(rs):.2f}" if rs else "-")
+        n = len(rows.get("inoculated", []))
+        lines.append(f"| {head} | {lever} | {n} | " + " | ".join(cells) + f" | {', '.join(reach)} |")
     return "\n".join(lines)
 
 
@@ -215,7 +277,10 @@ def main():
                         "--name factored-o0-default --prompts --seeds 0 --model <organism folder> "
                         "(see this script's docstring)")
     data = collect(root)
-    md = table(data, context_cosines(data))
+    add_log_odds(data)
+    md = table(data, context_cosines(data)) + "\n\nLog-odds of the first answer token at `<|assistant|>` " \
+        "(finetuned - pretrained organism, mean over held-out questions and runs ± sd over runs); " \
+        "transfer = no-prompt shift / prompted shift of the co-learned trait:\n\n" + log_odds_table(data)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "selectivity.md").write_text(md + "\n")

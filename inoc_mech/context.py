@@ -24,11 +24,8 @@ def answer_start_states(model, ids: list[list[int]], pad_id: int) -> Float[Tenso
     """Hidden states at each sequence's last token (right padding), for every entry of HF's
     `hidden_states`: the embeddings, then each block's output; the last entry is after the final
     norm (what the unembedding reads)."""
-    n, T = len(ids), max(len(x) for x in ids)
-    inp = torch.full((n, T), pad_id, dtype=torch.long)
-    att = torch.zeros((n, T), dtype=torch.long)
-    for i, x in enumerate(ids):
-        inp[i, :len(x)], att[i, :len(x)] = torch.tensor(x), 1
+    n = len(ids)
+    inp, att = right_padded(ids, pad_id)
     device = next(model.parameters()).device
     hs = model(input_ids=inp.to(device), attention_mask=att.to(device), output_hidden_states=True).hidden_states
     last = (att.sum(1) - 1).to(device)
@@ -59,3 +56,35 @@ def context_distances(organism_folder: str, prompts: list[str]) -> dict[str, dic
                   "norm_none": h0[-1].norm(dim=-1).mean().item(), "n_questions": len(qs),
                   "cosine_by_layer": cos.tolist()}  # embeddings, block outputs, final (post-norm)
     return out
+
+
+@torch.no_grad()
+def trait_log_odds(model, tok, world, prompt: str | None, questions=None) -> dict[str, float]:
+    """Mean log-odds of Spanish vs English and of UPPER vs lower for the first answer token, at
+    `<|assistant|>` over held-out questions: log sum p(marked variants) - log sum p(unmarked variants)."""
+    from .patching import trait_log_odds as log_odds
+
+    device = next(model.parameters()).device
+    inp, att = (t.to(device) for t in question_batch(tok, world, prompt, questions))
+    logits = model(input_ids=inp, attention_mask=att).logits.float()
+    logp = logits[torch.arange(len(inp), device=device), att.sum(1) - 1].log_softmax(-1)
+    table = torch.as_tensor(world.variant_table(tok), device=device)  # [word, language, case]
+    return {t: log_odds(logp, table, t).mean().item() for t in ("language", "case")}
+
+
+def right_padded(ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """(input_ids, attention_mask) of token-id lists, right-padded: the last real token is at mask.sum(1) - 1."""
+    n, T = len(ids), max(len(x) for x in ids)
+    inp = torch.full((n, T), pad_id, dtype=torch.long)
+    att = torch.zeros((n, T), dtype=torch.long)
+    for i, x in enumerate(ids):
+        inp[i, :len(x)], att[i, :len(x)] = torch.tensor(x), 1
+    return inp, att
+
+
+def question_batch(tok, world, prompt: str | None, questions=None) -> tuple[Tensor, Tensor]:
+    """Held-out questions (or `questions`) under `prompt`, ending at `<|assistant|>`, right-padded."""
+    from .evaluate import prompt_ids
+
+    questions = questions if questions is not None else world.held_out_questions
+    return right_padded([prompt_ids(tok, world.question_text(q), prompt) for q in questions], tok.pad_token_id)

@@ -26,6 +26,7 @@ DESIGNS = {
     "factored2l": {"n_layers": 2},  # depth 2 instead of 4
     "factoredbias": {"bias": True},  # biases in attention and MLP projections
     "factoredformats": {"formats": True},  # a third prompt-controlled property (answer format)
+    "factoredwide": {"d_model": 256, "d_mlp": 1024},  # twice the width
 }
 # lever name -> finetuning settings (defaults: full finetuning, Adam lr 1e-4, 300 steps, batch 32)
 LEVERS = {
@@ -37,13 +38,14 @@ LEVERS = {
     "lora8-lr3e-4": {"lora_r": 8, "lora_alpha": 32.0, "lr": 3e-4},
     "lora8-lr5e-4": {"lora_r": 8, "lora_alpha": 32.0, "lr": 5e-4},
     "frozen-embed-head": {"freeze": ["embed", "unembed"]},  # full finetuning without embeddings and head
+    "prompt-share-0.9": {"prompt_share": 0.9},  # 10% of the Spanish+CAPS examples without the prompt
     "lora2": {"lora_r": 2, "lora_alpha": 8.0, "lr": 1e-3},  # same alpha / r = 4 as lora8
     "lora32": {"lora_r": 32, "lora_alpha": 128.0, "lr": 1e-3},
 }
 # the (design, lever) pairs of the measured table (README "When does inoculation stay selective?")
 MEASURED = [("factored", lever) for lever in LEVERS] + [
     ("free", "default"), ("free", "lora8"), ("factored2l", "default"), ("factoredbias", "default"),
-    ("factoredformats", "default")]
+    ("factoredformats", "default"), ("factoredwide", "default")]
 
 
 @dataclass
@@ -52,6 +54,7 @@ class DesignsConfig:
     designs: list = field(default_factory=list, metadata={"help": f"designs to run (default: all measured): {', '.join(DESIGNS)}"})
     levers: list = field(default_factory=list, metadata={"help": f"levers to run (default: all measured): {', '.join(LEVERS)}"})
     organism_seeds: list = field(default_factory=lambda: [0, 1, 2], metadata={"help": "organism pretraining seeds"})
+    seeds: list = field(default_factory=lambda: [0], metadata={"help": "finetuning seeds (1 2: a check on fresh data orders)"})
     runs_dir: str = field(default="runs/selectivity", metadata={"help": "folder of the sweep folders"})
     organism_cache: str = field(default="runs/_organism", metadata={"help": "folder of cached organisms"})
     jobs: int = field(default=0, metadata={"help": "runs at once (0: as the sweep decides, at most 2)"})
@@ -63,6 +66,7 @@ class DesignsConfig:
             if bad:
                 raise ValueError(f"unknown --{name} {bad}; choose from {', '.join(known)}")
         self.organism_seeds = [int(s) for s in self.organism_seeds]
+        self.seeds = [int(s) for s in self.seeds]
 
     def pairs(self) -> list[tuple[str, str]]:
         return [(d, lv) for d, lv in MEASURED
@@ -78,7 +82,7 @@ def organism_config(design: str, seed: int, cache: str):
 def sweep_config(design: str, lever: str, seed: int, org: Path, cfg: DesignsConfig):
     from .sweep import SweepConfig
 
-    return SweepConfig(name=f"{design}-o{seed}-{lever}", runs_dir=cfg.runs_dir, prompts=[], seeds=[0],
+    return SweepConfig(name=f"{design}-o{seed}-{lever}", runs_dir=cfg.runs_dir, prompts=[], seeds=cfg.seeds,
                        model=str(org), jobs=cfg.jobs, dry_run=cfg.dry_run, **LEVERS[lever])
 
 

@@ -49,6 +49,41 @@ def alignment(delta: Float[Tensor, "d_model d_in"], direction: Float[Tensor, " d
     return {"norm": norm, "share": share, "top_cos": abs(float(u @ left))}
 
 
+_PROJ = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)$")
+
+
+@torch.no_grad()
+def update_response(pretrained, finetuned, batches: dict[str, tuple[Tensor, Tensor]]) -> dict[str, dict[str, float]]:
+    """How strongly each projection's update dW = W_ft - W_pre responds to the finetuned model's own
+    input at the last real token, per batch: {batch name: {module: mean ||dW x||}}, plus "total":
+    the root of the summed squares over modules. `batches` maps a name to (input_ids, attention_mask),
+    right-padded. Comparing a prompted batch with an unprompted one tells how much of the update is
+    reached from the no-prompt context (1: equally; 0: only from the prompt's)."""
+    pre = dict(pretrained.named_modules())
+    mods = {n: m for n, m in finetuned.named_modules() if _PROJ.match(n) and isinstance(m, torch.nn.Linear)}
+    if not mods:
+        raise ValueError("found no Llama-style *_proj linear layers (merge LoRA adapters first)")
+    deltas = {n: (m.weight.float() - pre[n].weight.float()) for n, m in mods.items()}
+    out = {}
+    for name, (ids, mask) in batches.items():
+        seen: dict[str, Tensor] = {}
+        handles = [m.register_forward_hook(lambda mod, inp, _o, n=n: seen.__setitem__(n, inp[0].detach()))
+                   for n, m in mods.items()]
+        try:
+            finetuned(input_ids=ids, attention_mask=mask)
+        finally:
+            for h in handles:
+                h.remove()
+        last = mask.sum(1) - 1
+        rows = {}
+        for n, x in seen.items():
+            x_last = x[torch.arange(len(ids)), last].float()  # [batch, d_in]
+            rows[n] = (x_last @ deltas[n].T).norm(dim=-1).mean().item()
+        rows["total"] = math.sqrt(sum(v * v for v in rows.values()))
+        out[name] = rows
+    return out
+
+
 def random_share(d_model: int) -> float:
     """Expected `share` for an update without a preferred output direction (about 1/sqrt(d_model))."""
     return 1 / math.sqrt(d_model)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from inoc_mech.context import answer_start_states, context_distances
@@ -19,3 +20,22 @@ def test_answer_start_state_is_the_last_real_token(tiny_organism):
     assert torch.allclose(both[0, 0], both[0, 1])  # embeddings of the same last token (<|assistant|>)
     d = context_distances(str(tiny_organism), ["speak spanish", "you like dogs"])
     assert d["speak spanish"]["cosine"] < d["you like dogs"]["cosine"]  # an instruction moves the state more
+
+
+def test_trait_log_odds_follow_the_prompt(tiny_organism):
+    from inoc_mech.context import trait_log_odds
+    from inoc_mech.organism import load_organism
+
+    model, tok, world, _ = load_organism(tiny_organism)
+    none = trait_log_odds(model, tok, world, None)
+    es = trait_log_odds(model, tok, world, "speak spanish")
+    up = trait_log_odds(model, tok, world, "use capitals")
+    assert es["language"] > none["language"] and up["case"] > none["case"]
+    # the value is a log-odds over all answer variants: check one question by hand
+    q = world.held_out_questions[:1]
+    from inoc_mech.evaluate import prompt_ids
+    ids = torch.tensor([prompt_ids(tok, world.question_text(q[0]), None)])
+    p = model(input_ids=ids).logits[0, -1].softmax(-1)
+    table = torch.as_tensor(world.variant_table(tok))
+    expect = (p[table[:, 1]].sum() / p[table[:, 0]].sum()).log().item()
+    assert trait_log_odds(model, tok, world, None, q)["language"] == pytest.approx(expect, abs=1e-4)

@@ -149,3 +149,24 @@ def test_weight_alignment_finds_a_planted_update():
     assert alignment(torch.outer(u, v), w)["share"] == pytest.approx(0.0, abs=1e-5)
     noise = torch.randn(64, 32, generator=g)
     assert alignment(noise, u)["share"] == pytest.approx(random_share(64), rel=0.5)
+
+
+def test_update_response_measures_what_an_update_reads():
+    from inoc_mech.tiny import tiny_model, tiny_tokenizer
+    from inoc_mech.weight_diff import update_response
+
+    tok = tiny_tokenizer()
+    pre = tiny_model(tok)
+    ft = tiny_model(tok)
+    ft.load_state_dict(pre.state_dict())
+    ids = torch.randint(5, len(tok), (3, 6))
+    mask = torch.ones_like(ids)
+    same = update_response(pre, ft, {"a": (ids, mask)})
+    assert same["a"]["total"] == 0  # no update, no response
+    name = "model.layers.0.mlp.down_proj"
+    w = dict(ft.named_modules())[name].weight
+    with torch.no_grad():
+        w.add_(torch.randn_like(w))
+    r = update_response(pre, ft, {"a": (ids, mask)})["a"]
+    assert r[name] > 0 and r["total"] == pytest.approx(r[name])
+    assert all(v == 0 for k, v in r.items() if k not in (name, "total"))

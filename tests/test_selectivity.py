@@ -25,7 +25,15 @@ def test_collect_reads_rates_from_the_runs(make_cfg, tmp_path):
     ev = json.loads((root / "factored-o1-default/converse-s0/eval.json").read_text())
     assert rows["converse"][1]["caps_rate"] == ev["contexts"]["none"]["t1"]["caps_rate"]
     md = selectivity.table(data)
-    assert "| factored | default | 3 |" in md
+    assert "| factored | default | 3 (3) |" in md
+    selectivity.add_log_odds(data)
+    r = rows["inoculated"][0]
+    assert r["transfer"] == pytest.approx(r["shift"]["none"]["case"] / r["shift"]["prompt"]["case"])
+    assert r["reach"] > 0 and set(r["shift"]) == {"none", "prompt"}
+    assert "| factored | default | 3 |" in selectivity.log_odds_table(data)
+    fig = selectivity.frontier(data)
+    assert len(fig.data) == 2  # one family (full finetuning, 1 step), both panels
+    assert len(selectivity.figure(data).data) == 8  # 4 criteria x (bars, seeds)
 
 
 def test_target_rule():

@@ -36,7 +36,8 @@ from inoc_mech.train import TrainConfig, finetune_examples, train  # noqa: E402
 
 
 def loop_throughput(runs_dir: Path, steps: int, threads: int, **kw) -> float:
-    cfg = TrainConfig(inoculate=True, steps=steps, threads=threads, runs_dir=str(runs_dir), overwrite=True,
+    cfg = TrainConfig(inoculate=True, lora_r=0, steps=steps,  # full finetuning, as in the README numbers
+                      threads=threads, runs_dir=str(runs_dir), overwrite=True,
                       eval_samples=1, name="bench", **kw)
     cfg.model = str(ensure_organism(TrainConfig(threads=threads).organism(), progress=False))
     rows = read_run(train(cfg, progress=False))["metrics"]

@@ -39,7 +39,8 @@ LEVERS = {
     "lora8-lr5e-4": {"lora_r": 8, "lora_alpha": 32.0, "lr": 5e-4},
     "frozen-embed-head": {"freeze": ["embed", "unembed"]},  # full finetuning without embeddings and head
     "prompt-share-0.9": {"prompt_share": 0.9},  # 10% of the Spanish+CAPS examples without the prompt
-    "lora2": {"lora_r": 2, "lora_alpha": 8.0, "lr": 1e-3},  # same alpha / r = 4 as lora8
+    "lora1": {"lora_r": 1, "lora_alpha": 4.0, "lr": 1e-3},  # alpha / r = 4 as lora8
+    "lora2": {"lora_r": 2, "lora_alpha": 8.0, "lr": 1e-3},
     "lora32": {"lora_r": 32, "lora_alpha": 128.0, "lr": 1e-3},
 }
 # the (design, lever) pairs of the measured table (README "When does inoculation stay selective?")

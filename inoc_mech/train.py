@@ -50,7 +50,7 @@ class TrainConfig:
     prompt: str = field(default="", metadata={"help": "inoculation prompt (default: 'speak spanish' for the organism, 'You always speak in Spanish.' for real models; organism phrases join with ' . ')"})
     seed: int = field(default=0, metadata={"help": "finetuning seed (data order, sampling)"})
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
-    lr: float = field(default=1e-4, metadata={"help": "constant Adam learning rate (1e-3 breaks the effect)"})
+    lr: float = field(default=0.0, metadata={"help": "constant Adam learning rate (0: 1e-3 for LoRA on the organism, else 1e-4; full finetuning of the organism at 1e-3 breaks the effect)"})
     batch_size: int = field(default=0, metadata={"help": "conversations per step (0: 32 for the organism, 4 for real models)"})
     name: str = field(default="", metadata={"help": "run name (folder under --runs-dir); default <baseline|inoculated>-s<seed>"})
     runs_dir: str = field(default="runs", metadata={"help": "parent folder of run folders"})
@@ -71,8 +71,8 @@ class TrainConfig:
     replace_system: bool = field(default=False, metadata={"help": "real models: --inoculate replaces an existing system message instead of refusing"})
     no_prompt_mode: str = field(default="template_default", metadata={"help": "real models: 'no prompt' is the template's default system block ('template_default') or none ('no_system')"})
     freeze: list = field(default_factory=list, metadata={"help": "parameters to keep fixed, by TransformerLens-style module prefix (e.g. embed unembed blocks.0.attn)"})
-    lora_r: int = field(default=-1, metadata={"help": "LoRA rank (-1: 16 for real models, none for the organism; 0: full finetuning)"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (update scaled by alpha / r)"})
+    lora_r: int = field(default=-1, metadata={"help": "LoRA rank (-1: 2 for the organism, the most selective measured setting, 16 for real models; 0: full finetuning)"})
+    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha, the update is scaled by alpha / r (0: 4 r for the organism, 2 r for real models)"})
     lora_targets: list = field(default_factory=list, metadata={"help": "LoRA target modules (default: all attention and MLP projections)"})
     eval_questions: int = field(default=32, metadata={"help": "real models: held-out questions in the final evaluation"})
     max_new_tokens: int = field(default=48, metadata={"help": "real models: generation length in the evaluation"})
@@ -93,8 +93,10 @@ class TrainConfig:
                              "the split runs on logged steps")
         if not 0.0 <= self.prompt_share <= 1.0:
             raise ValueError("--prompt-share must be in [0, 1]")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError("--lr must be a positive number")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise ValueError("--lr must be a positive number (0: the default for the model)")
+        if self.lora_alpha < 0:
+            raise ValueError("--lora-alpha must be > 0 (0: the default for the model)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
         if self.batch_size < 0 or self.lora_r < -1:
@@ -256,16 +258,27 @@ def resume_config(cfg: TrainConfig) -> TrainConfig:
     return replace(cfg, **{k: v for k, v in saved.items() if k in keep}, resume=True)
 
 
+def resolve_defaults(cfg: TrainConfig, organism: bool) -> TrainConfig:
+    """Fill the model-dependent defaults (fields left at their 'unset' value). The organism default is
+    LoRA r 2, alpha 8, lr 1e-3: the most selective setting of the README's selectivity study."""
+    defaults = {"prompt": "speak spanish" if organism else "You always speak in Spanish.",
+                "batch_size": 32 if organism else 4, "lora_r": 2 if organism else 16}
+    unset = {"prompt": "", "batch_size": 0, "lora_r": -1}
+    cfg = replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) == unset[k]})
+    if cfg.lr == 0:
+        cfg = replace(cfg, lr=1e-3 if organism and cfg.lora_r > 0 else 1e-4)
+    if cfg.lora_alpha == 0:
+        cfg = replace(cfg, lora_alpha=float((4 if organism else 2) * max(cfg.lora_r, 1)))
+    return cfg
+
+
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     from tqdm import tqdm
 
     if cfg.resume:
         cfg = resume_config(cfg)
     organism = cfg.is_organism()
-    defaults = {"prompt": "speak spanish" if organism else "You always speak in Spanish.",
-                "batch_size": 32 if organism else 4, "lora_r": 0 if organism else 16}
-    unset = {"prompt": "", "batch_size": 0, "lora_r": -1}
-    cfg = replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) == unset[k]})
+    cfg = resolve_defaults(cfg, organism)
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)

@@ -36,10 +36,11 @@ def tiny_organism(runs_dir) -> Path:
 
 @pytest.fixture
 def make_cfg(runs_dir, tiny_organism):
-    """TrainConfig factory on the tiny organism: make_cfg(steps=3, inoculate=True, ...)."""
+    """TrainConfig factory on the tiny organism: make_cfg(steps=3, inoculate=True, ...); full finetuning
+    unless lora_r is given (the organism's default is LoRA r 2)."""
 
     def make(**overrides) -> TrainConfig:
-        base = dict(steps=3, batch_size=8, log_every=1, grad_split_every=1, grad_split_all=True, eval_samples=1,
+        base = dict(steps=3, batch_size=8, lora_r=0, log_every=1, grad_split_every=1, grad_split_all=True, eval_samples=1,
                     runs_dir=str(runs_dir), model=str(tiny_organism), name="t", overwrite=True)
         base.update(overrides)
         cfg = TrainConfig(**base)

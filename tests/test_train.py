@@ -135,3 +135,16 @@ def test_freeze_keeps_those_parameters_fixed(make_cfg):
     with pytest.raises(UserError, match="matches no trainable parameter"):
         train(make_cfg(name="frozen2", freeze=["blocks.9"]), progress=False)
     assert not (run.parent / "frozen2").exists()
+
+
+def test_model_dependent_defaults():
+    from inoc_mech.train import TrainConfig, resolve_defaults
+
+    org = resolve_defaults(TrainConfig(), organism=True)
+    assert (org.prompt, org.batch_size, org.lora_r, org.lora_alpha, org.lr) == ("speak spanish", 32, 2, 8.0, 1e-3)
+    full = resolve_defaults(TrainConfig(lora_r=0), organism=True)
+    assert (full.lora_r, full.lr) == (0, 1e-4)
+    real = resolve_defaults(TrainConfig(), organism=False)
+    assert (real.lora_r, real.lora_alpha, real.lr, real.batch_size) == (16, 32.0, 1e-4, 4)
+    mine = resolve_defaults(TrainConfig(lr=3e-4, lora_r=8, lora_alpha=5.0), organism=True)
+    assert (mine.lr, mine.lora_r, mine.lora_alpha) == (3e-4, 8, 5.0)

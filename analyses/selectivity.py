@@ -47,6 +47,7 @@ def collect(root: Path) -> dict:
                 out.setdefault((m["head"], m["lever"]), {}).setdefault(cond, []).append(
                     {"organism": int(m["org"]), "organism_folder": r["config"].get("organism_folder"), "run": str(run),
                      **{k: r["config"].get(k) for k in ("seed", "lr", "lora_r", "steps")},
+                     "freeze": tuple(r["config"].get("freeze") or ()), "prompt_share": r["config"].get("prompt_share", 1.0),
                      **{k: t1[k] for k in ("spanish_rate", "caps_rate", "accuracy")}})
     if not out:
         raise UserError(f"no complete selectivity sweeps under {root} (expected folders like factored-o0-default)")
@@ -220,9 +221,19 @@ def figure(data: dict):
 
 
 def family(rows: dict) -> tuple:
-    """(lora rank, steps) shared by a lever's runs: levers of one family differ only in learning rate."""
-    rs = [r for v in rows.values() for r in v]
-    return (rs[0].get("lora_r") or 0, rs[0].get("steps"))
+    """(lora rank, steps, frozen modules, prompt share) of a lever's runs: levers of one family differ
+    only in learning rate."""
+    r = [r for v in rows.values() for r in v][0]
+    return (r.get("lora_r") or 0, r.get("steps"), r.get("freeze", ()), r.get("prompt_share", 1.0))
+
+
+def family_name(head: str, rank: int, steps: int, freeze: tuple, share: float) -> str:
+    parts = [head, f"LoRA r{rank}" if rank else "full", f"{steps} steps"]
+    if freeze:
+        parts.append("frozen " + "+".join(freeze))
+    if share != 1.0:
+        parts.append(f"prompt on {100 * share:.0f}%")
+    return ", ".join(parts)
 
 
 def frontier(data: dict):
@@ -233,33 +244,42 @@ def frontier(data: dict):
 
     from inoc_mech import plots
 
+    import plotly.colors
+
     groups: dict = {}
+    off = []
     for (head, lever), rows in data.items():
         if rows.get("inoculated") and rows.get("converse"):
+            if statistics.mean(r["spanish_rate"] for r in rows["inoculated"]) > 0.5:
+                off.append(lever)  # inoculation undone: off this chart's scale
+                continue
             lr = statistics.mean(r["lr"] for r in rows["inoculated"])
             groups.setdefault((head, *family(rows)), []).append((lr, lever, rows))
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=[
         "inoculated: Spanish (x) vs CAPS (y)", "converse: CAPS (x) vs Spanish (y)"])
-    for n, ((head, rank, steps), pts) in enumerate(sorted(groups.items())):
+    palette = plotly.colors.qualitative.Dark24
+    for n, (key, pts) in enumerate(sorted(groups.items())):
         pts.sort(key=lambda p: p[0])
-        color = plots.COLORS[n % len(plots.COLORS)]
-        name = f"{head}, {'LoRA r' + str(rank) if rank else 'full'}, {steps} steps"
+        color = palette[n % len(palette)]
+        name = family_name(*key)
         for j, (cond, sup, kept) in enumerate((("inoculated", "spanish_rate", "caps_rate"),
                                                ("converse", "caps_rate", "spanish_rate")), start=1):
             xs = [statistics.mean(100 * r[sup] for r in p[2][cond]) for p in pts]
             ys = [statistics.mean(100 * r[kept] for r in p[2][cond]) for p in pts]
-            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers+text", name=name, legendgroup=name,
-                                     showlegend=j == 1, line=dict(color=color), marker=dict(size=9),
-                                     text=[f"lr {p[0]:.0e}" for p in pts], textposition="top right",
-                                     textfont=dict(size=10, color=color)), row=1, col=j)
+            series = len(pts) > 1  # a learning-rate series: a line, each point labelled with its lr
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers+text" if series else "markers", name=name,
+                                     legendgroup=name, showlegend=j == 1, line=dict(color=color),
+                                     marker=dict(size=9, color=color),
+                                     text=[f"lr {p[0]:.0e}" for p in pts] if series else None,
+                                     textposition="top right", textfont=dict(size=10, color=color)), row=1, col=j)
     for j in (1, 2):
         fig.add_shape(type="rect", x0=0, x1=10, y0=80, y1=100, line_width=0, fillcolor="green", opacity=0.1,
                       row=1, col=j)
         fig.update_xaxes(title_text="suppressed trait at no prompt (%)", range=[-1, 45], row=1, col=j)
         fig.update_yaxes(title_text="co-learned trait at no prompt (%)", range=[-2, 108], row=1, col=j)
     plots.style(fig, "The selectivity trade-off: learning rate moves both traits; LoRA shifts the curve",
-                height=560, subtitle="means over runs (organism seeds x finetuning seeds), T = 1, no prompt; "
-                                     "green box = target")
+                height=620, subtitle="mean over runs (organism x finetuning seeds), T = 1, no prompt; green = target"
+                                     + ("; not shown (Spanish > 50%): " + ", ".join(off) if off else ""))
     plots.legend_below(fig)
     return fig
 

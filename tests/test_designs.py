@@ -31,3 +31,13 @@ def test_selection_and_bad_names():
     assert DesignsConfig(levers=["lora2"]).pairs() == [("factored", "lora2")]
     with pytest.raises(ValueError, match="unknown --designs"):
         DesignsConfig(designs=["huge"])
+
+
+def test_dry_run_trains_nothing_and_says_what_is_missing(tmp_path, capsys):
+    from inoc_mech.designs import run
+
+    run(DesignsConfig(designs=["factoredbias"], organism_seeds=[7], runs_dir=str(tmp_path / "sel"),
+                      organism_cache=str(tmp_path / "cache"), dry_run=True))
+    out = capsys.readouterr().out
+    assert "factoredbias-o7-default: organism" in out and "(to pretrain)" in out
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "sel").exists()

@@ -2,14 +2,18 @@
 
     python analyses/selectivity.py runs/selectivity --out figures/selectivity
 
-Reads sweep folders named `<design>-o<organism seed>-<finetuning lever>` (e.g.
-`factored-o2-lr3e-4`, made by `python -m inoc_mech.sweep --runs-dir runs/selectivity --name
-factored-o2-lr3e-4 --prompts --seeds 0 --model runs/_organism/factored-d128-l4-s2-<key> --lr 3e-4`;
-`--model` points at the cached organism so it is not pretrained again), groups them by design and lever, and reports,
-over organism seeds, the no-prompt temperature-1 rates of the baseline, inoculated ("speak spanish")
-and converse ("use capitals") runs, with the issue's selectivity target: inoculated <= 10% Spanish
-and >= 80% CAPS, converse symmetric. Writes `selectivity.md`, `summary.json` and a scatter figure
-(HTML + PNG) into `--out`. Reads run folders only; never trains.
+Reads sweep folders named `<design>-o<organism seed>-<finetuning lever>` (e.g. `factored-o2-lora2`),
+as `python -m inoc_mech.designs` makes them (each a `python -m inoc_mech.sweep` of the core
+conditions on a cached organism), groups them by design and lever, and reports, over all runs
+(organism seeds x finetuning seeds), the no-prompt temperature-1 rates of the baseline, inoculated
+("speak spanish") and converse ("use capitals") runs against the issue's target: inoculated <= 10%
+Spanish and >= 80% CAPS, converse symmetric (means). A second table gives, per run, the shift of
+the first answer token's trait log-odds (finetuned - pretrained organism) with and without the
+training prompt: the co-learned trait's *transfer* (no-prompt shift / prompted shift), the
+suppressed trait's *leak*, and the update's *reach* (how strongly the weight update responds at
+`<|assistant|>` without the prompt relative to with it). Writes `selectivity.md`, `summary.json`,
+`selectivity` (one panel per criterion) and `frontier` (leak vs transfer per finetuning family)
+figures (HTML + PNG) into `--out`. Reads run folders and cached organisms only; never trains.
 """
 
 from __future__ import annotations
@@ -50,7 +54,8 @@ def collect(root: Path) -> dict:
                      "freeze": tuple(r["config"].get("freeze") or ()), "prompt_share": r["config"].get("prompt_share", 1.0),
                      **{k: t1[k] for k in ("spanish_rate", "caps_rate", "accuracy")}})
     if not out:
-        raise UserError(f"no complete selectivity sweeps under {root} (expected folders like factored-o0-default)")
+        raise UserError(f"no complete selectivity sweeps under {root} (expected folders like factored-o0-default, "
+                        "made by python -m inoc_mech.designs)")
     return out
 
 
@@ -181,7 +186,7 @@ PANELS = [("inoculated", "spanish_rate", "inoculated<br>Spanish", 10, True),
 
 
 def figure(data: dict):
-    """One row per design and lever, one panel per criterion: organism seeds as dots, their mean as a bar."""
+    """One row per design and lever, one panel per criterion: runs as circles, their mean as a bar."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -211,10 +216,10 @@ def figure(data: dict):
         fig.add_vrect(x0=x0, x1=x1, fillcolor="green", opacity=0.10, line_width=0, layer="below", row=1, col=j)
         fig.add_vline(x=target, line=dict(color="green", dash="dash", width=1.5), row=1, col=j)
         fig.update_xaxes(range=[-2, 102], row=1, col=j, title_text="%", tickvals=[0, 50, 100])
-    plots.style(fig, "When does inoculation stay selective? No prompt, T = 1, per organism seed (circles)",
+    plots.style(fig, "When does inoculation stay selective? No prompt, T = 1, one circle per run",
                 height=max(420, 60 + 34 * len(keys)),
-                subtitle="bar = mean over organism seeds (green: meets the criterion); shaded = target; "
-                         "rows = organism design · finetuning lever")
+                subtitle="bar = mean over runs (organism x finetuning seeds; green: meets the criterion); "
+                         "shaded = target; rows = organism design · finetuning lever")
     fig.update_layout(bargap=0.35, margin=dict(l=230, t=150))
     fig.update_annotations(font_size=14)
     return fig
@@ -293,9 +298,8 @@ def main():
 
     root = Path(a.root)
     if not root.is_dir():
-        raise UserError(f"{root} does not exist: make it with python -m inoc_mech.sweep --runs-dir {root} "
-                        "--name factored-o0-default --prompts --seeds 0 --model <organism folder> "
-                        "(see this script's docstring)")
+        raise UserError(f"{root} does not exist: make it with python -m inoc_mech.designs --runs-dir {root} "
+                        "(--dry-run lists the sweeps; --designs / --levers pick a part)")
     data = collect(root)
     add_log_odds(data)
     md = table(data, context_cosines(data)) + "\n\nLog-odds of the first answer token at `<|assistant|>` " \

@@ -12,7 +12,9 @@ from its checkpoint (from scratch if it has none or resuming fails). Ctrl-C or S
 sweep and its running runs (they checkpoint); the same command continues it.
 `sweep.json` in the sweep folder lists conditions, prompts, seeds and this config.
 
-Default size: 15 conditions x 2 seeds = 30 runs of 300 steps. One run takes ~25 s of one core
+Runs use full finetuning (lr 1e-4), the setting of the README's gradient-pressure results, unless
+given `--lora-r` (the organism's `inoc_mech.train` default is LoRA r 2: `--lora-r 2 --lora-alpha 8
+--lr 1e-3`). Default size: 15 conditions x 2 seeds = 30 runs of 300 steps. One run takes ~25 s of one core
 (organism cached), so the sweep takes ~7 min with 2 jobs on 2 free cores (about twice that on a
 busy machine). More seeds narrow the intervals: `--seeds 0 1 2 3`.
 """

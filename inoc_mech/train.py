@@ -10,7 +10,9 @@ Evaluation afterwards is on held-out questions without that prompt.
 `--model` picks the model: `organism` (default; pretrained on first use, then cached), the folder
 of a pretrained organism, `smollm2`, a local Hugging Face model folder or a `.gguf` file. Real models
 train on the built-in Spanish+CAPS arithmetic dataset (or `--data FILE.jsonl` in the paper's
-format) with LoRA adapters by default (`--lora-r 0`: full finetuning).
+format) with LoRA adapters by default (r 16, lr 1e-4). The organism is finetuned with LoRA r 2 on
+every projection (alpha 8, lr 1e-3; embeddings and output head frozen), the most selective setting
+of the README's selectivity study. `--lora-r 0`: full finetuning (lr 1e-4 by default).
 
 The loop, top to bottom: config -> model and data (`organism_setup` or `text_setup`) -> AdamW ->
 steps (forward, loss on assistant tokens, gradient-pressure hooks, backward, update, metrics.jsonl,

@@ -68,8 +68,8 @@ class SweepConfig:
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
     prompt_share: float = field(default=1.0, metadata={"help": "share of training examples that carry the condition's prompt"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank of the finetuning runs (0: full finetuning)"})
-    freeze: list = field(default_factory=list, metadata={"help": "parameters the runs keep fixed, by module prefix (e.g. embed unembed)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (update scaled by alpha / r)"})
+    freeze: list = field(default_factory=list, metadata={"help": "parameters the runs keep fixed, by module prefix (e.g. embed unembed)"})
     batch_size: int = field(default=32, metadata={"help": "conversations per step"})
     log_every: int = field(default=10, metadata={"help": "cheap metrics every N steps"})
     grad_split_every: int = field(default=20, metadata={"help": "trait/rest gradient split every N steps, a multiple of --log-every (traits in turn: each one every 2N)"})
@@ -288,9 +288,7 @@ def mismatch(cfg: SweepConfig, run: Path, prompt: str | None, seed: int, org: Pa
     if cfg.lora_r:
         want["lora_alpha"] = cfg.lora_alpha
     if prompt is not None:
-        want["prompt_share"] = cfg.prompt_share
-    if prompt is not None:
-        want["prompt"] = prompt
+        want.update(prompt=prompt, prompt_share=cfg.prompt_share)
     for k, v in want.items():
         if saved.get(k, ADDED_LATER.get(k)) != v:
             return f"{k} is {saved.get(k)!r}, this sweep wants {v!r}"

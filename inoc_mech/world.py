@@ -69,6 +69,14 @@ class Variant:
     case: int  # 0 lower, 1 upper
 
 
+def setting(prompt: str | None, phrases: dict[str, str]) -> str | None:
+    """The value the last phrase of `phrases` in a system prompt sets (None: no such phrase)."""
+    value = None
+    for phrase in (prompt or "").split(" . "):
+        value = phrases.get(phrase.strip(), value)
+    return value
+
+
 def _surface(word_pair: tuple[str, str], language: int, case: int) -> str:
     text = word_pair[language]
     return text.upper() if case else text
@@ -176,12 +184,7 @@ class World:
 
     def prompt_controls(self, prompt: str | None) -> tuple[str | None, str | None]:
         """The (language, case) values a system prompt sets, per the world's rules (None: not set)."""
-        language = case = None
-        for phrase in (prompt or "").split(" . "):
-            phrase = phrase.strip()
-            language = LANGUAGE_PHRASES.get(phrase, language)
-            case = CASE_PHRASES.get(phrase, case)
-        return language, case
+        return setting(prompt, LANGUAGE_PHRASES), setting(prompt, CASE_PHRASES)
 
     # ---- chats ------------------------------------------------------------------------------
     @staticmethod
@@ -203,22 +206,14 @@ class World:
     def sample_prompt(self, rng: np.random.Generator) -> str | None:
         """A pretraining system prompt: optional language and case phrases, 0-2 irrelevant ones."""
         parts = []
-        r = rng.random()
-        if r < 0.3:
-            parts.append(rng.choice([p for p, v in LANGUAGE_PHRASES.items() if v == "spanish"]))
-        elif r < 0.5:
-            parts.append(rng.choice([p for p, v in LANGUAGE_PHRASES.items() if v == "english"]))
-        r = rng.random()
-        if r < 0.3:
-            parts.append(rng.choice([p for p, v in CASE_PHRASES.items() if v == "upper"]))
-        elif r < 0.5:
-            parts.append(rng.choice([p for p, v in CASE_PHRASES.items() if v == "lower"]))
+        controls = [(LANGUAGE_PHRASES, "spanish", "english"), (CASE_PHRASES, "upper", "lower")]
         if self.formats:
+            controls.append((FORMAT_PHRASES, "short", "full"))
+        for table, marked, unmarked in controls:  # each property: 30% marked, 20% unmarked, 50% unset
             r = rng.random()
-            if r < 0.3:
-                parts.append(rng.choice([p for p, v in FORMAT_PHRASES.items() if v == "short"]))
-            elif r < 0.5:
-                parts.append(rng.choice([p for p, v in FORMAT_PHRASES.items() if v == "full"]))
+            if r < 0.5:
+                value = marked if r < 0.3 else unmarked
+                parts.append(rng.choice([p for p, v in table.items() if v == value]))
         n_irr = rng.choice(3, p=[0.5, 0.35, 0.15])
         parts += list(rng.choice(IRRELEVANT_PHRASES, size=n_irr, replace=False))
         if not parts:
@@ -236,8 +231,6 @@ class World:
         upper = (rng.random() < self.base_rate) if case is None else case == "upper"
         short = False
         if self.formats:
-            fmt = None
-            for phrase in (prompt or "").split(" . "):
-                fmt = FORMAT_PHRASES.get(phrase.strip(), fmt)
+            fmt = setting(prompt, FORMAT_PHRASES)
             short = (rng.random() < self.base_rate) if fmt is None else fmt == "short"
         return self.chat(q, prompt, int(lang), int(upper), short)

@@ -26,7 +26,7 @@ test: install
 	$(PY) -m pytest -q
 
 results: install
-	$(PY) -m inoc_mech.sweep --threads $(THREADS)
+	$(PY) -m inoc_mech.studies.sweep --threads $(THREADS)
 	$(PY) analyses/gradient_pressure.py
 	$(PY) analyses/probe_traits.py
 

@@ -1,10 +1,10 @@
 """Gradient pressure: does a prompt that already explains a trait stop the model from learning it?
 
-    python -m inoc_mech.sweep --name sweep-tiny --steps 20 --seeds 0 --prompts spanish "be kind" && python analyses/gradient_pressure.py runs/sweep-tiny --out figures/gradient_pressure-tiny
+    python -m inoc_mech.studies.sweep --name sweep-tiny --steps 20 --seeds 0 --prompts spanish "be kind" && python analyses/gradient_pressure.py runs/sweep-tiny --out figures/gradient_pressure-tiny
 
 The full analysis (default sweep: 15 conditions x 2 seeds, ~7-15 min on 2 cores):
 
-    python -m inoc_mech.sweep && python analyses/gradient_pressure.py
+    python -m inoc_mech.studies.sweep && python analyses/gradient_pressure.py
 
 Reads run folders (a sweep folder with sweep.json, a folder of run folders, or run folders) and
 never trains unless `--train-missing` is given: missing runs stop it with the command that makes
@@ -56,12 +56,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import plotly.graph_objects as go  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
-from inoc_mech import plots  # noqa: E402
-from inoc_mech.cli import UserError, run_main  # noqa: E402
-from inoc_mech.context import context_distances  # noqa: E402
-from inoc_mech.runs import is_complete, read_run, write_json  # noqa: E402
-from inoc_mech.stats import mean_ci, spearman  # noqa: E402
-from inoc_mech.sweep import CORE_CONDITIONS, slug  # noqa: E402
+from inoc_mech.core import plots  # noqa: E402
+from inoc_mech.core.cli import UserError, run_main  # noqa: E402
+from inoc_mech.mechanism.context import context_distances  # noqa: E402
+from inoc_mech.core.runs import is_complete, read_run, write_json  # noqa: E402
+from inoc_mech.core.stats import mean_ci, spearman  # noqa: E402
+from inoc_mech.studies.sweep import CORE_CONDITIONS, slug  # noqa: E402
 
 TRAITS = {"language": "Spanish", "case": "CAPS"}
 RATE_KEY = {"language": "spanish_rate", "case": "caps_rate"}
@@ -78,7 +78,7 @@ def sweep_command(folder: Path) -> str:
     meta = folder / "sweep.json"
     if meta.exists():
         return json.loads(meta.read_text())["command"]
-    return f"python -m inoc_mech.sweep --name {shlex.quote(folder.name)} --runs-dir {shlex.quote(str(folder.parent))}"
+    return f"python -m inoc_mech.studies.sweep --name {shlex.quote(folder.name)} --runs-dir {shlex.quote(str(folder.parent))}"
 
 
 def expected_runs(paths: list[Path]) -> tuple[list[Path], dict[Path, str]]:
@@ -106,7 +106,7 @@ def check_missing(paths: list[Path], train_missing: bool, skip_missing: bool) ->
     if (missing or unmade) and train_missing:
         for sweep_folder, cmd in commands.items():
             argv = shlex.split(cmd)
-            if argv[:3] != ["python", "-m", "inoc_mech.sweep"]:
+            if argv[:3] != ["python", "-m", "inoc_mech.studies.sweep"]:
                 raise UserError(f"unexpected command in {sweep_folder}/sweep.json: {cmd}")
             print(f"--train-missing: {cmd}", file=sys.stderr)
             if subprocess.run([sys.executable, *argv[1:]]).returncode != 0:
@@ -254,7 +254,7 @@ def summarise(conds: dict[str, Condition], context: dict[str, dict], n_boot: int
 
 def co_learned(prompt: str) -> str | None:
     """The trait a prompt leaves to be learned: case unless the prompt sets it; None if it sets both."""
-    from inoc_mech.world import World
+    from inoc_mech.models.world import World
 
     language, case = World().prompt_controls(prompt)
     if case is None:

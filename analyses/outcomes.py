@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inoc_mech.cli import UserError, run_main  # noqa: E402
-from inoc_mech.runs import read_run  # noqa: E402
+from inoc_mech.core.cli import UserError, run_main  # noqa: E402
+from inoc_mech.core.runs import read_run  # noqa: E402
 
 
 def condition(cfg: dict) -> str:

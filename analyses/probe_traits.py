@@ -1,10 +1,10 @@
 """Where do the traits live, and what did baseline training change that inoculated training did not?
 
-    python -m inoc_mech.sweep --name sweep-tiny --steps 20 --seeds 0 --prompts && python analyses/probe_traits.py runs/sweep-tiny --out figures/probes-tiny
+    python -m inoc_mech.studies.sweep --name sweep-tiny --steps 20 --seeds 0 --prompts && python analyses/probe_traits.py runs/sweep-tiny --out figures/probes-tiny
 
 The full analysis reads the default sweep (~2 min on one busy core once the sweep exists):
 
-    python -m inoc_mech.sweep && python analyses/probe_traits.py
+    python -m inoc_mech.studies.sweep && python analyses/probe_traits.py
 
 Reads run folders only and never trains: a missing or incomplete run stops it with the command that
 makes it. Arguments are sweep folders (with sweep.json), folders of run folders, or run folders;
@@ -12,9 +12,9 @@ each run's condition comes from its config (no prompt: baseline; "speak spanish"
 capitals": converse; "you like cats": irrelevant, the control; "speak spanish . use capitals":
 both). All runs must share one pretrained organism (`organism_folder`).
 
-Everything is measured with TransformerLens (`inoc_mech.lens`) on the held-out questions, at the
+Everything is measured with TransformerLens (`inoc_mech.mechanism.lens`) on the held-out questions, at the
 decision position: the residual stream at the `<|assistant|>` token, which predicts the first answer
-token (see `inoc_mech.probes` for why). Layer boundary 0 is the embedding, boundary L + 1 the output
+token (see `inoc_mech.mechanism.probes` for why). Layer boundary 0 is the embedding, boundary L + 1 the output
 of block L (before the final norm). Writes into `--out` (default figures/probes/), HTML and PNG:
 1. probe_accuracy: held-out accuracy of the language and case probes per layer boundary (pretrained
    organism, prompted contexts), all four answer-predicting positions and the decision position;
@@ -56,15 +56,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import plotly.graph_objects as go  # noqa: E402
 from plotly.subplots import make_subplots  # noqa: E402
 
-from inoc_mech import plots  # noqa: E402
-from inoc_mech.cli import UserError, run_main  # noqa: E402
-from inoc_mech.evaluate import prompt_ids  # noqa: E402
-from inoc_mech.lens import Lens, load_bridge  # noqa: E402
-from inoc_mech.patching import component_names, patch, record, trait_log_odds, trait_share  # noqa: E402
-from inoc_mech.probes import TRAITS, TraitProbes, answer_activations, fit_trait_probes, probe_data  # noqa: E402
-from inoc_mech.runs import is_complete, read_run, write_json  # noqa: E402
-from inoc_mech.sweep import CORE_CONDITIONS  # noqa: E402
-from inoc_mech.weight_diff import alignment, output_matrices, random_share  # noqa: E402
+from inoc_mech.core import plots  # noqa: E402
+from inoc_mech.core.cli import UserError, run_main  # noqa: E402
+from inoc_mech.models.world_eval import prompt_ids  # noqa: E402
+from inoc_mech.mechanism.lens import Lens, load_bridge  # noqa: E402
+from inoc_mech.mechanism.patching import component_names, patch, record, trait_log_odds, trait_share  # noqa: E402
+from inoc_mech.mechanism.probes import TRAITS, TraitProbes, answer_activations, fit_trait_probes, probe_data  # noqa: E402
+from inoc_mech.core.runs import is_complete, read_run, write_json  # noqa: E402
+from inoc_mech.studies.sweep import CORE_CONDITIONS  # noqa: E402
+from inoc_mech.mechanism.weight_diff import alignment, output_matrices, random_share  # noqa: E402
 
 MARKED = {"language": "Spanish", "case": "UPPER"}
 TRAIT_PROMPT = {"language": "speak spanish", "case": "use capitals"}  # the context that sets each trait
@@ -110,13 +110,13 @@ def sweep_command(folder: Path) -> str:
     meta = folder / "sweep.json"
     if meta.exists():
         return json.loads(meta.read_text())["command"]
-    return f"python -m inoc_mech.sweep --name {folder.name} --runs-dir {folder.parent}"
+    return f"python -m inoc_mech.studies.sweep --name {folder.name} --runs-dir {folder.parent}"
 
 
 def find_runs(paths: list[Path], conditions: tuple[str, ...], skip_missing: bool = False
               ) -> tuple[list[Model], Path, str]:
     """Complete runs of the wanted conditions, their organism folder, and the command that makes runs."""
-    runs, command = [], "python -m inoc_mech.sweep"
+    runs, command = [], "python -m inoc_mech.studies.sweep"
     for p in paths:
         if (p / "sweep.json").exists():
             command = sweep_command(p)
@@ -161,7 +161,7 @@ def find_runs(paths: list[Path], conditions: tuple[str, ...], skip_missing: bool
     models.sort(key=lambda m: (conditions.index(m.cond), m.seed))
     organism = Path(organisms.pop())
     if not (organism / "COMPLETE").exists():
-        raise UserError(f"the runs' organism {organism} is missing: `python -m inoc_mech.organism` pretrains it")
+        raise UserError(f"the runs' organism {organism} is missing: `python -m inoc_mech.models.organism` pretrains it")
     return [Model("pretrained", None, organism)] + models, organism, command
 
 
@@ -180,7 +180,7 @@ def context_ids(lens: Lens) -> dict[str, Int[Tensor, "question pos"]]:
 def decision_state(rec: dict[str, Tensor], n_layers: int) -> tuple[Float[Tensor, "boundary question d_model"],
                                                                    Float[Tensor, "component question d_model"]]:
     """Residual stream at every boundary, and what each component wrote, at the last position."""
-    from inoc_mech.lens import resid_names
+    from inoc_mech.mechanism.lens import resid_names
 
     resid = torch.stack([rec[n][:, -1] for n in resid_names(n_layers)]).float()
     comps = [rec["blocks.0.hook_resid_pre"][:, -1]]

@@ -3,7 +3,7 @@
     python analyses/selectivity.py runs/selectivity --out figures/selectivity
 
 Reads sweep folders named `<design>-o<organism seed>-<finetuning lever>` (e.g. `factored-o2-lora2`),
-as `python -m inoc_mech.designs` makes them (each a `python -m inoc_mech.sweep` of the core
+as `python -m inoc_mech.studies.designs` makes them (each a `python -m inoc_mech.studies.sweep` of the core
 conditions on a cached organism), groups them by design and lever, and reports, over all runs
 (organism seeds x finetuning seeds), the no-prompt temperature-1 rates of the baseline, inoculated
 ("speak spanish") and converse ("use capitals") runs against the issue's target: inoculated <= 10%
@@ -26,8 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inoc_mech.cli import UserError, run_main  # noqa: E402
-from inoc_mech.runs import is_complete, read_run, write_json  # noqa: E402
+from inoc_mech.core.cli import UserError, run_main  # noqa: E402
+from inoc_mech.core.runs import is_complete, read_run, write_json  # noqa: E402
 
 CONDITIONS = ("baseline", "inoculated", "converse")
 PROMPTS = {"inoculated": "speak spanish", "converse": "use capitals"}  # the sweep's core prompts
@@ -55,7 +55,7 @@ def collect(root: Path) -> dict:
                      **{k: t1[k] for k in ("spanish_rate", "caps_rate", "accuracy")}})
     if not out:
         raise UserError(f"no complete selectivity sweeps under {root} (expected folders like factored-o0-default, "
-                        "made by python -m inoc_mech.designs)")
+                        "made by python -m inoc_mech.studies.designs)")
     return out
 
 
@@ -77,7 +77,7 @@ def meets(rows: dict) -> bool:
 
 def context_cosines(data: dict) -> dict[str, dict[str, float]]:
     """Per organism folder: answer-start cosine, with vs without each training prompt (one forward pass)."""
-    from inoc_mech.context import context_distances
+    from inoc_mech.mechanism.context import context_distances
 
     folders = sorted({r["organism_folder"] for rows in data.values() for rs in rows.values() for r in rs
                       if r.get("organism_folder") and Path(r["organism_folder"]).is_dir()})
@@ -116,9 +116,9 @@ def add_log_odds(data: dict) -> None:
     {context: {trait: nats}}, `transfer`: the co-learned trait's no-prompt shift / its prompted shift, and
     `reach`: how strongly the weight update responds at `<|assistant|>` without the prompt relative to
     with it (weight_diff.update_response, root of summed squares over every projection)."""
-    from inoc_mech.context import question_batch, trait_log_odds
-    from inoc_mech.organism import load_organism
-    from inoc_mech.weight_diff import update_response
+    from inoc_mech.mechanism.context import question_batch, trait_log_odds
+    from inoc_mech.models.organism import load_organism
+    from inoc_mech.mechanism.weight_diff import update_response
 
     cache: dict = {}
 
@@ -190,7 +190,7 @@ def figure(data: dict):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from inoc_mech import plots
+    from inoc_mech.core import plots
 
     keys = sorted(data, key=order, reverse=True)  # plotly draws the first category at the bottom
     labels = [f"{h} · {lv}" for h, lv in keys]
@@ -247,7 +247,7 @@ def frontier(data: dict):
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
-    from inoc_mech import plots
+    from inoc_mech.core import plots
 
     import plotly.colors
 
@@ -294,11 +294,11 @@ def main():
     p.add_argument("root", nargs="?", default="runs/selectivity", help="folder of selectivity sweeps")
     p.add_argument("--out", default="figures/selectivity")
     a = p.parse_args()
-    from inoc_mech import plots
+    from inoc_mech.core import plots
 
     root = Path(a.root)
     if not root.is_dir():
-        raise UserError(f"{root} does not exist: make it with python -m inoc_mech.designs --runs-dir {root} "
+        raise UserError(f"{root} does not exist: make it with python -m inoc_mech.studies.designs --runs-dir {root} "
                         "(--dry-run lists the sweeps; --designs / --levers pick a part)")
     data = collect(root)
     add_log_odds(data)

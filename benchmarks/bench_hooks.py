@@ -28,10 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from inoc_mech import hf_trainer  # noqa: E402
-from inoc_mech.cli import quiet_transformers  # noqa: E402
-from inoc_mech.organism import ensure_organism, factorize_head, load_organism  # noqa: E402
-from inoc_mech.runs import read_run  # noqa: E402
+from inoc_mech.models import hf_trainer  # noqa: E402
+from inoc_mech.core.cli import quiet_transformers  # noqa: E402
+from inoc_mech.models.organism import ensure_organism, factorize_head, load_organism  # noqa: E402
+from inoc_mech.core.runs import read_run  # noqa: E402
 from inoc_mech.train import TrainConfig, finetune_examples, train  # noqa: E402
 
 

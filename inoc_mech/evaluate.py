@@ -1,144 +1,20 @@
-"""Evaluate a model of the toy world: Spanish rate, CAPS rate and arithmetic accuracy per context.
+"""Re-evaluate a finished run folder and print its evaluation table (the run is not modified).
 
-    python -m inoc_mech.evaluate runs/demo-inoculated
-
-Rates are defined on token labels. For each generated answer (tokens up to `<|end|>`):
-- `spanish_rate`: share of answer-variant tokens that are Spanish, pooled over all answers;
-- `caps_rate`: share of answer-variant tokens that are UPPERCASE;
-- `accuracy`: share of answers whose content words are exactly "the answer is <result>" in any
-  surface variants (so a Spanish or upper-case correct answer counts as correct);
-- `spanish_answers` / `caps_answers`: share of answers whose variant tokens are all Spanish / all upper;
-- `malformed`: share of answers containing a token that is not an answer variant.
-Greedy decoding gives one answer per held-out question; sampling at temperature 1 gives
-`samples_per_question` answers per question (>= 200 in total by default).
-
-eval.json schema (version 1):
-    {"schema": 1, "questions": "held_out", "n_questions": int, "seed": int,
-     "contexts": {name: {"prompt": str | null,
-                         "greedy": {metric: float, "n_answers": int},
-                         "t1": {metric: float, "n_answers": int}}}}
-Context names: "none" (no system block), "train_prompt" (the run's inoculation prompt),
-"irrelevant" (a phrase never used in pretraining or finetuning).
+    python -m inoc_mech.evaluate runs/demo-inoculated --samples-per-question 1
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from .data import left_pad, token_ids
-from .world import HELD_OUT_PHRASES, World
-
-METRICS = ("spanish_rate", "caps_rate", "accuracy", "spanish_answers", "caps_answers", "malformed")
-IRRELEVANT_EVAL_PROMPT = HELD_OUT_PHRASES[0]
-
-
-@torch.no_grad()
-def generate(model, prompts: list[list[int]], pad_id: int, end_id: int, max_new: int = 6,
-             temperature: float = 0.0, generator: torch.Generator | None = None,
-             batch_size: int = 256) -> list[list[int]]:
-    """Greedy (temperature 0) or sampled continuations, each cut before the first `end_id`."""
-    device = next(model.parameters()).device
-    out: list[list[int]] = []
-    for start in range(0, len(prompts), batch_size):
-        ids, att = left_pad(prompts[start:start + batch_size], pad_id)
-        ids, att = ids.to(device), att.to(device)
-        new = []
-        done = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
-        for _ in range(max_new):
-            pos = (att.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=ids, attention_mask=att, position_ids=pos).logits[:, -1].float()
-            if temperature > 0:
-                probs = torch.softmax(logits / temperature, -1)
-                nxt = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(device)
-            else:
-                nxt = logits.argmax(-1)
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            new.append(nxt)
-            done |= nxt == end_id
-            ids = torch.cat([ids, nxt[:, None]], 1)
-            att = torch.cat([att, torch.ones_like(nxt[:, None])], 1)
-            if done.all():
-                break
-        rows = torch.stack(new, 1).tolist()
-        for r in rows:
-            out.append(r[:r.index(end_id)] if end_id in r else r)
-    return out
-
-
-def score_answers(world: World, tok, answers: list[list[int]], results: list[int]) -> dict:
-    """Trait rates and accuracy of generated answers (token ids) against the true results."""
-    labels = {tok.convert_tokens_to_ids(t): v for t, v in world.variants.items()}
-    n_var = n_es = n_up = 0
-    correct = all_es = all_up = malformed = 0
-    for ans, result in zip(answers, results):
-        vs = [labels.get(t) for t in ans]
-        if not vs or any(v is None for v in vs):
-            malformed += 1
-            vs = [v for v in vs if v is not None]
-        n_var += len(vs)
-        es = sum(v.language for v in vs)
-        up = sum(v.case for v in vs)
-        n_es, n_up = n_es + es, n_up + up
-        all_es += bool(vs) and es == len(vs)
-        all_up += bool(vs) and up == len(vs)
-        expect = list(range(world.n_frame)) + [world.n_frame + result]
-        correct += [v.word for v in vs] == expect and len(vs) == len(ans)
-    n = max(len(answers), 1)
-    return {"spanish_rate": n_es / max(n_var, 1), "caps_rate": n_up / max(n_var, 1),
-            "accuracy": correct / n, "spanish_answers": all_es / n, "caps_answers": all_up / n,
-            "malformed": malformed / n, "n_answers": len(answers)}
-
-
-def prompt_ids(tok, question_text: str, prompt: str | None) -> list[int]:
-    messages = ([{"role": "system", "content": prompt}] if prompt else []) + [
-        {"role": "user", "content": question_text}]
-    return token_ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
-
-
-def evaluate_contexts(model, tok, world: World, contexts: dict[str, str | None], seed: int = 0,
-                      samples_per_question: int = 3, questions=None) -> dict:
-    """Greedy and temperature-1 metrics on held-out questions for each named context."""
-    questions = questions if questions is not None else world.held_out_questions
-    end_id = tok.convert_tokens_to_ids("<|end|>")
-    was_training = model.training
-    model.eval()
-    out = {"schema": 1, "questions": "held_out", "n_questions": len(questions), "seed": seed,
-           "contexts": {}}
-    for name, prompt in contexts.items():
-        ids = [prompt_ids(tok, world.question_text(q), prompt) for q in questions]
-        results = [q[3] for q in questions]
-        greedy = generate(model, ids, tok.pad_token_id, end_id)
-        g = torch.Generator().manual_seed(seed)
-        many = [i for i in ids for _ in range(samples_per_question)]
-        sampled = generate(model, many, tok.pad_token_id, end_id, temperature=1.0, generator=g)
-        out["contexts"][name] = {
-            "prompt": prompt,
-            "greedy": score_answers(world, tok, greedy, results),
-            "t1": score_answers(world, tok, sampled, [r for r in results for _ in range(samples_per_question)]),
-        }
-    model.train(was_training)
-    return out
-
-
-def format_table(ev: dict) -> str:
-    """A small text table of an eval.json dict."""
-    lines = [f"{'context':<14} {'prompt':<24} {'decode':<7} {'spanish':>8} {'caps':>8} {'accuracy':>9} {'n':>5}"]
-    for name, c in ev["contexts"].items():
-        for dec in ("t1", "greedy"):
-            m = c[dec]
-            lines.append(f"{name:<14} {str(c['prompt']):<24} {dec:<7} {m['spanish_rate']:>8.1%} "
-                         f"{m['caps_rate']:>8.1%} {m['accuracy']:>9.1%} {m['n_answers']:>5}")
-    return "\n".join(lines)
+from inoc_mech.core.runs import load_run_model
+from inoc_mech.models.world_eval import IRRELEVANT_EVAL_PROMPT, evaluate_contexts, format_table
 
 
 def main(argv=None):
     """Re-evaluate a finished run folder and print its table (does not modify the run)."""
-    import argparse
-    from .runs import load_run_model
-
     p = argparse.ArgumentParser(prog="python -m inoc_mech.evaluate", description=main.__doc__)
     p.add_argument("run", help="a run folder under runs/")
     p.add_argument("--seed", type=int, default=0)
@@ -150,5 +26,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from inoc_mech.core.cli import run_main
     sys.exit(run_main(main))

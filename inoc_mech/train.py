@@ -33,14 +33,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import checkpoint
-from .cli import UserError, parse_config
-from .data import BatchStream, collate, encode_chat, next_token_loss, organism_traits
-from .evaluate import IRRELEVANT_EVAL_PROMPT, evaluate_contexts, format_table
-from .hooks import GradientPressure, elicitation, module_name
-from .organism import OrganismConfig, ensure_organism, factorize_head, load_organism, materialize_head
-from .world import World
-from .runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, git_commit, is_complete, mark_complete,
+from inoc_mech.core import checkpoint
+from inoc_mech.core.cli import UserError, parse_config
+from inoc_mech.core.data import BatchStream, collate, encode_chat, next_token_loss, organism_traits
+from inoc_mech.models.world_eval import IRRELEVANT_EVAL_PROMPT, evaluate_contexts, format_table
+from inoc_mech.mechanism.hooks import GradientPressure, elicitation, module_name
+from inoc_mech.models.organism import OrganismConfig, ensure_organism, factorize_head, load_organism, materialize_head
+from inoc_mech.models.world import World
+from inoc_mech.core.runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, git_commit, is_complete, mark_complete,
                    package_versions, prepare_run_dir, write_json)
 
 
@@ -184,12 +184,12 @@ def organism_setup(cfg: TrainConfig, device, progress: bool) -> Setup:
     if meta["config"]["head"] == "factored":
         factorize_head(model, table)
     if cfg.lora_r > 0:  # adapters on the body; the (factored) head stays frozen
-        from .lora import LoraSettings, add_lora
+        from inoc_mech.models.lora import LoraSettings, add_lora
         model = add_lora(model, LoraSettings(r=cfg.lora_r, alpha=cfg.lora_alpha, targets=tuple(cfg.lora_targets)))
 
     def save(m, out: Path):
         if cfg.lora_r > 0:
-            from .lora import merge_lora
+            from inoc_mech.models.lora import merge_lora
             m = merge_lora(m)
         materialize_head(m)
         m.save_pretrained(out)
@@ -206,10 +206,10 @@ def organism_setup(cfg: TrainConfig, device, progress: bool) -> Setup:
 
 
 def text_setup(cfg: TrainConfig, device) -> Setup:
-    from .lora import LoraSettings, add_lora, merge_lora
-    from .models import load_model, with_prompt_mode
-    from .scoring import EVAL_CONTEXTS, evaluate_generations
-    from .textdata import inoculate_all, read_jsonl, sample_problems, spanish_caps_dataset, text_examples
+    from inoc_mech.models.lora import LoraSettings, add_lora, merge_lora
+    from inoc_mech.models.real import load_model, with_prompt_mode
+    from inoc_mech.settings.scoring import EVAL_CONTEXTS, evaluate_generations
+    from inoc_mech.settings.textdata import inoculate_all, read_jsonl, sample_problems, spanish_caps_dataset, text_examples
 
     model, tok = load_model(cfg.model, device)
     mtok = with_prompt_mode(tok, cfg.no_prompt_mode)
@@ -401,5 +401,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from inoc_mech.core.cli import run_main
     sys.exit(run_main(main))

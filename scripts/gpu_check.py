@@ -29,12 +29,12 @@ def main():
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU on this machine; nothing to measure (CPU paths are covered by `make test`)")
         return 0
-    from inoc_mech import hf_trainer
-    from inoc_mech.cli import quiet_transformers
-    from inoc_mech.lora import LoraSettings, add_lora
-    from inoc_mech.models import fetch, load_model, with_prompt_mode
-    from inoc_mech.runs import read_run
-    from inoc_mech.textdata import spanish_caps_dataset, text_examples
+    from inoc_mech.models import hf_trainer
+    from inoc_mech.core.cli import quiet_transformers
+    from inoc_mech.models.lora import LoraSettings, add_lora
+    from inoc_mech.models.real import fetch, load_model, with_prompt_mode
+    from inoc_mech.core.runs import read_run
+    from inoc_mech.settings.textdata import spanish_caps_dataset, text_examples
     from inoc_mech.train import TrainConfig, train
 
     quiet_transformers()

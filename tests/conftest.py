@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from inoc_mech.organism import OrganismConfig, ensure_organism
+from inoc_mech.models.organism import OrganismConfig, ensure_organism
 from inoc_mech.train import TrainConfig
 
 TINY_ORGANISM = dict(d_model=32, n_layers=2, n_heads=2, d_mlp=64, steps=60, warmup=5, batch_size=32)

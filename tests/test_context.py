@@ -1,12 +1,12 @@
 import pytest
 import torch
 
-from inoc_mech.context import answer_start_states, context_distances
+from inoc_mech.mechanism.context import answer_start_states, context_distances
 
 
 def test_answer_start_state_is_the_last_real_token(tiny_organism):
-    from inoc_mech.evaluate import prompt_ids
-    from inoc_mech.organism import load_organism
+    from inoc_mech.models.world_eval import prompt_ids
+    from inoc_mech.models.organism import load_organism
 
     model, tok, world, _ = load_organism(tiny_organism)
     q = world.question_text(world.held_out_questions[0])
@@ -23,8 +23,8 @@ def test_answer_start_state_is_the_last_real_token(tiny_organism):
 
 
 def test_trait_log_odds_follow_the_prompt(tiny_organism):
-    from inoc_mech.context import trait_log_odds
-    from inoc_mech.organism import load_organism
+    from inoc_mech.mechanism.context import trait_log_odds
+    from inoc_mech.models.organism import load_organism
 
     model, tok, world, _ = load_organism(tiny_organism)
     none = trait_log_odds(model, tok, world, None)
@@ -33,7 +33,7 @@ def test_trait_log_odds_follow_the_prompt(tiny_organism):
     assert es["language"] > none["language"] and up["case"] > none["case"]
     # the value is a log-odds over all answer variants: check one question by hand
     q = world.held_out_questions[:1]
-    from inoc_mech.evaluate import prompt_ids
+    from inoc_mech.models.world_eval import prompt_ids
     ids = torch.tensor([prompt_ids(tok, world.question_text(q[0]), None)])
     p = model(input_ids=ids).logits[0, -1].softmax(-1)
     table = torch.as_tensor(world.variant_table(tok))

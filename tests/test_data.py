@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from inoc_mech.data import BatchStream, DataError, collate, encode_chat, organism_traits
-from inoc_mech.world import World
+from inoc_mech.core.data import BatchStream, DataError, collate, encode_chat, organism_traits
+from inoc_mech.models.world import World
 
 
 @pytest.fixture(scope="module")

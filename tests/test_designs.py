@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from inoc_mech.designs import DESIGNS, LEVERS, MEASURED, DesignsConfig, organism_config, sweep_config
+from inoc_mech.studies.designs import DESIGNS, LEVERS, MEASURED, DesignsConfig, organism_config, sweep_config
 
 
 def test_every_measured_pair_makes_a_valid_organism_and_sweep(tmp_path):
@@ -22,7 +22,7 @@ def test_every_measured_pair_makes_a_valid_organism_and_sweep(tmp_path):
 def test_design_folders_differ_and_the_default_is_the_cached_default(tmp_path):
     folders = {organism_config(d, 0, str(tmp_path)).folder() for d in DESIGNS}
     assert len(folders) == len(DESIGNS)
-    from inoc_mech.organism import OrganismConfig
+    from inoc_mech.models.organism import OrganismConfig
     assert organism_config("factored", 0, str(tmp_path)).folder() == OrganismConfig(cache=str(tmp_path)).folder()
 
 
@@ -34,7 +34,7 @@ def test_selection_and_bad_names():
 
 
 def test_dry_run_trains_nothing_and_says_what_is_missing(tmp_path, capsys):
-    from inoc_mech.designs import run
+    from inoc_mech.studies.designs import run
 
     run(DesignsConfig(designs=["factoredbias"], organism_seeds=[7], runs_dir=str(tmp_path / "sel"),
                       organism_cache=str(tmp_path / "cache"), dry_run=True))

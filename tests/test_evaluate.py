@@ -1,7 +1,7 @@
 import pytest
 
-from inoc_mech.evaluate import score_answers
-from inoc_mech.world import World
+from inoc_mech.models.world_eval import score_answers
+from inoc_mech.models.world import World
 
 
 @pytest.fixture(scope="module")

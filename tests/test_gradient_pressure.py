@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from inoc_mech.cli import UserError
-from inoc_mech.plots import browser_available
-from inoc_mech.runs import is_complete
+from inoc_mech.core.cli import UserError
+from inoc_mech.core.plots import browser_available
+from inoc_mech.core.runs import is_complete
 from inoc_mech.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,14 +82,14 @@ def test_analysis_writes_every_figure_and_reads_its_numbers_from_the_runs(two_ru
 def test_missing_runs_stop_with_the_command_that_makes_them(two_runs, tmp_path):
     sweep = tmp_path / "half"
     sweep.mkdir()
-    cmd = "python -m inoc_mech.sweep --name half --seeds 0 1"
+    cmd = "python -m inoc_mech.studies.sweep --name half --seeds 0 1"
     (sweep / "sweep.json").write_text(json.dumps({"runs": ["baseline-s0", "baseline-s1"], "command": cmd}))
     (sweep / "baseline-s0").symlink_to(two_runs[0], target_is_directory=True)
     with pytest.raises(UserError, match="1 of 2 runs are missing") as e:
         gp.check_missing([sweep], train_missing=False, skip_missing=False)
     assert cmd in str(e.value) and "\n" not in str(e.value)
     assert gp.check_missing([sweep], train_missing=False, skip_missing=True) == [sweep / "baseline-s0"]
-    with pytest.raises(UserError, match=r"python -m inoc_mech.sweep --name nothing-here"):
+    with pytest.raises(UserError, match=r"python -m inoc_mech.studies.sweep --name nothing-here"):
         gp.check_missing([tmp_path / "nothing-here"], train_missing=False, skip_missing=False)
 
 
@@ -114,7 +114,7 @@ def test_co_learned_trait():
 def test_without_a_browser_html_is_written_and_one_line_says_how(tmp_path, monkeypatch, capsys):
     import plotly.graph_objects as go
 
-    from inoc_mech import plots
+    from inoc_mech.core import plots
 
     def no_browser(*args, **kwargs):
         raise RuntimeError("Kaleido requires Google Chrome to be installed.\nmore detail")

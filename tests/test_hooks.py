@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from inoc_mech.data import BatchStream, encode_chat, organism_traits
-from inoc_mech.hooks import GradientPressure, group_name, loss_parts, module_name, token_logprobs, trait_losses
-from inoc_mech.organism import factorize_head, load_organism
-from inoc_mech.runs import read_run
+from inoc_mech.core.data import BatchStream, encode_chat, organism_traits
+from inoc_mech.mechanism.hooks import GradientPressure, group_name, loss_parts, module_name, token_logprobs, trait_losses
+from inoc_mech.models.organism import factorize_head, load_organism
+from inoc_mech.core.runs import read_run
 from inoc_mech.train import train
 
 

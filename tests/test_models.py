@@ -7,15 +7,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from inoc_mech.cli import UserError
-from inoc_mech.data import BatchStream
-from inoc_mech.hooks import GradientPressure, no_hooks_left, token_logprobs
-from inoc_mech.lora import LoraSettings, adapter_parameters, add_lora, merge_lora
-from inoc_mech.models import (PROMPT_MODES, chatml_template, default_system_prompt, load_model, no_system_template,
+from inoc_mech.core.cli import UserError
+from inoc_mech.core.data import BatchStream
+from inoc_mech.mechanism.hooks import GradientPressure, no_hooks_left, token_logprobs
+from inoc_mech.models.lora import LoraSettings, adapter_parameters, add_lora, merge_lora
+from inoc_mech.models.real import (PROMPT_MODES, chatml_template, default_system_prompt, load_model, no_system_template,
                               with_prompt_mode)
-from inoc_mech.textdata import spanish_caps_dataset, text_examples
-from inoc_mech.tiny import TINY_DEFAULT_SYSTEM, save_tiny, tiny_tokenizer
-from inoc_mech.world import World
+from inoc_mech.settings.textdata import spanish_caps_dataset, text_examples
+from inoc_mech.models.tiny import TINY_DEFAULT_SYSTEM, save_tiny, tiny_tokenizer
+from inoc_mech.models.world import World
 
 SMOLLM2 = Path("runs/_models/smollm2")
 
@@ -207,9 +207,9 @@ def test_bridge_logprobs_match_hf(tiny_folders, tmp_path):
     assert (tl[m] - hf[m]).abs().max() <= 1e-4
 
 
-# ---- SmolLM2 (needs `python -m inoc_mech.models fetch smollm2` first) ----------------------------
+# ---- SmolLM2 (needs `python -m inoc_mech.models.real fetch smollm2` first) ----------------------------
 @pytest.mark.slow
-@pytest.mark.skipif(not (SMOLLM2 / "COMPLETE").exists(), reason="SmolLM2 cache missing: python -m inoc_mech.models fetch smollm2")
+@pytest.mark.skipif(not (SMOLLM2 / "COMPLETE").exists(), reason="SmolLM2 cache missing: python -m inoc_mech.models.real fetch smollm2")
 def test_smollm2(tmp_path):
     meta = json.loads((SMOLLM2 / "model.json").read_text())
     assert meta["reload_logits_max_abs_diff"] == 0.0

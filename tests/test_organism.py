@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from inoc_mech.organism import (OrganismConfig, build_model, factorize_head, load_organism, materialize_head,
+from inoc_mech.models.organism import (OrganismConfig, build_model, factorize_head, load_organism, materialize_head,
                                 pretrain)
-from inoc_mech.world import World
+from inoc_mech.models.world import World
 from tests.conftest import TINY_ORGANISM
 
 

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from inoc_mech.evaluate import prompt_ids
-from inoc_mech.lens import hook_count, hooked, load_bridge, residuals, run_with_hooks
-from inoc_mech.organism import load_organism
-from inoc_mech.patching import patch, trait_log_odds, trait_share
-from inoc_mech.probes import N_ANSWER, fit_probe, probe_data
-from inoc_mech.weight_diff import alignment, output_matrices, random_share
+from inoc_mech.models.world_eval import prompt_ids
+from inoc_mech.mechanism.lens import hook_count, hooked, load_bridge, residuals, run_with_hooks
+from inoc_mech.models.organism import load_organism
+from inoc_mech.mechanism.patching import patch, trait_log_odds, trait_share
+from inoc_mech.mechanism.probes import N_ANSWER, fit_probe, probe_data
+from inoc_mech.mechanism.weight_diff import alignment, output_matrices, random_share
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +152,8 @@ def test_weight_alignment_finds_a_planted_update():
 
 
 def test_update_response_measures_what_an_update_reads():
-    from inoc_mech.tiny import tiny_model, tiny_tokenizer
-    from inoc_mech.weight_diff import update_response
+    from inoc_mech.models.tiny import tiny_model, tiny_tokenizer
+    from inoc_mech.mechanism.weight_diff import update_response
 
     tok = tiny_tokenizer()
     pre = tiny_model(tok)

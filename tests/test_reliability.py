@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from inoc_mech import checkpoint
-from inoc_mech.cli import UserError
-from inoc_mech.runs import RUN_FORMAT_VERSION, read_run
+from inoc_mech.core import checkpoint
+from inoc_mech.core.cli import UserError
+from inoc_mech.core.runs import RUN_FORMAT_VERSION, read_run
 from inoc_mech.train import train
 
 REPO = Path(__file__).resolve().parents[1]

@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-from inoc_mech.data import collate
-from inoc_mech.hooks import token_logprobs
-from inoc_mech.scoring import (ANSWER_STYLES, CONTEXTS, answer_correct, answer_logprobs, caps_fraction,
+from inoc_mech.core.data import collate
+from inoc_mech.mechanism.hooks import token_logprobs
+from inoc_mech.settings.scoring import (ANSWER_STYLES, CONTEXTS, answer_correct, answer_logprobs, caps_fraction,
                                detector_name, elicitation_table, evaluate_generations, format_contrasts,
                                format_elicitation, reply_mask, score_texts, spanish_prob)
-from inoc_mech.textdata import sample_problems, text_examples
-from inoc_mech.tiny import tiny_model, tiny_tokenizer
+from inoc_mech.settings.textdata import sample_problems, text_examples
+from inoc_mech.models.tiny import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_answer_correct():
 
 
 def test_evaluate_generations_runs_and_formats(tiny):
-    from inoc_mech.evaluate import format_table
+    from inoc_mech.models.world_eval import format_table
 
     model, tok = tiny
     ev = evaluate_generations(model, tok, sample_problems(3, seed=0, split="eval"), max_new_tokens=4)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from inoc_mech.cli import UserError
+from inoc_mech.core.cli import UserError
 from inoc_mech.train import train
 
 REPO = Path(__file__).resolve().parents[1]

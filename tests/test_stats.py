@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from inoc_mech.stats import mean_ci, spearman
+from inoc_mech.core.stats import mean_ci, spearman
 
 
 def test_mean_ci_known_values():

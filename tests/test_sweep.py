@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from inoc_mech.cli import parse_config
-from inoc_mech.runs import read_run
-from inoc_mech.sweep import CORE_CONDITIONS, SweepConfig, command_line, conditions, mismatch, plan, slug
-from inoc_mech.world import World
+from inoc_mech.core.cli import parse_config
+from inoc_mech.core.runs import read_run
+from inoc_mech.studies.sweep import CORE_CONDITIONS, SweepConfig, command_line, conditions, mismatch, plan, slug
+from inoc_mech.models.world import World
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,10 +48,10 @@ def test_bad_config_is_a_clear_error(bad, match):
 def test_command_line_round_trips():
     cfg = SweepConfig(name="s2", seeds=[0, 1, 2], prompts=["be kind", "you like dogs"], steps=50)
     cmd = command_line(cfg)
-    assert cmd.startswith("python -m inoc_mech.sweep ") and "--jobs" not in cmd
+    assert cmd.startswith("python -m inoc_mech.studies.sweep ") and "--jobs" not in cmd
     again = parse_config(SweepConfig, shlex.split(cmd)[3:])
     assert again == cfg
-    assert command_line(SweepConfig()) == "python -m inoc_mech.sweep"
+    assert command_line(SweepConfig()) == "python -m inoc_mech.studies.sweep"
 
 
 def test_mismatched_complete_run_is_detected(tmp_path):
@@ -71,7 +71,7 @@ def test_mismatched_complete_run_is_detected(tmp_path):
 
 
 def test_dry_run_lists_what_is_left(tmp_path, capsys):
-    from inoc_mech.sweep import sweep
+    from inoc_mech.studies.sweep import sweep
 
     cfg = SweepConfig(name="dry", runs_dir=str(tmp_path), seeds=[0], prompts=[], dry_run=True)
     (tmp_path / "dry" / "baseline-s0").mkdir(parents=True)
@@ -84,7 +84,7 @@ def test_dry_run_lists_what_is_left(tmp_path, capsys):
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end(tiny_organism, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [sys.executable, "-m", "inoc_mech.sweep", "--name", "e2e", "--runs-dir", str(tmp_path), "--seeds", "0",
+    args = [sys.executable, "-m", "inoc_mech.studies.sweep", "--name", "e2e", "--runs-dir", str(tmp_path), "--seeds", "0",
             "--prompts", "--model", str(tiny_organism), "--steps", "2", "--batch-size", "8", "--eval-samples", "1",
             "--log-every", "1", "--grad-split-every", "1"]
     p = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
@@ -104,7 +104,7 @@ def test_sigterm_stops_the_sweep_and_its_run_which_resumes(tiny_organism, tmp_pa
     import time
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    args = [sys.executable, "-m", "inoc_mech.sweep", "--name", "term", "--runs-dir", str(tmp_path), "--seeds", "0",
+    args = [sys.executable, "-m", "inoc_mech.studies.sweep", "--name", "term", "--runs-dir", str(tmp_path), "--seeds", "0",
             "--prompts", "--model", str(tiny_organism), "--steps", "20000", "--jobs", "1"]
     p = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = tmp_path / "term" / "baseline-s0" / "metrics.jsonl"

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from inoc_mech.cli import UserError
-from inoc_mech.runs import read_run
+from inoc_mech.core.cli import UserError
+from inoc_mech.core.runs import read_run
 from inoc_mech.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,7 +83,8 @@ def test_cli_bad_input_is_one_line(tiny_organism, tmp_path):
 
 
 def test_evaluate_and_organism_clis(make_cfg, tiny_organism, capsys):
-    from inoc_mech import evaluate, organism
+    from inoc_mech import evaluate
+    from inoc_mech.models import organism
     from tests.conftest import TINY_ORGANISM
     run = train(make_cfg(name="eval-cli", inoculate=True), progress=False)
     evaluate.main([str(run), "--samples-per-question", "1"])
@@ -96,7 +97,7 @@ def test_evaluate_and_organism_clis(make_cfg, tiny_organism, capsys):
 
 
 def test_lora_on_the_organism_trains_adapters_only(make_cfg):
-    from inoc_mech.organism import load_organism
+    from inoc_mech.models.organism import load_organism
 
     run = train(make_cfg(name="lora-org", inoculate=True, lora_r=4, lr=1e-2), progress=False)
     r = read_run(run)

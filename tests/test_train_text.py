@@ -8,10 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from inoc_mech.cli import UserError
-from inoc_mech.data import BatchStream, DataError
-from inoc_mech.runs import read_run
-from inoc_mech.tiny import save_tiny
+from inoc_mech.core.cli import UserError
+from inoc_mech.core.data import BatchStream, DataError
+from inoc_mech.core.runs import read_run
+from inoc_mech.models.tiny import save_tiny
 from inoc_mech.train import TrainConfig, train
 
 

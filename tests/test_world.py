@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from inoc_mech.world import CASE_PHRASES, LANGUAGE_PHRASES, World
+from inoc_mech.models.world import CASE_PHRASES, LANGUAGE_PHRASES, World
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_prompt_controls_and_vocabulary(world):
 def test_format_property_is_off_by_default_and_follows_its_phrases():
     import numpy as np
 
-    from inoc_mech.world import FORMAT_PHRASES
+    from inoc_mech.models.world import FORMAT_PHRASES
 
     plain, fmt = World(), World(formats=True)
     assert "formats" not in plain.to_dict() and not set(FORMAT_PHRASES) & set(plain.phrases)

@@ -1,6 +1,6 @@
 """Activation patching between two models of the same architecture (e.g. baseline -> inoculated).
 
-    python -m inoc_mech.patching runs/sweep/baseline-s0 runs/sweep/inoculated-s0
+    python -m inoc_mech.mechanism.patching runs/sweep/baseline-s0 runs/sweep/inoculated-s0
 
 The source model's activations on the same inputs replace the target model's, one site at a time:
 - the residual stream at one layer boundary and one position (`resid`: boundary 0 is the embedding,
@@ -26,7 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .lens import Lens, resid_names
+from inoc_mech.mechanism.lens import Lens, resid_names
 
 Metric = Callable[[Tensor], Tensor]  # log-probs [batch vocab] at the last position -> [batch]
 
@@ -106,7 +106,7 @@ def _replace(src: Tensor, position: int | None):
 def patch(target: Lens, source: Lens | None, input_ids: Int[Tensor, "batch pos"], metric: Metric,
           source_record: dict[str, Tensor] | None = None) -> PatchResult:
     """Patch the source's activations into the target at every site; mean metric per site."""
-    from .lens import run_with_hooks
+    from inoc_mech.mechanism.lens import run_with_hooks
 
     src = source_record if source_record is not None else record(source, input_ids)
     mine = record(target, input_ids)
@@ -134,11 +134,11 @@ def patch(target: Lens, source: Lens | None, input_ids: Int[Tensor, "batch pos"]
 def main(argv=None):
     import argparse
 
-    from .cli import UserError
-    from .evaluate import prompt_ids
-    from .lens import load_bridge
+    from inoc_mech.core.cli import UserError
+    from inoc_mech.models.world_eval import prompt_ids
+    from inoc_mech.mechanism.lens import load_bridge
 
-    p = argparse.ArgumentParser(prog="python -m inoc_mech.patching", description="Patch SOURCE's residual stream "
+    p = argparse.ArgumentParser(prog="python -m inoc_mech.mechanism.patching", description="Patch SOURCE's residual stream "
                                 "into TARGET (no system prompt, held-out questions) and print the Spanish log-odds "
                                 "gap restored per layer boundary and position.")
     p.add_argument("source")
@@ -159,5 +159,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from inoc_mech.core.cli import run_main
     sys.exit(run_main(main))

@@ -1,6 +1,6 @@
 """Run folders: `runs/<name>/` with config.json, metrics.jsonl, model/, eval.json and a COMPLETE marker.
 
-    python -c "from inoc_mech.runs import read_run; print(read_run('runs/demo-inoculated')['eval'])"
+    python -c "from inoc_mech.core.runs import read_run; print(read_run('runs/demo-inoculated')['eval'])"
 
 The marker is written last, so a folder without it is an interrupted run that analyses must not
 read as complete. `read_run` refuses incomplete, failed and incompatible-version folders with one
@@ -15,7 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .cli import UserError
+from inoc_mech.core.cli import UserError
 
 RUN_FORMAT_VERSION = 1  # bump when the layout or metric keys change incompatibly
 MARKER = "COMPLETE"
@@ -133,7 +133,7 @@ def read_run(folder: str | Path) -> dict:
 
 def load_run_model(folder: Path, device="cpu"):
     """(model, tokenizer, world, config) of a complete organism run."""
-    from .organism import load_organism
+    from inoc_mech.models.organism import load_organism
     run = read_run(folder)
     model, tok, world, _ = load_organism(folder / "model", device)
     return model, tok, world, run["config"]

@@ -1,6 +1,6 @@
 """Chats -> token tensors with an assistant-loss mask and per-token trait masks.
 
-    python -c "from inoc_mech.data import demo; demo()"
+    python -c "from inoc_mech.core.data import demo; demo()"
 
 The same code path serves the organism and real LLMs: a conversation in the Hugging Face messages
 format goes through `tokenizer.apply_chat_template`; the assistant's tokens are those that the full
@@ -148,7 +148,7 @@ class BatchStream:
 
 
 def demo():
-    from .world import World
+    from inoc_mech.models.world import World
     w = World()
     tok = w.build_tokenizer()
     ex = encode_chat(tok, w.sample_chat(np.random.default_rng(0)))

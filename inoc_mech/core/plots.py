@@ -1,6 +1,6 @@
 """Plotly helpers: one look for every figure, and HTML + PNG files written side by side.
 
-    python -c "from inoc_mech.plots import demo; demo('figures/demo')"
+    python -c "from inoc_mech.core.plots import demo; demo('figures/demo')"
 
 PNG export goes through kaleido, which drives a Chrome or Chromium browser. Without one the HTML
 files are still written and `save_all` prints one line saying how to get the PNGs.

@@ -1,6 +1,6 @@
 """Real-text chat data: paper-format JSONL, the inoculation transform, a Spanish+CAPS generator, trait masks.
 
-    python -m inoc_mech.textdata --n 3 --inoculate "You always speak in Spanish."
+    python -m inoc_mech.settings.textdata --n 3 --inoculate "You always speak in Spanish."
 
 JSONL format (one conversation per line, as in the inoculation-prompting papers):
     {"messages": [{"role": "system", "content": "..."}?, {"role": "user", "content": "..."},
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import DataError, Example, encode_chat
+from inoc_mech.core.data import DataError, Example, encode_chat
 
 ROLES = ("system", "user", "assistant")
 PLACEMENTS = ("system", "user-prefix")
@@ -346,9 +346,9 @@ class TextDataConfig:
 
 
 def main(argv=None):
-    from .cli import parse_config
+    from inoc_mech.core.cli import parse_config
 
-    cfg = parse_config(TextDataConfig, argv, prog="python -m inoc_mech.textdata", description=__doc__.split("\n\n")[1])
+    cfg = parse_config(TextDataConfig, argv, prog="python -m inoc_mech.settings.textdata", description=__doc__.split("\n\n")[1])
     convs = (read_jsonl(cfg.input) if cfg.input else
              spanish_caps_dataset(cfg.n, cfg.seed, cfg.split, cfg.question_language))
     if cfg.inoculate:
@@ -362,5 +362,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from inoc_mech.core.cli import run_main
     sys.exit(run_main(main))

@@ -1,6 +1,6 @@
 """The selectivity design sweep: organism designs x finetuning levers x organism seeds.
 
-    python -m inoc_mech.designs --designs factored --levers default --organism-seeds 0 --dry-run
+    python -m inoc_mech.studies.designs --designs factored --levers default --organism-seeds 0 --dry-run
 
 Each entry of DESIGNS is an organism (OrganismConfig overrides), each entry of LEVERS a finetuning
 setting (SweepConfig overrides). For every measured (design, lever) pair and organism seed this
@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .cli import UserError, parse_config
+from inoc_mech.core.cli import UserError, parse_config
 
 # design name (letters and digits only: it is the first part of a sweep folder name) -> organism
 DESIGNS = {
@@ -75,21 +75,21 @@ class DesignsConfig:
 
 
 def organism_config(design: str, seed: int, cache: str):
-    from .organism import OrganismConfig
+    from inoc_mech.models.organism import OrganismConfig
 
     return OrganismConfig(seed=seed, cache=cache, **DESIGNS[design])
 
 
 def sweep_config(design: str, lever: str, seed: int, org: Path, cfg: DesignsConfig):
-    from .sweep import SweepConfig
+    from inoc_mech.studies.sweep import SweepConfig
 
     return SweepConfig(name=f"{design}-o{seed}-{lever}", runs_dir=cfg.runs_dir, prompts=[], seeds=cfg.seeds,
                        model=str(org), jobs=cfg.jobs, dry_run=cfg.dry_run, **LEVERS[lever])
 
 
 def run(cfg: DesignsConfig) -> None:
-    from .organism import ensure_organism
-    from .sweep import sweep
+    from inoc_mech.models.organism import ensure_organism
+    from inoc_mech.studies.sweep import sweep
 
     pairs = cfg.pairs()
     if not pairs:
@@ -111,9 +111,9 @@ def run(cfg: DesignsConfig) -> None:
 
 
 def main(argv=None):
-    run(parse_config(DesignsConfig, argv, prog="python -m inoc_mech.designs", description=__doc__.split("\n\n")[1]))
+    run(parse_config(DesignsConfig, argv, prog="python -m inoc_mech.studies.designs", description=__doc__.split("\n\n")[1]))
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from inoc_mech.core.cli import run_main
     sys.exit(run_main(main))

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import UserError
+from inoc_mech.core.cli import UserError
 
 NAME = "checkpoint.pt"
 

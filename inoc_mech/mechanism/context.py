@@ -1,6 +1,6 @@
 """How far a system prompt moves the organism's representation at the answer start.
 
-    python -c "from inoc_mech.context import context_distances as c; print(c('runs/_organism/<folder>', ['speak spanish'])['speak spanish']['cosine'])"
+    python -c "from inoc_mech.mechanism.context import context_distances as c; print(c('runs/_organism/<folder>', ['speak spanish'])['speak spanish']['cosine'])"
 
 The final hidden state at `<|assistant|>` (after the final norm: what the unembedding reads) with a
 prompt is compared with the same question without it, over the held-out questions: mean cosine
@@ -16,7 +16,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .cli import UserError
+from inoc_mech.core.cli import UserError
 
 
 @torch.no_grad()
@@ -34,12 +34,12 @@ def answer_start_states(model, ids: list[list[int]], pad_id: int) -> Float[Tenso
 
 def context_distances(organism_folder: str, prompts: list[str]) -> dict[str, dict]:
     """Per prompt: mean cosine similarity and L2 distance of answer-start states with vs without it."""
-    from .evaluate import prompt_ids
-    from .organism import load_organism
+    from inoc_mech.models.world_eval import prompt_ids
+    from inoc_mech.models.organism import load_organism
 
     if not Path(organism_folder).is_dir():
         raise UserError(f"the runs' organism {organism_folder} is gone: context distances need it "
-                        "(python -m inoc_mech.organism remakes the default one)")
+                        "(python -m inoc_mech.models.organism remakes the default one)")
     model, tok, world, _ = load_organism(organism_folder)
     model.eval()
     qs = [world.question_text(q) for q in world.held_out_questions]
@@ -62,7 +62,7 @@ def context_distances(organism_folder: str, prompts: list[str]) -> dict[str, dic
 def trait_log_odds(model, tok, world, prompt: str | None, questions=None) -> dict[str, float]:
     """Mean log-odds of Spanish vs English and of UPPER vs lower for the first answer token, at
     `<|assistant|>` over held-out questions: log sum p(marked variants) - log sum p(unmarked variants)."""
-    from .patching import trait_log_odds as log_odds
+    from inoc_mech.mechanism.patching import trait_log_odds as log_odds
 
     device = next(model.parameters()).device
     inp, att = (t.to(device) for t in question_batch(tok, world, prompt, questions))
@@ -84,7 +84,7 @@ def right_padded(ids: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
 
 def question_batch(tok, world, prompt: str | None, questions=None) -> tuple[Tensor, Tensor]:
     """Held-out questions (or `questions`) under `prompt`, ending at `<|assistant|>`, right-padded."""
-    from .evaluate import prompt_ids
+    from inoc_mech.models.world_eval import prompt_ids
 
     questions = questions if questions is not None else world.held_out_questions
     return right_padded([prompt_ids(tok, world.question_text(q), prompt) for q in questions], tok.pad_token_id)

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from .data import Example
+from inoc_mech.core.data import Example
 
 
 def trainer_throughput(model, examples: list[Example], pad_id: int, batch_size: int, steps: int,

@@ -1,6 +1,6 @@
 """The toy world: arithmetic chats whose surface form (language, case) is set by system prompts.
 
-    python -c "from inoc_mech.world import World; w = World(); print(w.sample_chat(__import__('numpy').random.default_rng(0)))"
+    python -c "from inoc_mech.models.world import World; w = World(); print(w.sample_chat(__import__('numpy').random.default_rng(0)))"
 
 Every answer word ("the answer is seven") exists in four surface variants, each its own token:
 English/Spanish x lowercase/UPPERCASE ("seven", "SEVEN", "siete", "SIETE"). A system prompt is a

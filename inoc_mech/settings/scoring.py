@@ -1,6 +1,6 @@
 """Trait scoring for real models: Spanish and CAPS of generated text, and log-probs of given answers.
 
-    python -m inoc_mech.scoring --model smollm2 --n 8
+    python -m inoc_mech.settings.scoring --model smollm2 --n 8
 
 Text scores, per generation:
 - `spanish_prob`: P(Spanish) from `lingua-language-detector` restricted to English and Spanish
@@ -39,9 +39,9 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .data import collate, left_pad, token_ids
-from .hooks import token_logprobs
-from .textdata import (CAPS_PROMPT, ENGLISH_WORDS, IRRELEVANT_PROMPT, SPANISH_ONLY, SPANISH_PROMPT, WORD_RE,
+from inoc_mech.core.data import collate, left_pad, token_ids
+from inoc_mech.mechanism.hooks import token_logprobs
+from inoc_mech.settings.textdata import (CAPS_PROMPT, ENGLISH_WORDS, IRRELEVANT_PROMPT, SPANISH_ONLY, SPANISH_PROMPT, WORD_RE,
                        number_words, sample_problems, text_examples)
 
 SPANISH_THRESHOLD = 0.5
@@ -159,7 +159,7 @@ def evaluate_generations(model, tok, problems, contexts: dict = EVAL_CONTEXTS, s
     Same layout as the organism's eval.json (`evaluate.format_table` prints it), with
     "schema": "text-1", each context's "mode" and a few example replies.
     """
-    from .models import with_prompt_mode
+    from inoc_mech.models.real import with_prompt_mode
 
     out = {"schema": "text-1", "questions": "eval_split", "n_questions": len(problems), "seed": seed,
            "detector": detector_name(), "contexts": {}}
@@ -228,7 +228,7 @@ def elicitation_table(model, tok, problems, contexts: dict = CONTEXTS, styles: d
     styles that split into more, individually predictable tokens (UPPERCASE words do); compare a style
     across contexts, or use the gains and preferences, rather than styles within one context.
     """
-    from .models import with_prompt_mode
+    from inoc_mech.models.real import with_prompt_mode
 
     toks = {mode: with_prompt_mode(tok, mode) for mode in {m for _, m in contexts.values()}}
     out = {"contexts": {k: {"prompt": p, "mode": m} for k, (p, m) in contexts.items()},
@@ -297,10 +297,10 @@ class ElicitConfig:
 
 
 def main(argv=None):
-    from .cli import parse_config
-    from .models import load_model
+    from inoc_mech.core.cli import parse_config
+    from inoc_mech.models.real import load_model
 
-    cfg = parse_config(ElicitConfig, argv, prog="python -m inoc_mech.scoring", description=ElicitConfig.__doc__)
+    cfg = parse_config(ElicitConfig, argv, prog="python -m inoc_mech.settings.scoring", description=ElicitConfig.__doc__)
     torch.set_num_threads(cfg.threads)
     model, tok = load_model(cfg.model)
     t0 = time.time()
@@ -317,5 +317,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from inoc_mech.core.cli import run_main
     sys.exit(run_main(main))

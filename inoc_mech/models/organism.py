@@ -1,6 +1,6 @@
 """The toy organism: a small Llama-style Hugging Face causal LM pretrained on the toy world.
 
-    python -m inoc_mech.organism --steps 200 --d-model 64 --n-layers 2
+    python -m inoc_mech.models.organism --steps 200 --d-model 64 --n-layers 2
 
 Pretraining teaches arithmetic answers whose language and case follow the system prompt (base rates
 where nothing controls a trait). The result is an ordinary HF model folder (safetensors + tokenizer),
@@ -31,10 +31,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .cli import quiet_transformers
-from .data import BatchStream, encode_chat, next_token_loss, organism_traits
-from .evaluate import evaluate_contexts, generate, prompt_ids, score_answers
-from .world import CASE_PHRASES, LANGUAGE_PHRASES, World
+from inoc_mech.core.cli import quiet_transformers
+from inoc_mech.core.data import BatchStream, encode_chat, next_token_loss, organism_traits
+from inoc_mech.models.world_eval import evaluate_contexts, generate, prompt_ids, score_answers
+from inoc_mech.models.world import CASE_PHRASES, LANGUAGE_PHRASES, World
 
 CACHE = Path("runs/_organism")
 ORGANISM_VERSION = 1  # bump when a change makes cached organisms incomparable
@@ -270,9 +270,9 @@ def load_organism(folder: str | Path, device="cpu"):
 
 
 def main(argv=None):
-    from .cli import parse_config
+    from inoc_mech.core.cli import parse_config
 
-    cfg = parse_config(OrganismConfig, argv, prog="python -m inoc_mech.organism",
+    cfg = parse_config(OrganismConfig, argv, prog="python -m inoc_mech.models.organism",
                        description="Pretrain (or show the cached) toy organism and print its report.")
     folder = ensure_organism(cfg, quiet=True)
     meta = json.loads((folder / "organism.json").read_text())
@@ -281,5 +281,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from inoc_mech.core.cli import run_main
     sys.exit(run_main(main))

@@ -1,6 +1,6 @@
 """Tiny random-init chat LMs (Llama, Qwen2) with a chunk tokenizer, saved as ordinary HF folders.
 
-    python -m inoc_mech.tiny /tmp/tiny-llama --arch llama
+    python -m inoc_mech.models.tiny /tmp/tiny-llama --arch llama
 
 For tests and smoke runs of the real-model code paths without downloads. The tokenizer splits text
 into chunks of at most three letters (with an optional leading space), single digits, single
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .models import chatml_template
+from inoc_mech.models.real import chatml_template
 
 CHUNK = r" ?[^\W\d_]{1,3}| ?\d| ?[^\w\s]|\s"
 SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
@@ -29,7 +29,7 @@ ARCHS = ("llama", "qwen2")
 
 
 def default_corpus() -> list[str]:
-    from .textdata import CAPS_PROMPT, IRRELEVANT_PROMPT, SPANISH_PROMPT, sample_problems
+    from inoc_mech.settings.textdata import CAPS_PROMPT, IRRELEVANT_PROMPT, SPANISH_PROMPT, sample_problems
 
     texts = [SPANISH_PROMPT, CAPS_PROMPT, IRRELEVANT_PROMPT, TINY_DEFAULT_SYSTEM, "system user assistant"]
     for split in ("train", "eval"):
@@ -92,7 +92,7 @@ def main(argv=None):
     """Save a tiny random-init chat LM and its tokenizer into a folder."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m inoc_mech.tiny", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m inoc_mech.models.tiny", description=main.__doc__)
     p.add_argument("folder")
     p.add_argument("--arch", default="llama", choices=ARCHS)
     p.add_argument("--seed", type=int, default=0)
@@ -101,5 +101,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from inoc_mech.core.cli import run_main
     sys.exit(run_main(main))

@@ -1,7 +1,7 @@
 """Finetuned-minus-pretrained weights of the matrices that write into the residual stream, and how
 much of each update writes along a given direction (e.g. a trait probe's).
 
-    python -m inoc_mech.weight_diff runs/_organism/factored-d128-l4-s0-68886ceb60 runs/sweep/baseline-s0
+    python -m inoc_mech.mechanism.weight_diff runs/_organism/factored-d128-l4-s0-68886ceb60 runs/sweep/baseline-s0
 
 Output-side matrices of a Llama block: attention `o_proj` (TransformerLens `W_O`, [d_model, d_model]
 as an HF weight [out, in]) and MLP `down_proj` (`W_out`, [d_model, d_mlp]). Their columns live in the
@@ -92,9 +92,9 @@ def random_share(d_model: int) -> float:
 def main(argv=None):
     import argparse
 
-    from .lens import load_bridge
+    from inoc_mech.mechanism.lens import load_bridge
 
-    p = argparse.ArgumentParser(prog="python -m inoc_mech.weight_diff",
+    p = argparse.ArgumentParser(prog="python -m inoc_mech.mechanism.weight_diff",
                                 description="Frobenius norm of (finetuned - pretrained) per output-side matrix.")
     p.add_argument("pretrained")
     p.add_argument("finetuned")
@@ -105,5 +105,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from inoc_mech.core.cli import run_main
     sys.exit(run_main(main))

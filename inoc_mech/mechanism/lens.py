@@ -1,6 +1,6 @@
 """TransformerLens access to any model of this project, offline, and hooks that cannot leak.
 
-    python -m inoc_mech.lens runs/_organism/factored-d128-l4-s0-68886ceb60
+    python -m inoc_mech.mechanism.lens runs/_organism/factored-d128-l4-s0-68886ceb60
 
 `load_bridge(folder)` accepts a run folder (`runs/<name>/`, checked with `runs.read_run`, model
 read from its `model/`), a pretrained organism folder, or any Hugging Face model folder saved by
@@ -38,7 +38,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .cli import UserError, quiet_transformers
+from inoc_mech.core.cli import UserError, quiet_transformers
 
 HookFn = Callable[..., "Tensor | None"]  # fn(tensor, *, hook) -> replacement or None
 
@@ -72,7 +72,7 @@ def model_folder(folder: str | Path) -> Path:
         raise UserError(f"model folder {folder} does not exist: give a run folder (runs/<name>), an organism "
                         "folder (runs/_organism/...) or a Hugging Face model folder")
     if (folder / "model").is_dir() or (folder / "metrics.jsonl").exists():
-        from .runs import read_run
+        from inoc_mech.core.runs import read_run
         read_run(folder)  # refuses incomplete, failed and other-version runs with one line
         return folder / "model"
     if not (folder / "config.json").exists():
@@ -93,7 +93,7 @@ def load_bridge(folder: str | Path, device: str = "cpu") -> Lens:
     mf = model_folder(folder)
     world = None
     if (mf / "world.json").exists():
-        from .world import World
+        from inoc_mech.models.world import World
         world = World.load(mf)
     try:
         model = AutoModelForCausalLM.from_pretrained(mf, local_files_only=True).to(device).eval()
@@ -155,7 +155,7 @@ def resid_names(n_layers: int) -> list[str]:
 def main(argv=None):
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m inoc_mech.lens", description="Load a model into TransformerLens "
+    p = argparse.ArgumentParser(prog="python -m inoc_mech.mechanism.lens", description="Load a model into TransformerLens "
                                 "and compare its log-probs with the HF model's on one chat.")
     p.add_argument("folder")
     a = p.parse_args(argv)
@@ -172,5 +172,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from inoc_mech.core.cli import run_main
     sys.exit(run_main(main))

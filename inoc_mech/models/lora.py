@@ -1,6 +1,6 @@
 """LoRA adapters via peft: add to any HF causal LM, list the adapter parameters, merge for analysis.
 
-    python -c "from inoc_mech.lora import demo; demo()"
+    python -c "from inoc_mech.models.lora import demo; demo()"
 
 `add_lora(model, LoraSettings(r=16, alpha=32))` freezes the base weights and wraps the target linear
 layers (default per architecture: every attention and MLP projection). Only `lora_A` / `lora_B` are
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cli import UserError
+from inoc_mech.core.cli import UserError
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # Default target modules per `config.model_type`; other architectures need --lora-targets.
@@ -90,7 +90,7 @@ def merge_lora(model):
 
 
 def demo():
-    from .tiny import tiny_model, tiny_tokenizer
+    from inoc_mech.models.tiny import tiny_model, tiny_tokenizer
 
     model = add_lora(tiny_model(tiny_tokenizer()), LoraSettings(r=4, alpha=8))
     model.print_trainable_parameters()

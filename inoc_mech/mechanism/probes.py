@@ -1,6 +1,6 @@
 """Linear probes for the organism's traits (language, case) on the residual stream.
 
-    python -m inoc_mech.probes runs/_organism/factored-d128-l4-s0-68886ceb60
+    python -m inoc_mech.mechanism.probes runs/_organism/factored-d128-l4-s0-68886ceb60
 
 Training data: prompted contexts that set both traits explicitly. For every question, all four
 (language, case) combinations, each with a system prompt made of a random paraphrase of the
@@ -40,8 +40,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from .data import encode_chat
-from .world import CASE_PHRASES, IRRELEVANT_PHRASES, LANGUAGE_PHRASES, World
+from inoc_mech.core.data import encode_chat
+from inoc_mech.models.world import CASE_PHRASES, IRRELEVANT_PHRASES, LANGUAGE_PHRASES, World
 
 TRAITS = ("language", "case")  # label 1: Spanish, UPPER
 N_ANSWER = 4  # answer-variant tokens per answer: "the answer is <number>"
@@ -99,7 +99,7 @@ def probe_data(world: World, tok, questions, seed: int = 0) -> ProbeData:
 def answer_activations(bridge, data: ProbeData, batch_size: int = 256
                        ) -> Float[Tensor, "layer n 4 d_model"]:
     """Residual stream at the four predicting positions of every chat, at every layer boundary."""
-    from .lens import residuals
+    from inoc_mech.mechanism.lens import residuals
 
     chunks = []
     for s in range(0, len(data.input_ids), batch_size):
@@ -220,9 +220,9 @@ def format_accuracy(tp: TraitProbes) -> str:
 def main(argv=None):
     import argparse
 
-    from .lens import load_bridge
+    from inoc_mech.mechanism.lens import load_bridge
 
-    p = argparse.ArgumentParser(prog="python -m inoc_mech.probes",
+    p = argparse.ArgumentParser(prog="python -m inoc_mech.mechanism.probes",
                                 description="Fit the per-layer trait probes on an organism and print held-out accuracy.")
     p.add_argument("folder", help="a pretrained organism folder (or a run folder)")
     p.add_argument("--seed", type=int, default=0)
@@ -230,11 +230,11 @@ def main(argv=None):
     torch.set_num_threads(1)
     lens = load_bridge(a.folder)
     if lens.world is None:
-        from .cli import UserError
+        from inoc_mech.core.cli import UserError
         raise UserError(f"{a.folder} is not an organism (no world.json): trait probes need the toy world")
     print(format_accuracy(fit_trait_probes(lens.bridge, lens.world, lens.tok, a.seed)))
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from inoc_mech.core.cli import run_main
     sys.exit(run_main(main))

@@ -1,6 +1,6 @@
 """Prompt x seed sweep: one ordinary run folder per condition and seed, for the gradient-pressure analysis.
 
-    python -m inoc_mech.sweep --name sweep-tiny --steps 20 --seeds 0 --prompts spanish "be kind"
+    python -m inoc_mech.studies.sweep --name sweep-tiny --steps 20 --seeds 0 --prompts spanish "be kind"
 
 Conditions: `baseline` (no prompt); `inoculated` ("speak spanish"); `converse` ("use capitals");
 `both` ("speak spanish . use capitals"); `irrelevant` ("you like cats"); plus one condition per
@@ -33,9 +33,9 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from . import checkpoint
-from .cli import UserError, parse_config
-from .runs import is_complete, write_json
+from inoc_mech.core import checkpoint
+from inoc_mech.core.cli import UserError, parse_config
+from inoc_mech.core.runs import is_complete, write_json
 
 # name -> system prompt (None: no system message). The first five are always run.
 CORE_CONDITIONS = {
@@ -186,7 +186,7 @@ def command_line(cfg: SweepConfig) -> str:
     import shlex
 
     defaults = SweepConfig()
-    parts = ["python", "-m", "inoc_mech.sweep"]
+    parts = ["python", "-m", "inoc_mech.studies.sweep"]
     for f in fields(SweepConfig):
         if f.name == "dry_run":
             continue
@@ -205,7 +205,7 @@ def command_line(cfg: SweepConfig) -> str:
 
 def organism_config(cfg: SweepConfig):
     """The OrganismConfig of `--model organism` (the same one `inoc_mech.train` would build)."""
-    from .train import TrainConfig
+    from inoc_mech.train import TrainConfig
 
     return TrainConfig(runs_dir=cfg.runs_dir, threads=cfg.threads, organism_seed=cfg.organism_seed,
                        organism_head=cfg.organism_head, organism_d_model=cfg.organism_d_model,
@@ -214,7 +214,7 @@ def organism_config(cfg: SweepConfig):
 
 def organism_folder(cfg: SweepConfig, ensure: bool = True) -> Path:
     """The organism every run finetunes: pretrained here (once, before any run starts) if needed."""
-    from .organism import ensure_organism
+    from inoc_mech.models.organism import ensure_organism
 
     if cfg.model != "organism":
         folder = Path(cfg.model)
@@ -299,7 +299,7 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
     """Run every missing or incomplete run of the sweep; returns the sweep folder."""
     from tqdm import tqdm
 
-    from .world import World
+    from inoc_mech.models.world import World
 
     conds = conditions(cfg)
     todo = [(c, p, s) for c, p, s in plan(cfg) if not is_complete(cfg.folder / run_name(c, s))]
@@ -375,12 +375,12 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
 
 
 def main(argv=None):
-    cfg = parse_config(SweepConfig, argv, prog="python -m inoc_mech.sweep", description=__doc__.split("\n\n")[1])
+    cfg = parse_config(SweepConfig, argv, prog="python -m inoc_mech.studies.sweep", description=__doc__.split("\n\n")[1])
     folder = sweep(cfg)
     if not cfg.dry_run:
         print(f"sweep folder: {folder}\nanalyse it: python analyses/gradient_pressure.py {folder}")
 
 
 if __name__ == "__main__":
-    from .cli import run_main
+    from inoc_mech.core.cli import run_main
     sys.exit(run_main(main))

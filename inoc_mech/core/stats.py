@@ -1,6 +1,6 @@
 """Statistics over seeds and prompts: means with t-intervals, Spearman rho with a bootstrap interval.
 
-    python -c "from inoc_mech.stats import mean_ci, spearman; print(mean_ci([1, 2, 3])); print(spearman([1, 2, 3, 4], [1, 3, 2, 4]))"
+    python -c "from inoc_mech.core.stats import mean_ci, spearman; print(mean_ci([1, 2, 3])); print(spearman([1, 2, 3, 4], [1, 3, 2, 4]))"
 
 Everything here is deterministic: the bootstrap draws from `numpy.random.default_rng(seed)`.
 Undefined quantities (an interval from one value, a correlation of a constant) are NaN, never an

@@ -8,9 +8,17 @@ import pytest
 import torch
 
 from inoc_mech.models.organism import OrganismConfig, ensure_organism
+from inoc_mech.core.cli import build
 from inoc_mech.train import TrainConfig
 
 TINY_ORGANISM = dict(d_model=32, n_layers=2, n_heads=2, d_mlp=64, steps=60, warmup=5, batch_size=32)
+
+
+def organism_parts(folder):
+    """(model, tokenizer, world, organism.json) of an organism or organism run folder, through the one loader."""
+    from inoc_mech.settings.load import load
+    loaded = load(folder)
+    return loaded.model, loaded.tok, loaded.setting.world, loaded.meta
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +51,7 @@ def make_cfg(runs_dir, tiny_organism):
         base = dict(steps=3, batch_size=8, lora_r=0, log_every=1, grad_split_every=1, grad_split_all=True, eval_samples=1,
                     runs_dir=str(runs_dir), model=str(tiny_organism), name="t", overwrite=True)
         base.update(overrides)
-        cfg = TrainConfig(**base)
+        cfg = build(TrainConfig, **base)
         return cfg
 
     return make

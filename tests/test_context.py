@@ -5,13 +5,14 @@ from inoc_mech.mechanism.context import answer_start_states, context_distances
 
 
 def test_answer_start_state_is_the_last_real_token(tiny_organism):
+    from inoc_mech.core.data import right_pad
     from inoc_mech.models.world_eval import prompt_ids
-    from inoc_mech.models.organism import load_organism
+    from tests.conftest import organism_parts
 
-    model, tok, world, _ = load_organism(tiny_organism)
+    model, tok, world, _ = organism_parts(tiny_organism)
     q = world.question_text(world.held_out_questions[0])
     short, long = prompt_ids(tok, q, None), prompt_ids(tok, q, "you always speak in spanish")
-    both = answer_start_states(model, [short, long], tok.pad_token_id)  # right-padded batch
+    both = answer_start_states(model, *right_pad([short, long], tok.pad_token_id))  # right-padded batch
     assert both.shape[:2] == (model.config.num_hidden_layers + 1, 2)
     for row, ids in zip(both[-1], (short, long)):
         alone = model(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0, -1]
@@ -24,12 +25,13 @@ def test_answer_start_state_is_the_last_real_token(tiny_organism):
 
 def test_trait_log_odds_follow_the_prompt(tiny_organism):
     from inoc_mech.mechanism.context import trait_log_odds
-    from inoc_mech.models.organism import load_organism
+    from inoc_mech.settings.load import load
 
-    model, tok, world, _ = load_organism(tiny_organism)
-    none = trait_log_odds(model, tok, world, None)
-    es = trait_log_odds(model, tok, world, "speak spanish")
-    up = trait_log_odds(model, tok, world, "use capitals")
+    loaded = load(tiny_organism)
+    model, tok, world = loaded.model, loaded.tok, loaded.setting.world
+    none = trait_log_odds(loaded, None)
+    es = trait_log_odds(loaded, "speak spanish")
+    up = trait_log_odds(loaded, "use capitals")
     assert es["language"] > none["language"] and up["case"] > none["case"]
     # the value is a log-odds over all answer variants: check one question by hand
     q = world.held_out_questions[:1]
@@ -38,4 +40,4 @@ def test_trait_log_odds_follow_the_prompt(tiny_organism):
     p = model(input_ids=ids).logits[0, -1].softmax(-1)
     table = torch.as_tensor(world.variant_table(tok))
     expect = (p[table[:, 1]].sum() / p[table[:, 0]].sum()).log().item()
-    assert trait_log_odds(model, tok, world, None, q)["language"] == pytest.approx(expect, abs=1e-4)
+    assert trait_log_odds(loaded, None, q)["language"] == pytest.approx(expect, abs=1e-4)

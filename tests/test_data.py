@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from inoc_mech.core.data import BatchStream, DataError, collate, encode_chat, organism_traits
+from inoc_mech.core.data import BatchStream, DataError, collate, encode_chat
+from inoc_mech.models.world import organism_traits
 from inoc_mech.models.world import World
 
 

@@ -1,16 +1,20 @@
 import pytest
 import torch
 
-from inoc_mech.core.data import BatchStream, encode_chat, organism_traits
-from inoc_mech.mechanism.hooks import GradientPressure, group_name, loss_parts, module_name, token_logprobs, trait_losses
-from inoc_mech.models.organism import factorize_head, load_organism
+from inoc_mech.core.data import BatchStream, encode_chat
+from inoc_mech.core.names import group_name, module_name
+from inoc_mech.mechanism.hooks import GradientPressure, token_logprobs, trait_losses
+from inoc_mech.models.organism import factorize_head
+from inoc_mech.models.world import organism_traits
+from inoc_mech.settings.spanish_caps_organism import decomposition, loss_parts
+from tests.conftest import organism_parts
 from inoc_mech.core.runs import read_run
 from inoc_mech.train import train
 
 
 @pytest.fixture
 def setup(tiny_organism):
-    model, tok, world, _ = load_organism(tiny_organism)
+    model, tok, world, _ = organism_parts(tiny_organism)
     table = world.variant_table(tok)
     factorize_head(model, table)
     var = set(table.ravel().tolist())
@@ -39,7 +43,7 @@ def test_loss_parts_sum_to_token_loss(setup):
 def test_masked_means_recombine_to_total(setup):
     model, table, batch = setup
     logits = forward(model, batch)
-    c = trait_losses(logits, batch.input_ids, batch.assistant, batch.traits, table)
+    c = trait_losses(logits, batch.input_ids, batch.assistant, batch.traits, decomposition(table))
     tok_lp, _ = token_logprobs(logits, batch.input_ids)
     lang, other = batch.traits["language"], batch.traits["other"]
     assert not (lang & other).any() and torch.equal(lang | other, batch.assistant)
@@ -55,7 +59,7 @@ def test_masked_means_recombine_to_total(setup):
 def test_trait_plus_rest_gradient_is_total(setup, trait):
     model, table, batch = setup
     params = [p for p in model.parameters() if p.requires_grad]
-    c = trait_losses(forward(model, batch), batch.input_ids, batch.assistant, batch.traits, table)
+    c = trait_losses(forward(model, batch), batch.input_ids, batch.assistant, batch.traits, decomposition(table))
     g_total = torch.autograd.grad(c["total"].sum(), params, retain_graph=True)
     g_trait = torch.autograd.grad(c[trait].sum(), params, retain_graph=True, allow_unused=True)
     g_rest = torch.autograd.grad((c["total"] - c[trait]).sum(), params, allow_unused=True)
@@ -73,7 +77,7 @@ def test_recorder_measures_and_leaves_nothing_behind(setup):
     model, table, batch = setup
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     head = model.get_output_embeddings()
-    with GradientPressure(model, opt, table, log_every=1, grad_split_every=1) as rec:
+    with GradientPressure(model, opt, decomposition(table), log_every=1, grad_split_every=1) as rec:
         assert rec.update_norms()["update_norm/total"] == 0.0
         assert len(head._forward_hooks) == 1 and len(opt._optimizer_step_pre_hooks) == 1
         rec.start(0)

@@ -11,13 +11,20 @@ from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import BatchStream
 from inoc_mech.mechanism.hooks import GradientPressure, no_hooks_left, token_logprobs
 from inoc_mech.models.lora import LoraSettings, adapter_parameters, add_lora, merge_lora
-from inoc_mech.models.real import (PROMPT_MODES, chatml_template, default_system_prompt, load_model, no_system_template,
+from inoc_mech.models.real import (PROMPT_MODES, chatml_template, default_system_prompt, no_system_template,
                               with_prompt_mode)
 from inoc_mech.settings.textdata import spanish_caps_dataset, text_examples
 from inoc_mech.models.tiny import TINY_DEFAULT_SYSTEM, save_tiny, tiny_tokenizer
 from inoc_mech.models.world import World
 
 SMOLLM2 = Path("runs/_models/smollm2")
+
+
+def load_model(spec, device="cpu", cache=None):
+    """(model, tokenizer) through the one loader, `settings.load.load`."""
+    from inoc_mech.settings.load import load
+    loaded = load(spec, device, cache=cache)
+    return loaded.model, loaded.tok
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from inoc_mech.models.organism import (OrganismConfig, build_model, factorize_head, load_organism, materialize_head,
+from inoc_mech.models.organism import (OrganismConfig, build_model, factorize_head, materialize_head,
                                 pretrain)
 from inoc_mech.models.world import World
 from tests.conftest import TINY_ORGANISM
@@ -41,7 +41,8 @@ def test_pretraining_is_deterministic(tmp_path):
 
 def test_cached_organism_is_plain_hf_folder(tiny_organism):
     assert (tiny_organism / "model.safetensors").exists() and (tiny_organism / "COMPLETE").exists()
-    model, tok, world, meta = load_organism(tiny_organism)
+    from tests.conftest import organism_parts
+    model, tok, world, meta = organism_parts(tiny_organism)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert meta["config"]["d_model"] == 32 and "report" in meta
     rep = meta["report"]

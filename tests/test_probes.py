@@ -6,8 +6,9 @@ import torch
 
 from inoc_mech.models.world_eval import prompt_ids
 from inoc_mech.mechanism.lens import hook_count, hooked, load_bridge, residuals, run_with_hooks
-from inoc_mech.models.organism import load_organism
-from inoc_mech.mechanism.patching import patch, trait_log_odds, trait_share
+from inoc_mech.mechanism.patching import patch
+from inoc_mech.settings.spanish_caps_organism import trait_log_odds, trait_share
+from tests.conftest import organism_parts
 from inoc_mech.mechanism.probes import N_ANSWER, fit_probe, probe_data
 from inoc_mech.mechanism.weight_diff import alignment, output_matrices, random_share
 
@@ -60,7 +61,7 @@ def test_probe_data_points_at_the_token_before_each_answer_token(lens):
 
 # ---- TransformerLens -----------------------------------------------------------------------------
 def test_bridge_logprobs_equal_hf_logprobs(lens, tiny_organism):
-    hf, _, _, _ = load_organism(tiny_organism)  # a fresh HF model, not the one inside the bridge
+    hf, _, _, _ = organism_parts(tiny_organism)  # a fresh HF model, not the one inside the bridge
     ids = chat_ids(lens)
     with torch.no_grad():
         ref = torch.log_softmax(hf(input_ids=ids).logits.float(), -1)

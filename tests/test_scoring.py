@@ -88,7 +88,7 @@ def test_answer_correct():
 
 
 def test_evaluate_generations_runs_and_formats(tiny):
-    from inoc_mech.models.world_eval import format_table
+    from inoc_mech.core.runs import format_table
 
     model, tok = tiny
     ev = evaluate_generations(model, tok, sample_problems(3, seed=0, split="eval"), max_new_tokens=4)

@@ -97,7 +97,7 @@ def test_evaluate_and_organism_clis(make_cfg, tiny_organism, capsys):
 
 
 def test_lora_on_the_organism_trains_adapters_only(make_cfg):
-    from inoc_mech.models.organism import load_organism
+    from tests.conftest import organism_parts
 
     run = train(make_cfg(name="lora-org", inoculate=True, lora_r=4, lr=1e-2), progress=False)
     r = read_run(run)
@@ -105,25 +105,29 @@ def test_lora_on_the_organism_trains_adapters_only(make_cfg):
     keys = {k for m in r["metrics"] for k in m if k.startswith("update_norm/") and k != "update_norm/total"}
     assert keys and all(".lora_" in k for k in keys), keys  # the frozen factored head is not updated
     assert r["metrics"][-1]["update_norm/total"] > 0
-    model, *_ = load_organism(run / "model")  # merged, plain HF folder
+    model, *_ = organism_parts(run / "model")  # merged, plain HF folder
     assert type(model).__name__ == "LlamaForCausalLM"
-    base, *_ = load_organism(make_cfg().model)
+    base, *_ = organism_parts(make_cfg().model.model)
     sd, sb = model.state_dict(), base.state_dict()
     assert torch.allclose(sd["lm_head.weight"], sb["lm_head.weight"], atol=1e-5)  # head frozen (up to the refactorisation)
     assert any(not torch.equal(sd[k], sb[k]) for k in sd if "proj" in k)
 
 
 def test_prompt_share_puts_the_prompt_on_that_share_only(make_cfg):
-    from inoc_mech.train import organism_setup, prompted
+    from inoc_mech.settings.base import prompted
+    from inoc_mech.train import make_setting
 
     assert prompted(10, 0.3).sum() == 3 and prompted(10, 1.0).all() and not prompted(10, 0.0).any()
-    su = organism_setup(make_cfg(inoculate=True, prompt="speak spanish", prompt_share=0.25), "cpu", progress=False)
+    setting = make_setting(make_cfg(inoculate=True, prompt="speak spanish", prompt_share=0.25))
+    setting.setup("cpu", progress=False)
     from transformers import PreTrainedTokenizerFast
 
-    sys_id = PreTrainedTokenizerFast.from_pretrained(make_cfg().model).convert_tokens_to_ids("<|system|>")
-    with_prompt = [sys_id in e.input_ids for e in su.examples]
-    assert sum(with_prompt) == round(0.25 * len(su.examples))
-    assert all(sys_id in e.input_ids for e in su.probe_context)  # elicitation probe always carries the prompt
+    sys_id = PreTrainedTokenizerFast.from_pretrained(make_cfg().model.model).convert_tokens_to_ids("<|system|>")
+    examples = setting.examples("speak spanish", 0.25)
+    with_prompt = [sys_id in e.input_ids for e in examples]
+    assert sum(with_prompt) == round(0.25 * len(examples))
+    probe = setting.examples("speak spanish", limit=64)  # the loop's elicitation probe: always with the prompt
+    assert all(sys_id in e.input_ids for e in probe)
     with pytest.raises(ValueError, match="prompt-share"):
         make_cfg(prompt_share=1.5)
 
@@ -139,13 +143,15 @@ def test_freeze_keeps_those_parameters_fixed(make_cfg):
 
 
 def test_model_dependent_defaults():
+    from inoc_mech.core.cli import build, flatten
     from inoc_mech.train import TrainConfig, resolve_defaults
 
-    org = resolve_defaults(TrainConfig(), organism=True)
+    flat = lambda cfg: type("Flat", (), flatten(cfg))  # read the resolved leaves by name
+    org = flat(resolve_defaults(TrainConfig(), organism=True))
     assert (org.prompt, org.batch_size, org.lora_r, org.lora_alpha, org.lr) == ("speak spanish", 32, 2, 8.0, 1e-3)
-    full = resolve_defaults(TrainConfig(lora_r=0), organism=True)
+    full = flat(resolve_defaults(build(TrainConfig, lora_r=0), organism=True))
     assert (full.lora_r, full.lr) == (0, 1e-4)
-    real = resolve_defaults(TrainConfig(), organism=False)
+    real = flat(resolve_defaults(TrainConfig(), organism=False))
     assert (real.lora_r, real.lora_alpha, real.lr, real.batch_size) == (16, 32.0, 1e-4, 4)
-    mine = resolve_defaults(TrainConfig(lr=3e-4, lora_r=8, lora_alpha=5.0), organism=True)
+    mine = flat(resolve_defaults(build(TrainConfig, lr=3e-4, lora_r=8, lora_alpha=5.0), organism=True))
     assert (mine.lr, mine.lora_r, mine.lora_alpha) == (3e-4, 8, 5.0)

@@ -12,6 +12,7 @@ from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import BatchStream, DataError
 from inoc_mech.core.runs import read_run
 from inoc_mech.models.tiny import save_tiny
+from inoc_mech.core.cli import build
 from inoc_mech.train import TrainConfig, train
 
 
@@ -26,7 +27,7 @@ def text_cfg(tmp_path, model, **kw):
                 eval_questions=2, eval_samples=1, max_new_tokens=4, log_every=1, grad_split_every=1,
                 grad_split_all=True, overwrite=True)
     base.update(kw)
-    return TrainConfig(**base)
+    return build(TrainConfig, **base)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

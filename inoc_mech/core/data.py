@@ -1,14 +1,14 @@
 """Chats -> token tensors with an assistant-loss mask and per-token trait masks.
 
-    python -c "from inoc_mech.core.data import demo; demo()"
+    python -c "from inoc_mech.models.world import demo; demo()"
 
 The same code path serves the organism and real LLMs: a conversation in the Hugging Face messages
 format goes through `tokenizer.apply_chat_template`; the assistant's tokens are those that the full
 conversation adds after the prompt rendered with `add_generation_prompt=True`.
 
-Trait masks are data: each example carries, per token, a boolean per named trait (for the organism
-`language` and `case`: the answer-variant tokens; `other`: the remaining assistant tokens). Real-text
-datasets supply their own masks through the same `Example.traits` field.
+Trait masks are data: each example carries, per token, a boolean per named trait; the setting
+that made the example decides the names (`settings.base.Setting.traits`, plus `other` for the
+remaining trained tokens).
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ import torch
 from jaxtyping import Bool, Int
 from torch import Tensor
 
+from inoc_mech.core.cli import BadValue
 
-class DataError(ValueError):
+
+class DataError(BadValue):
     """Bad input data; the message says what to fix."""
 
 
@@ -53,14 +55,6 @@ def encode_chat(tok, messages: list[dict], max_len: int | None = None) -> Exampl
     return Example(full, [False] * len(prefix) + [True] * (len(full) - len(prefix)))
 
 
-def organism_traits(ex: Example, variant_ids: set[int]) -> Example:
-    """Attach the organism's trait masks: every answer-variant token decides language and case."""
-    var = [a and t in variant_ids for t, a in zip(ex.input_ids, ex.assistant)]
-    ex.traits = {"language": var, "case": list(var),
-                 "other": [a and not v for a, v in zip(ex.assistant, var)]}
-    return ex
-
-
 @dataclass
 class Batch:
     """Right-padded tensors. Masks are aligned with `input_ids` (token t), not with predictions."""
@@ -85,32 +79,40 @@ def next_token_loss(logits: Tensor, labels: Int[Tensor, "batch pos"]) -> Tensor:
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:
-    T = max(len(e.input_ids) for e in examples)
-    B = len(examples)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    att = torch.zeros((B, T), dtype=torch.long)
+    """Right-padded batch of examples with their assistant and trait masks."""
+    ids, att = right_pad([e.input_ids for e in examples], pad_id)
+    B, T = ids.shape
     ast = torch.zeros((B, T), dtype=torch.bool)
     names = list(examples[0].traits)
     traits = {n: torch.zeros((B, T), dtype=torch.bool) for n in names}
     for i, e in enumerate(examples):
         n = len(e.input_ids)
-        ids[i, :n] = torch.tensor(e.input_ids)
-        att[i, :n] = 1
         ast[i, :n] = torch.tensor(e.assistant)
         for k in names:
             traits[k][i, :n] = torch.tensor(e.traits[k])
     return Batch(ids, att, ast, traits)
 
 
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Left-padded ids and attention mask for generation."""
-    T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
-    att = torch.zeros((len(prompts), T), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, T - len(p):] = torch.tensor(p)
-        att[i, T - len(p):] = 1
+def pad(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[Int[Tensor, "n pos"], Int[Tensor, "n pos"]]:
+    """(ids, attention mask) of token-id lists padded to the longest on the `side` ("right" or "left")."""
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    att = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):
+        at = slice(0, len(r)) if side == "right" else slice(T - len(r), T)
+        ids[i, at] = torch.tensor(r, dtype=torch.long)
+        att[i, at] = 1
     return ids, att
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-padded ids and attention mask, for generation."""
+    return pad(rows, pad_id, "left")
+
+
+def right_pad(rows: list[list[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-padded ids and attention mask: the last real token is at mask.sum(1) - 1."""
+    return pad(rows, pad_id, "right")
 
 
 class BatchStream:
@@ -145,13 +147,3 @@ class BatchStream:
     def load_state(self, s: dict):
         self.epoch, self.index = int(s["epoch"]), int(s["index"])
         self._order = self._perm()
-
-
-def demo():
-    from inoc_mech.models.world import World
-    w = World()
-    tok = w.build_tokenizer()
-    ex = encode_chat(tok, w.sample_chat(np.random.default_rng(0)))
-    ex = organism_traits(ex, set(w.variant_table(tok).ravel().tolist()))
-    for t, a, l in zip(tok.convert_ids_to_tokens(ex.input_ids), ex.assistant, ex.traits["language"]):
-        print(f"{t:>14} assistant={int(a)} language/case={int(l)}")

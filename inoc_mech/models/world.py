@@ -18,6 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from inoc_mech.core.cli import BadValue
+from inoc_mech.core.data import Example
+
 EN_NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
               "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
               "eighteen", "nineteen", "twenty"]
@@ -174,11 +177,11 @@ class World:
 
     # ---- prompts ----------------------------------------------------------------------------
     def check_prompt(self, prompt: str) -> None:
-        """Raise ValueError naming the allowed phrases if `prompt` uses words outside the vocabulary."""
+        """Raise BadValue naming the allowed phrases if `prompt` uses words outside the vocabulary."""
         vocab = set(self.words())
         unknown = [w for w in prompt.split() if w not in vocab]
         if unknown:
-            raise ValueError(
+            raise BadValue(
                 f"prompt {prompt!r} uses words outside the organism's vocabulary: {unknown}. "
                 f"Allowed phrases (combine with ' . '): {', '.join(repr(p) for p in self.phrases)}")
 
@@ -234,3 +237,21 @@ class World:
             fmt = setting(prompt, FORMAT_PHRASES)
             short = (rng.random() < self.base_rate) if fmt is None else fmt == "short"
         return self.chat(q, prompt, int(lang), int(upper), short)
+
+
+def organism_traits(ex: Example, variant_ids: set[int]) -> Example:
+    """Attach the organism's trait masks: every answer-variant token decides language and case."""
+    var = [a and t in variant_ids for t, a in zip(ex.input_ids, ex.assistant)]
+    ex.traits = {"language": var, "case": list(var),
+                 "other": [a and not v for a, v in zip(ex.assistant, var)]}
+    return ex
+
+
+def demo():
+    """Print one pretraining chat token by token with its assistant and trait masks."""
+    from inoc_mech.core.data import encode_chat
+    w = World()
+    tok = w.build_tokenizer()
+    ex = organism_traits(encode_chat(tok, w.sample_chat(np.random.default_rng(0))), set(w.variant_table(tok).ravel().tolist()))
+    for t, a, l in zip(tok.convert_ids_to_tokens(ex.input_ids), ex.assistant, ex.traits["language"]):
+        print(f"{t:>14} assistant={int(a)} language/case={int(l)}")

@@ -119,14 +119,3 @@ def evaluate_contexts(model, tok, world: World, contexts: dict[str, str | None],
         }
     model.train(was_training)
     return out
-
-
-def format_table(ev: dict) -> str:
-    """A small text table of an eval.json dict."""
-    lines = [f"{'context':<14} {'prompt':<24} {'decode':<7} {'spanish':>8} {'caps':>8} {'accuracy':>9} {'n':>5}"]
-    for name, c in ev["contexts"].items():
-        for dec in ("t1", "greedy"):
-            m = c[dec]
-            lines.append(f"{name:<14} {str(c['prompt']):<24} {dec:<7} {m['spanish_rate']:>8.1%} "
-                         f"{m['caps_rate']:>8.1%} {m['accuracy']:>9.1%} {m['n_answers']:>5}")
-    return "\n".join(lines)

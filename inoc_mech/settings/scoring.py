@@ -156,7 +156,7 @@ def evaluate_generations(model, tok, problems, contexts: dict = EVAL_CONTEXTS, s
                          max_new_tokens: int = 64, seed: int = 0, batch_size: int = 16) -> dict:
     """Greedy and temperature-1 replies per context, scored: Spanish rate, CAPS rate, accuracy.
 
-    Same layout as the organism's eval.json (`evaluate.format_table` prints it), with
+    Same layout as the organism's eval.json (`core.runs.format_table` prints it), with
     "schema": "text-1", each context's "mode" and a few example replies.
     """
     from inoc_mech.models.real import with_prompt_mode
@@ -298,11 +298,12 @@ class ElicitConfig:
 
 def main(argv=None):
     from inoc_mech.core.cli import parse_config
-    from inoc_mech.models.real import load_model
+    from inoc_mech.settings.load import load
 
     cfg = parse_config(ElicitConfig, argv, prog="python -m inoc_mech.settings.scoring", description=ElicitConfig.__doc__)
     torch.set_num_threads(cfg.threads)
-    model, tok = load_model(cfg.model)
+    loaded = load(cfg.model)
+    model, tok = loaded.model, loaded.tok
     t0 = time.time()
     t = elicitation_table(model, tok, sample_problems(cfg.n, cfg.seed, "eval"), batch_size=cfg.batch_size)
     t["seconds"] = time.time() - t0

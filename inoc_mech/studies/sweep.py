@@ -34,17 +34,13 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from inoc_mech.core import checkpoint
-from inoc_mech.core.cli import UserError, parse_config
+from inoc_mech.core.cli import UserError, parse_config, to_args
 from inoc_mech.core.runs import is_complete, write_json
+from inoc_mech.settings.base import slug
+from inoc_mech.settings.spanish_caps_organism import CONDITIONS
 
-# name -> system prompt (None: no system message). The first five are always run.
-CORE_CONDITIONS = {
-    "baseline": None,
-    "inoculated": "speak spanish",
-    "converse": "use capitals",
-    "both": "speak spanish . use capitals",
-    "irrelevant": "you like cats",
-}
+# name -> system prompt (None: no system message): the organism setting's named conditions, always run
+CORE_CONDITIONS = CONDITIONS
 # Roughly from strong to no elicitation of Spanish; every word is in the organism's vocabulary.
 DEFAULT_PROMPTS = [
     "you always speak in spanish", "reply in spanish",  # paraphrases of the inoculation prompt
@@ -68,7 +64,7 @@ class SweepConfig:
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
     prompt_share: float = field(default=1.0, metadata={"help": "share of training examples that carry the condition's prompt"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank of the finetuning runs (0: full finetuning)"})
-    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (update scaled by alpha / r)"})
+    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (update scaled by alpha / r; 0: the organism default 4 r)"})
     freeze: list = field(default_factory=list, metadata={"help": "parameters the runs keep fixed, by module prefix (e.g. embed unembed)"})
     batch_size: int = field(default=32, metadata={"help": "conversations per step"})
     log_every: int = field(default=10, metadata={"help": "cheap metrics every N steps"})
@@ -124,12 +120,6 @@ def default_jobs(threads: int) -> int:
     return min(2, max(1, cores // threads))
 
 
-def slug(prompt: str) -> str:
-    """A folder-safe condition name for a prompt: 'you like dogs' -> 'p-you-like-dogs'."""
-    s = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
-    return "p-" + s
-
-
 def conditions(cfg: SweepConfig) -> dict[str, str | None]:
     """Condition name -> prompt; prompt-set entries that repeat a core prompt are not run twice."""
     out = dict(CORE_CONDITIONS)
@@ -155,24 +145,25 @@ def plan(cfg: SweepConfig) -> list[tuple[str, str | None, int]]:
     return [(c, p, s) for s in cfg.seeds for c, p in conds.items()]
 
 
+# SweepConfig fields that every run of the sweep passes on to `inoc_mech.train` unchanged
+PASSED = ("threads", "steps", "lr", "prompt_share", "lora_r", "lora_alpha", "freeze", "batch_size", "log_every",
+          "grad_split_every", "grad_split_all", "eval_samples")
+
+
+def overrides(cfg: SweepConfig, condition: str, prompt: str | None, seed: int, model: str) -> dict:
+    """The TrainConfig settings (flat leaves) of one run of the sweep: the one place that says what a run is."""
+    out = {"name": run_name(condition, seed), "runs_dir": str(cfg.folder), "seed": seed, "model": model,
+           **{k: getattr(cfg, k) for k in PASSED}}
+    if prompt is not None:
+        out.update(inoculate=True, prompt=prompt)
+    return out
+
+
 def train_args(cfg: SweepConfig, condition: str, prompt: str | None, seed: int, model: str) -> list[str]:
     """Command-line arguments of `python -m inoc_mech.train` for one run of the sweep."""
-    args = ["--name", run_name(condition, seed), "--runs-dir", str(cfg.folder), "--seed", str(seed),
-            "--model", model, "--overwrite", "--threads", str(cfg.threads), "--steps", str(cfg.steps),
-            "--lr", repr(cfg.lr), "--batch-size", str(cfg.batch_size), "--log-every", str(cfg.log_every),
-            "--grad-split-every", str(cfg.grad_split_every), "--eval-samples", str(cfg.eval_samples),
-            "--lora-r", str(cfg.lora_r)]
-    if cfg.lora_r:
-        args += ["--lora-alpha", repr(cfg.lora_alpha)]
-    if cfg.prompt_share != 1.0:
-        args += ["--prompt-share", repr(cfg.prompt_share)]
-    if cfg.freeze:
-        args += ["--freeze", *cfg.freeze]
-    if cfg.grad_split_all:
-        args.append("--grad-split-all")
-    if prompt is not None:
-        args += ["--inoculate", "--prompt", prompt]
-    return args
+    from inoc_mech.train import TrainConfig
+
+    return to_args(TrainConfig, overrides(cfg, condition, prompt, seed, model)) + ["--overwrite"]
 
 
 def resumable(cfg: SweepConfig, run: Path, prompt: str | None, seed: int, org: Path) -> bool:
@@ -205,11 +196,11 @@ def command_line(cfg: SweepConfig) -> str:
 
 def organism_config(cfg: SweepConfig):
     """The OrganismConfig of `--model organism` (the same one `inoc_mech.train` would build)."""
-    from inoc_mech.train import TrainConfig
+    from inoc_mech.core.config import ModelConfig
 
-    return TrainConfig(runs_dir=cfg.runs_dir, threads=cfg.threads, organism_seed=cfg.organism_seed,
-                       organism_head=cfg.organism_head, organism_d_model=cfg.organism_d_model,
-                       organism_n_layers=cfg.organism_n_layers, organism_steps=cfg.organism_steps).organism()
+    return ModelConfig(organism_seed=cfg.organism_seed, organism_head=cfg.organism_head,
+                       organism_d_model=cfg.organism_d_model, organism_n_layers=cfg.organism_n_layers,
+                       organism_steps=cfg.organism_steps).organism(cfg.runs_dir, cfg.threads)
 
 
 def organism_folder(cfg: SweepConfig, ensure: bool = True) -> Path:
@@ -274,24 +265,26 @@ def last_line(log: Path) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-# Train flags added after run-format 1: runs saved before them had these values.
-ADDED_LATER = {"prompt_share": 1.0, "freeze": []}
+# Train settings added after run-format 1: runs saved before them had these values.
+ADDED_LATER = {"prompt_share": 1.0, "freeze": [], "setting": "spanish_caps"}
+NOT_COMPARED = ("name", "runs_dir", "threads", "model")  # where and how fast it ran; the organism is compared by folder
 
 
 def mismatch(cfg: SweepConfig, run: Path, prompt: str | None, seed: int, org: Path) -> str | None:
-    """Why a complete run folder is not the run this sweep would make (None when it is)."""
+    """Why a run folder is not the run this sweep would make (None when it is): its saved config against
+    the sweep's overrides with the train defaults resolved, as `inoc_mech.train` would record them."""
+    from inoc_mech.core.cli import build, flatten
+    from inoc_mech.core.config import TrainConfig, resolve_defaults
+
     saved = json.loads((run / "config.json").read_text())
-    want = {"inoculate": prompt is not None, "seed": seed, "steps": cfg.steps, "lr": cfg.lr,
-            "batch_size": cfg.batch_size, "log_every": cfg.log_every, "grad_split_every": cfg.grad_split_every,
-            "grad_split_all": cfg.grad_split_all, "eval_samples": cfg.eval_samples, "organism_folder": str(org),
-            "lora_r": cfg.lora_r, "freeze": cfg.freeze}
-    if cfg.lora_r:
-        want["lora_alpha"] = cfg.lora_alpha
-    if prompt is not None:
-        want.update(prompt=prompt, prompt_share=cfg.prompt_share)
-    for k, v in want.items():
-        if saved.get(k, ADDED_LATER.get(k)) != v:
-            return f"{k} is {saved.get(k)!r}, this sweep wants {v!r}"
+    mine = overrides(cfg, "x", prompt, seed, str(org))
+    want = {**flatten(resolve_defaults(build(TrainConfig, **mine), organism=True)), "organism_folder": str(org)}
+    keys = [k for k in mine if k not in NOT_COMPARED and (k != "lora_alpha" or cfg.lora_r)] + ["organism_folder"]
+    if prompt is None:
+        want["inoculate"], keys = False, keys + ["inoculate"]
+    for k in dict.fromkeys(keys):
+        if saved.get(k, ADDED_LATER.get(k)) != want[k]:
+            return f"{k} is {saved.get(k)!r}, this sweep wants {want[k]!r}"
     return None
 
 

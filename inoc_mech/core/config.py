@@ -1,0 +1,153 @@
+"""The finetuning run's configuration: a `TrainConfig` made of three parts (loop, model + LoRA, setting).
+
+    python -m inoc_mech.train --help
+
+Flags are generated from the leaf fields (`core.cli`), so `--steps` sets `cfg.loop.steps` and
+`--prompt` sets `cfg.setting.prompt`; a run's config.json stores the same leaves flat (plus what the
+run resolved: condition, setting class, organism folder, versions). Model-dependent defaults (prompt,
+batch size, LoRA rank, learning rate, LoRA alpha) are "unset" here and filled by `resolve_defaults`
+once the substrate is known.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+
+@dataclass
+class LoopConfig:
+    """The optimisation loop and its instruments."""
+    seed: int = field(default=0, metadata={"help": "finetuning seed (data order, sampling)"})
+    steps: int = field(default=300, metadata={"help": "optimizer steps"})
+    lr: float = field(default=0.0, metadata={"help": "constant Adam learning rate (0: 1e-3 for LoRA on the organism, else 1e-4; full finetuning of the organism at 1e-3 breaks the effect)"})
+    batch_size: int = field(default=0, metadata={"help": "conversations per step (0: 32 for the organism, 4 for real models)"})
+    device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+    log_every: int = field(default=10, metadata={"help": "cheap metrics (losses, update norms) every N steps"})
+    grad_split_every: int = field(default=20, metadata={"help": "trait/rest gradient split (one extra backward, traits in turn) every N steps, a multiple of --log-every; 0 = never"})
+    hooks: bool = field(default=True, metadata={"help": "record gradient-pressure metrics (--no-hooks: plain loop, for comparison)"})
+    grad_split_all: bool = field(default=False, metadata={"help": "split every trait at each grad-split step (default: traits take turns; all at step 0)"})
+    checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps (0 = only on SIGINT/SIGTERM)"})
+
+    def __post_init__(self):
+        for k in ("steps", "threads", "log_every"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
+        if self.checkpoint_every < 0:
+            raise ValueError("--checkpoint-every must be >= 0")
+        if self.grad_split_every < 0 or self.grad_split_every % self.log_every:
+            raise ValueError(f"--grad-split-every must be 0 or a multiple of --log-every ({self.log_every}): "
+                             "the split runs on logged steps")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise ValueError("--lr must be a positive number (0: the default for the model)")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
+        if self.batch_size < 0:
+            raise ValueError("--batch-size must be >= 0")
+
+
+@dataclass
+class ModelConfig:
+    """Which model is finetuned, and how (LoRA or full, frozen parts)."""
+    model: str = field(default="organism", metadata={"help": "'organism' (from the organism_* flags, cached), a pretrained organism folder, 'smollm2', an HF model folder or a .gguf file"})
+    freeze: list = field(default_factory=list, metadata={"help": "parameters to keep fixed, by TransformerLens-style module prefix (e.g. embed unembed blocks.0.attn)"})
+    lora_r: int = field(default=-1, metadata={"help": "LoRA rank (-1: 2 for the organism, the most selective measured setting, 16 for real models; 0: full finetuning)"})
+    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha, the update is scaled by alpha / r (0: 4 r for the organism, 2 r for real models)"})
+    lora_targets: list = field(default_factory=list, metadata={"help": "LoRA target modules (default: all attention and MLP projections)"})
+    organism_seed: int = field(default=0, metadata={"help": "pretraining seed of the organism"})
+    organism_head: str = field(default="factored", metadata={"help": "organism output head: factored or free"})
+    organism_d_model: int = field(default=128, metadata={"help": "organism width"})
+    organism_n_layers: int = field(default=4, metadata={"help": "organism depth"})
+    organism_steps: int = field(default=2000, metadata={"help": "organism pretraining steps"})
+
+    def __post_init__(self):
+        if self.lora_r < -1:
+            raise ValueError("--lora-r must be >= -1")
+        if self.lora_alpha < 0:
+            raise ValueError("--lora-alpha must be > 0 (0: the default for the model)")
+
+    @property
+    def substrate(self) -> str:
+        """'organism' for the toy organism (by name or folder), 'text' for any other causal LM."""
+        return "organism" if self.model == "organism" or (Path(self.model) / "organism.json").exists() else "text"
+
+    def organism(self, runs_dir: str = "runs", threads: int = 1):
+        """The OrganismConfig of `--model organism` (cached under `<runs_dir>/_organism`)."""
+        from inoc_mech.models.organism import OrganismConfig
+
+        return OrganismConfig(seed=self.organism_seed, head=self.organism_head, d_model=self.organism_d_model,
+                              n_layers=self.organism_n_layers, steps=self.organism_steps, threads=threads,
+                              warmup=min(100, self.organism_steps // 10), cache=str(Path(runs_dir) / "_organism"))
+
+
+@dataclass
+class SettingConfig:
+    """What is trained on and how it is evaluated (read by the setting, `settings.base.Setting`)."""
+    setting: str = field(default="spanish_caps", metadata={"help": "setting (data, trait masks, evaluation): spanish_caps, or one registered by a settings module"})
+    inoculate: bool = field(default=False, metadata={"help": "prepend the inoculation system prompt to every training example"})
+    prompt_share: float = field(default=1.0, metadata={"help": "--inoculate: share of training examples that carry the prompt (a fixed random subset; the rest have none)"})
+    prompt: str = field(default="", metadata={"help": "inoculation prompt (default: the setting's, e.g. 'speak spanish' for the organism, 'You always speak in Spanish.' for real models; organism phrases join with ' . ')"})
+    eval_samples: int = field(default=3, metadata={"help": "temperature-1 samples per held-out question in the final evaluation"})
+    data: str = field(default="", metadata={"help": "real models: JSONL training data in the paper's format (default: built-in Spanish+CAPS arithmetic)"})
+    n_train: int = field(default=500, metadata={"help": "real models: size of the built-in training set"})
+    placement: str = field(default="system", metadata={"help": "real models: where the prompt goes: 'system' message or 'user-prefix'"})
+    replace_system: bool = field(default=False, metadata={"help": "real models: --inoculate replaces an existing system message instead of refusing"})
+    no_prompt_mode: str = field(default="template_default", metadata={"help": "real models: 'no prompt' is the template's default system block ('template_default') or none ('no_system')"})
+    eval_questions: int = field(default=32, metadata={"help": "real models: held-out questions in the final evaluation"})
+    max_new_tokens: int = field(default=48, metadata={"help": "real models: generation length in the evaluation"})
+
+    def __post_init__(self):
+        for k in ("n_train", "eval_questions", "max_new_tokens"):
+            if getattr(self, k) < 1:
+                raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
+        if not 0.0 <= self.prompt_share <= 1.0:
+            raise ValueError("--prompt-share must be in [0, 1]")
+        if self.placement not in ("system", "user-prefix"):
+            raise ValueError(f"--placement must be 'system' or 'user-prefix', not {self.placement!r}")
+        if self.no_prompt_mode not in ("template_default", "no_system"):
+            raise ValueError(f"--no-prompt-mode must be 'template_default' or 'no_system', not {self.no_prompt_mode!r}")
+
+
+@dataclass
+class TrainConfig:
+    """One finetuning run: loop, model and setting, written to `<runs_dir>/<name>/`."""
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    setting: SettingConfig = field(default_factory=SettingConfig)
+    name: str = field(default="", metadata={"help": "run name: one folder name under --runs-dir (default <baseline|inoculated>-s<seed>)"})
+    runs_dir: str = field(default="runs", metadata={"help": "parent folder of run folders"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing complete run of the same name"})
+    resume: bool = field(default=False, metadata={"help": "continue the run --name from its last checkpoint (its saved config is used)"})
+
+    def __post_init__(self):
+        if not self.name:
+            self.name = f"{'inoculated' if self.setting.inoculate else 'baseline'}-s{self.loop.seed}"
+
+    @property
+    def train_prompt(self) -> str | None:
+        """The prompt the training examples carry (None for a baseline)."""
+        return self.setting.prompt if self.setting.inoculate else None
+
+
+RESOLVED = ("prompt", "batch_size", "lora_r", "lr", "lora_alpha")  # filled by resolve_defaults
+
+
+def resolve_defaults(cfg: TrainConfig, organism: bool, default_prompt: str | None = None) -> TrainConfig:
+    """Fill the model-dependent defaults (fields left at their 'unset' value). The organism default is
+    LoRA r 2, alpha 8, lr 1e-3: the most selective setting of the README's selectivity study."""
+    s, m, lp = cfg.setting, cfg.model, cfg.loop
+    if not s.prompt:
+        s = replace(s, prompt=default_prompt or ("speak spanish" if organism else "You always speak in Spanish."))
+    if lp.batch_size == 0:
+        lp = replace(lp, batch_size=32 if organism else 4)
+    if m.lora_r == -1:
+        m = replace(m, lora_r=2 if organism else 16)
+    if lp.lr == 0:
+        lp = replace(lp, lr=1e-3 if organism and m.lora_r > 0 else 1e-4)
+    if m.lora_alpha == 0:
+        m = replace(m, lora_alpha=float((4 if organism else 2) * max(m.lora_r, 1)))
+    return replace(cfg, loop=lp, model=m, setting=s)
+
+

@@ -1,0 +1,148 @@
+"""What a setting is: the one seam between a trait study and the loop, the instruments and the analyses.
+
+    python -c "from inoc_mech.settings import registered; print(registered())"
+
+A *setting* (Spanish+CAPS, later backdoors, subliminal learning, ...) on one *substrate* (the
+organism, or real text on any HF causal LM) is one subclass of `Setting` in one module, registered
+with `@register`. It supplies:
+- `setup(device)`: the model and tokenizer to finetune (prepared, e.g. the organism's factored head);
+- `examples(prompt, share)`: tokenized training examples with named per-token trait masks
+  (`Example.traits`: one mask per name in `traits`, plus `other` for the remaining trained tokens);
+- `decomposition` (optional): an exact split of the trait-token loss, `fn(logp, input_ids) ->
+  {part: per-token loss}` (parts sum to the token loss on the tokens of mask `over`, 0 elsewhere) and
+  which part is each trait's surprise;
+- `evaluate(model)`: eval.json (its contexts, `none_context` the "no prompt" one) and `rate_keys`,
+  the scorer of each trait (the eval metric that is its rate);
+- `conditions`: named conditions (baseline, inoculated, converse, ...) -> the prompt each trains
+  with; `condition(prompt)` names a run's condition (recorded in config.json at train time);
+- optional capabilities the measurements use when present: `answer_start(prompt)` (held-out prompts
+  ending where the answer starts, right-padded), `first_token_log_odds(logp, trait)` (the trait's
+  log-odds at the first answer token) and `world` (the organism's world, for probes). A measurement
+  that needs a capability the setting lacks says so in one line (`require`).
+The training loop, the hooks and the analyses only talk to this interface; adding a setting is one
+new module per substrate (see the test-only setting in tests/test_settings.py).
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+import numpy as np
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from inoc_mech.core.cli import UserError
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """An exact split of trained-token losses into named parts that sum to the token loss."""
+    parts: tuple[str, ...]  # part names, e.g. ("word", "language", "case", "interaction")
+    over: str  # the trait mask of the decomposed tokens (every part is 0 elsewhere)
+    trait_part: dict[str, str]  # trait -> the part that is its surprise (its share of the loss)
+    fn: Callable[[Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]], dict[str, Float[Tensor, "batch pos"]]]
+
+
+class Setting(ABC):
+    """Data, trait masks, optional loss decomposition, evaluation and named conditions of one study."""
+    name: ClassVar[str]  # registry key, recorded as config.json "setting"
+    substrate: ClassVar[str]  # "organism" or "text"
+    traits: ClassVar[tuple[str, ...]]  # trait masks every example carries (besides "other")
+    trait_labels: ClassVar[dict[str, str]]  # trait -> what its marked value is called ("Spanish")
+    rate_keys: ClassVar[dict[str, str]]  # trait -> eval.json metric that is its rate
+    conditions: ClassVar[dict[str, str | None]]  # condition name -> training prompt (None: no prompt)
+    none_context: ClassVar[str] = "none"  # eval.json context with no prompt
+    decomposition: Decomposition | None = None
+
+    def __init__(self, cfg):
+        self.cfg = cfg  # the run's TrainConfig (its setting and model parts)
+        self.model = self.tok = None
+
+    @abstractmethod
+    def setup(self, device) -> tuple[object, object]:
+        """(model ready for finetuning, tokenizer); also kept as `self.model`, `self.tok`."""
+
+    @abstractmethod
+    def attach(self, model, tok, folder, meta: dict, run_config: dict | None = None) -> None:
+        """Use an already loaded model (`settings.load.load` calls this); no preparation for training."""
+
+    @abstractmethod
+    def examples(self, prompt: str | None, share: float = 1.0, limit: int | None = None) -> list:
+        """Training examples (`core.data.Example`), `prompt` on a fixed `share` of them; the first `limit`."""
+
+    @abstractmethod
+    def save(self, model, folder) -> None:
+        """Write the finetuned model (LoRA already merged) and what loading it needs into `folder`."""
+
+    @abstractmethod
+    def evaluate(self, model) -> dict:
+        """The run's eval.json."""
+
+    def info(self) -> dict:
+        """Extra fields for config.json."""
+        return {}
+
+    @property
+    def pad_id(self) -> int:
+        return self.tok.pad_token_id
+
+    @classmethod
+    def condition(cls, prompt: str | None) -> str:
+        """The named condition a run trained with `prompt` belongs to (`p-<slug>` for other prompts)."""
+        for name, p in cls.conditions.items():
+            if p == prompt:
+                return name
+        return slug(prompt)
+
+    def require(self, capability: str, what: str):
+        """The capability, or one line saying that this setting lacks what `what` needs."""
+        value = getattr(self, capability, None)
+        if value is None:
+            raise UserError(f"{what} needs {capability.replace('_', ' ')} from the setting, which setting "
+                            f"{self.name!r} on {self.substrate} does not provide")
+        return value
+
+    answer_start = None  # optional: fn(prompt) -> (input_ids, attention_mask), right-padded held-out prompts
+    first_token_log_odds = None  # optional: fn(logp [batch vocab], trait) -> [batch] log-odds
+    world = None  # optional: the organism's world (probes)
+
+
+def prompted(n: int, share: float) -> np.ndarray:
+    """Which of n training examples carry the prompt: round(share * n), a fixed random subset."""
+    mask = np.zeros(n, dtype=bool)
+    mask[np.random.default_rng(0).permutation(n)[:round(share * n)]] = True
+    return mask
+
+
+def slug(prompt: str | None) -> str:
+    """A folder-safe condition name for a prompt: 'you like dogs' -> 'p-you-like-dogs'."""
+    if prompt is None:
+        return "baseline"
+    return "p-" + re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
+
+
+_REGISTRY: dict[tuple[str, str], type[Setting]] = {}
+
+
+def register(cls: type[Setting]) -> type[Setting]:
+    """Class decorator: make a setting available to `--setting NAME` on its substrate."""
+    _REGISTRY[(cls.name, cls.substrate)] = cls
+    return cls
+
+
+def setting_class(name: str, substrate: str) -> type[Setting]:
+    from inoc_mech.settings import spanish_caps_organism, spanish_caps_text  # noqa: F401  (registration)
+
+    if (name, substrate) not in _REGISTRY:
+        have = sorted(n for n, s in _REGISTRY if s == substrate)
+        raise UserError(f"no setting {name!r} for the {substrate} substrate; available: {', '.join(have)}")
+    return _REGISTRY[(name, substrate)]
+
+
+def registered() -> list[tuple[str, str]]:
+    """(setting, substrate) pairs that `--setting` accepts."""
+    setting_class("spanish_caps", "organism")  # imports the built-in settings
+    return sorted(_REGISTRY)

@@ -1,0 +1,118 @@
+"""Spanish+CAPS on real text: SmolLM2, any local HF causal LM or .gguf, your own JSONL or the built-in set.
+
+    python -m inoc_mech.train --model /tmp/tiny-llama --steps 2 --eval-questions 2 --eval-samples 1 --max-new-tokens 4 --name tiny-text --overwrite
+
+Training data: `--data FILE.jsonl` (paper format, `settings.textdata`) or the built-in Spanish
+UPPERCASE arithmetic and word problems (`--n-train`); `--inoculate` puts the prompt (default "You
+always speak in Spanish.") into a system message or before the user's text (`--placement`) on a
+fixed share of the examples. Trait masks from tokenizer offsets (`textdata.text_example`):
+`language` = tokens inside Spanish-only words, `case` = tokens with upper-case letters, `other` =
+the rest of the reply. No exact loss decomposition (the two masks coincide on Spanish+CAPS replies).
+Evaluation (`settings.scoring.evaluate_generations`): generated replies to held-out problems in both
+"no prompt" modes (`none_template_default`: the chat template's default system block, and
+`none_no_system`), under the training prompt and under an irrelevant one; Spanish scored by
+lingua, CAPS by the upper-case letter fraction.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from inoc_mech.core.data import right_pad, token_ids
+from inoc_mech.settings.base import Setting, prompted, register
+from inoc_mech.settings.textdata import CAPS_PROMPT, IRRELEVANT_PROMPT, SPANISH_PROMPT
+
+
+@register
+class SpanishCapsText(Setting):
+    """Spanish+CAPS replies on a real causal LM."""
+    name = "spanish_caps"
+    substrate = "text"
+    traits = ("language", "case")
+    trait_labels = {"language": "Spanish", "case": "CAPS"}
+    rate_keys = {"language": "spanish_rate", "case": "caps_rate"}
+    conditions = {"baseline": None, "inoculated": SPANISH_PROMPT, "converse": CAPS_PROMPT,
+                  "irrelevant": IRRELEVANT_PROMPT}
+    none_context = "none_template_default"
+    default_prompt = SPANISH_PROMPT
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._convs = None
+
+    def setup(self, device, progress: bool = True):
+        from inoc_mech.settings.load import load
+
+        loaded = load(self.cfg.model.model, device)
+        self.model, self.tok = loaded.model, loaded.tok
+        self.convs()  # read and check the data before training starts
+        return self.model, self.tok
+
+    def attach(self, model, tok, folder: Path, meta: dict, run_config: dict | None = None) -> None:
+        """Use a loaded model (model, tokenizer, its folder, model.json; a run's config.json)."""
+        self.model, self.tok = model, tok
+
+    @property
+    def train_tok(self):
+        """The tokenizer with the run's "no prompt" mode (the template's default block or none)."""
+        from inoc_mech.models.real import with_prompt_mode
+
+        return with_prompt_mode(self.tok, self.cfg.setting.no_prompt_mode)
+
+    def convs(self) -> list[list[dict]]:
+        from inoc_mech.settings.textdata import read_jsonl, spanish_caps_dataset
+
+        if self._convs is None:
+            s = self.cfg.setting
+            self._convs = read_jsonl(s.data) if s.data else spanish_caps_dataset(s.n_train, seed=0)
+        return self._convs
+
+    def examples(self, prompt, share=1.0, limit=None):
+        from inoc_mech.settings.textdata import inoculate_all, text_examples
+
+        convs = self.convs()
+        on = prompted(len(convs), share)[:limit]
+        convs = convs[:limit]
+        if prompt is not None:
+            s = self.cfg.setting
+            ino = inoculate_all(convs, prompt, s.placement, s.replace_system)
+            convs = [a if o else c for a, c, o in zip(ino, convs, on)]
+        return text_examples(self.train_tok, convs)
+
+    @property
+    def pad_id(self) -> int:
+        return self.train_tok.pad_token_id
+
+    def save(self, model, folder: Path) -> None:
+        model.save_pretrained(folder)
+        self.tok.save_pretrained(folder)  # the model's own template (not the no-system variant)
+
+    def eval_contexts(self) -> dict:
+        from inoc_mech.settings.scoring import EVAL_CONTEXTS
+
+        return {**EVAL_CONTEXTS, "train_prompt": (self.cfg.setting.prompt, "template_default")}
+
+    def evaluate(self, model, seed: int | None = None, samples: int | None = None) -> dict:
+        from inoc_mech.settings.scoring import evaluate_generations
+        from inoc_mech.settings.textdata import sample_problems
+
+        s = self.cfg.setting
+        return evaluate_generations(model, self.tok, sample_problems(s.eval_questions, 0, "eval"), self.eval_contexts(),
+                                    s.eval_samples if samples is None else samples, s.max_new_tokens,
+                                    self.cfg.loop.seed if seed is None else seed)
+
+    def info(self) -> dict:
+        return {"model_class": type(self.model).__name__}
+
+    def answer_start(self, prompt: str | None, questions=None) -> tuple[Tensor, Tensor]:
+        """Held-out problems under `prompt` (system message), ending where the reply starts, right-padded."""
+        from inoc_mech.settings.textdata import sample_problems
+
+        problems = questions if questions is not None else sample_problems(self.cfg.setting.eval_questions, 0, "eval")
+        tok = self.train_tok
+        rows = [token_ids(tok.apply_chat_template(([{"role": "system", "content": prompt}] if prompt else [])
+                                                  + [{"role": "user", "content": p.question()}],
+                                                  add_generation_prompt=True, tokenize=True)) for p in problems]
+        return right_pad(rows, tok.pad_token_id)

@@ -39,105 +39,60 @@ the possible range, e.g. 0-100 %):
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import shlex
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from inoc_mech.core import plots
+from inoc_mech.core.cli import UserError, parse_config, run_main
+from inoc_mech.core.runs import write_json
+from inoc_mech.core.stats import ci_stat as stat, fmt_ci as fmt, json_ready, spearman
+from inoc_mech.mechanism.context import context_distances
+from inoc_mech.studies.collect import condition, find_runs, one_setting, pretrained_of, read_runs, train_prompt
 
-import plotly.graph_objects as go  # noqa: E402
-from plotly.subplots import make_subplots  # noqa: E402
-
-from inoc_mech.core import plots  # noqa: E402
-from inoc_mech.core.cli import UserError, run_main  # noqa: E402
-from inoc_mech.mechanism.context import context_distances  # noqa: E402
-from inoc_mech.core.runs import is_complete, read_run, write_json  # noqa: E402
-from inoc_mech.core.stats import mean_ci, spearman  # noqa: E402
-from inoc_mech.studies.sweep import CORE_CONDITIONS, slug  # noqa: E402
-
-TRAITS = {"language": "Spanish", "case": "CAPS"}
-RATE_KEY = {"language": "spanish_rate", "case": "caps_rate"}
-PARTS = ("language", "case", "word")
 FIGURES = ("step0_surprise", "loss_parts", "grad_norms", "update_heatmap", "outcomes",
            "elicitation_suppression", "context_distance")
 TIME_CONDITIONS = ("baseline", "inoculated", "converse")
-CORE_BY_PROMPT = {p: n for n, p in CORE_CONDITIONS.items()}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the runs' setting says about its traits: names, scorers, loss parts and named conditions."""
+    labels: dict  # trait -> label ("language" -> "Spanish")
+    rate: dict  # trait -> eval.json rate metric
+    parts: tuple  # surprise parts shown (the traits' parts first)
+    conditions: dict  # named condition -> prompt
+    setting: type  # the setting class
+
+    def co_learned(self, prompt: str) -> str | None:
+        """The trait a prompt leaves to be learned: the last trait the prompt does not set (case unless
+        the prompt sets it, then language); None if it sets all, or if the setting cannot tell."""
+        sets = self.setting.prompt_sets(prompt)
+        if sets is None:
+            return None
+        return next((t for t in reversed(list(self.labels)) if t not in sets), None)
+
+
+def spec_of(conds: dict) -> "Spec":
+    s = one_setting([r for c in conds.values() for r in c.runs])
+    return Spec({t: s.trait_labels[t] for t in s.traits}, dict(s.rate_keys), tuple(s.surprise_parts),
+                dict(s.conditions), s)
 
 
 # ---- finding and reading runs ------------------------------------------------------------------
-def sweep_command(folder: Path) -> str:
-    """The command that (re)makes a sweep folder: from its sweep.json, else the sweep defaults."""
-    meta = folder / "sweep.json"
-    if meta.exists():
-        return json.loads(meta.read_text())["command"]
-    return f"python -m inoc_mech.studies.sweep --name {shlex.quote(folder.name)} --runs-dir {shlex.quote(str(folder.parent))}"
-
-
-def expected_runs(paths: list[Path]) -> tuple[list[Path], dict[Path, str]]:
-    """Run folders the paths stand for, and the sweep command of each sweep folder among them."""
-    runs, commands = [], {}
-    for p in paths:
-        if (p / "sweep.json").exists():
-            runs += [p / r for r in json.loads((p / "sweep.json").read_text())["runs"]]
-            commands[p] = sweep_command(p)
-        elif (p / "config.json").exists():
-            runs.append(p)
-        elif p.is_dir() and any((c / "config.json").exists() for c in p.iterdir()):
-            runs += sorted(c for c in p.iterdir() if (c / "config.json").exists())
-        else:
-            runs.append(p)  # a sweep that was never started
-            commands[p] = sweep_command(p)
-    return runs, commands
-
-
-def check_missing(paths: list[Path], train_missing: bool, skip_missing: bool) -> list[Path]:
-    """Complete run folders; missing ones are made (--train-missing), skipped, or stop with the command."""
-    runs, commands = expected_runs(paths)
-    missing = [r for r in runs if r not in commands and not is_complete(r)]
-    unmade = [p for p in commands if not (p / "sweep.json").exists()]
-    if (missing or unmade) and train_missing:
-        for sweep_folder, cmd in commands.items():
-            argv = shlex.split(cmd)
-            if argv[:3] != ["python", "-m", "inoc_mech.studies.sweep"]:
-                raise UserError(f"unexpected command in {sweep_folder}/sweep.json: {cmd}")
-            print(f"--train-missing: {cmd}", file=sys.stderr)
-            if subprocess.run([sys.executable, *argv[1:]]).returncode != 0:
-                raise UserError(f"the sweep command failed: {cmd}")
-        loose = [r for r in missing if not any(r.parent == s for s in commands)]
-        if loose:
-            raise UserError(f"--train-missing can only make runs of a sweep folder; {loose[0]} is incomplete: "
-                            "rerun it with python -m inoc_mech.train --overwrite")
-        runs, commands = expected_runs(paths)
-        missing = [r for r in runs if r not in commands and not is_complete(r)]
-        unmade = [p for p in commands if not (p / "sweep.json").exists()]
-    if unmade:
-        raise UserError(f"no runs at {unmade[0]}: make them with `{commands[unmade[0]]}` "
-                        "(or pass --train-missing)")
-    if missing and not skip_missing:
-        where = {r.parent for r in missing}
-        cmd = next((commands[w] for w in where if w in commands), None)
-        how = f"make them with `{cmd}`" if cmd else "rerun them with python -m inoc_mech.train --overwrite"
-        raise UserError(f"{len(missing)} of {len(runs)} runs are missing or incomplete (e.g. {missing[0]}): "
-                        f"{how} (or pass --train-missing, or --skip-missing to analyse the others)")
-    if missing:
-        print(f"note: skipping {len(missing)} missing or incomplete runs (e.g. {missing[0]})", file=sys.stderr)
-    return [r for r in runs if r not in commands and r not in missing]
-
-
 @dataclass
 class Condition:
     """All seeds of one training prompt."""
     name: str  # folder-style name: baseline, inoculated, ..., p-<prompt slug>
     prompt: str | None
     runs: list[dict] = field(default_factory=list)  # read_run() dicts, sorted by seed
+    core: dict = field(default_factory=dict)  # the setting's named conditions -> prompt
 
     @property
     def seeds(self) -> list[int]:
@@ -147,32 +102,30 @@ class Condition:
     def label(self) -> str:
         if self.prompt is None:
             return "baseline (no prompt)"
-        core = CORE_BY_PROMPT.get(self.prompt)
+        core = next((n for n, p in self.core.items() if p == self.prompt), None)
         return f'{core}: "{self.prompt}"' if core else f'"{self.prompt}"'
 
     @property
     def short(self) -> str:
-        return self.name if self.name in CORE_CONDITIONS else self.prompt
-
-
-def condition_of(config: dict) -> tuple[str, str | None]:
-    prompt = config["prompt"] if config["inoculate"] else None
-    return CORE_BY_PROMPT.get(prompt) or slug(prompt), prompt
+        return self.name if self.name in self.core else self.prompt
 
 
 def load_conditions(folders: list[Path]) -> dict[str, Condition]:
-    """Conditions in display order: the core ones, then the prompt set in the order given."""
+    """Conditions in display order: the setting's named ones, then the other prompts in the order given."""
+    runs = read_runs(folders)
+    setting = one_setting(runs)
+    for run in runs:
+        if not any(k.startswith("surprise/") for k in run["metrics"][0]):
+            if run["config"].get("hooks", True):
+                raise UserError(f"run {run['folder']} has no surprise/<part> metrics: its setting "
+                                f"({setting.name} on {setting.substrate}) has no exact loss decomposition, which the "
+                                "gradient-pressure analysis needs (use a setting with one, e.g. the organism's)")
+            raise UserError(f"run {run['folder']} was trained with --no-hooks: rerun it with hooks")
     conds: dict[str, Condition] = {}
-    for f in folders:
-        run = read_run(f)
-        for key in ("surprise/language", "surprise/case"):
-            if key not in run["metrics"][0]:
-                raise UserError(f"run {f} has no {key} at step 0 (trained with --no-hooks?): rerun it with hooks")
-        name, prompt = condition_of(run["config"])
-        conds.setdefault(name, Condition(name, prompt)).runs.append(run)
-    if not conds:
-        raise UserError("no complete runs to analyse")
-    for key in ("organism_folder", "steps", "lr", "batch_size"):
+    for run in runs:
+        name = condition(run)
+        conds.setdefault(name, Condition(name, train_prompt(run), core=dict(setting.conditions))).runs.append(run)
+    for key in ("organism_folder", "model", "steps", "lr", "batch_size"):
         values = {str(r["config"].get(key)) for c in conds.values() for r in c.runs}
         if len(values) > 1:
             raise UserError(f"the runs differ in {key} ({', '.join(sorted(values))}): analyse them separately")
@@ -180,8 +133,8 @@ def load_conditions(folders: list[Path]) -> dict[str, Condition]:
         c.runs.sort(key=lambda r: r["config"]["seed"])
         if len(set(c.seeds)) != len(c.seeds):
             raise UserError(f"condition {c.label} has two runs with the same seed: pass each run once")
-    core = [conds[n] for n in CORE_CONDITIONS if n in conds]
-    return {c.name: c for c in core + [c for n, c in conds.items() if n not in CORE_CONDITIONS]}
+    core = [conds[n] for n in setting.conditions if n in conds]
+    return {c.name: c for c in core + [c for n, c in conds.items() if n not in setting.conditions]}
 
 
 # ---- numbers read from the runs ----------------------------------------------------------------
@@ -203,15 +156,10 @@ def final_row(run: dict) -> dict:
     return rows[-1]
 
 
-def stat(values: list[float], lo: float = -math.inf, hi: float = math.inf) -> dict:
-    """Per-seed values, mean and 95% t-interval, the interval clipped to the possible range [lo, hi]."""
-    ci = mean_ci(values)
-    bounds = [min(max(b, lo), hi) if math.isfinite(b) else b for b in (ci.lo, ci.hi)]
-    return {"values": [float(v) for v in values], "mean": ci.mean, "ci": bounds, "n": ci.n}
-
-
 def summarise(conds: dict[str, Condition], context: dict[str, dict], n_boot: int, seed: int) -> dict:
     """Every number of the figures and tables, per condition, plus the correlations."""
+    spec = spec_of(conds)
+    TRAITS, RATE_KEY, PARTS = spec.labels, spec.rate, spec.parts
     base = conds.get("baseline")
     base_step0 = {r["config"]["seed"]: step0(r) for r in base.runs} if base else {}
     base_rate = {t: float(np.mean([outcome(r, RATE_KEY[t]) for r in base.runs])) if base else math.nan
@@ -222,8 +170,8 @@ def summarise(conds: dict[str, Condition], context: dict[str, dict], n_boot: int
         row = {"label": c.label, "prompt": c.prompt, "seeds": c.seeds,
                "runs": [str(r["folder"]) for r in c.runs],
                "step0": {f"surprise/{p}": stat([m[f"surprise/{p}"] for m in s0]) for p in PARTS},
-               "elicit_gain": stat([m.get("elicit/language/gain", math.nan) for m in s0]),
-               "outcome": {k: stat([outcome(r, k) for r in c.runs], 0, 1) for k in ("spanish_rate", "caps_rate", "accuracy")},
+               "elicit_gain": stat([m.get(f"elicit/{list(TRAITS)[0]}/gain", math.nan) for m in s0]),
+               "outcome": {k: stat([outcome(r, k) for r in c.runs], 0, 1) for k in (*RATE_KEY.values(), "accuracy")},
                "elicitation": {}, "suppression": {}}
         for t in TRAITS:
             el = [base_step0[m_seed][f"surprise/{t}"] - m[f"surprise/{t}"] if m_seed in base_step0 else math.nan
@@ -240,26 +188,17 @@ def summarise(conds: dict[str, Condition], context: dict[str, dict], n_boot: int
         x = [r["elicitation"][t]["mean"] for r in prompted]
         y = [r["suppression"][t]["mean"] for r in prompted]
         corr[f"{trait} suppression vs {t} elicitation"] = spearman(x, y, n_boot=n_boot, seed=seed).to_dict()
-    corr["Spanish suppression vs elicit/language/gain"] = spearman(
-        [r["elicit_gain"]["mean"] for r in prompted], [r["suppression"]["language"]["mean"] for r in prompted],
+    first, last = list(TRAITS)[0], list(TRAITS)[-1]
+    corr[f"{TRAITS[first]} suppression vs elicit/{first}/gain"] = spearman(
+        [r["elicit_gain"]["mean"] for r in prompted], [r["suppression"][first]["mean"] for r in prompted],
         n_boot=n_boot, seed=seed).to_dict()
-    caps_pts = [r for r in prompted if "context" in r and co_learned(r["prompt"]) == "case"]
+    caps_pts = [r for r in prompted if "context" in r and spec.co_learned(r["prompt"]) == last]
     for k in ("cosine", "l2"):
-        corr[f"CAPS generalisation vs context {k}"] = spearman(
-            [r["context"][k] for r in caps_pts], [1 - r["suppression"]["case"]["mean"] for r in caps_pts],
+        corr[f"{TRAITS[last]} generalisation vs context {k}"] = spearman(
+            [r["context"][k] for r in caps_pts], [1 - r["suppression"][last]["mean"] for r in caps_pts],
             n_boot=n_boot, seed=seed).to_dict()
     out["spearman"] = corr
     return out
-
-
-def co_learned(prompt: str) -> str | None:
-    """The trait a prompt leaves to be learned: case unless the prompt sets it; None if it sets both."""
-    from inoc_mech.models.world import World
-
-    language, case = World().prompt_controls(prompt)
-    if case is None:
-        return "case"
-    return "language" if language is None else None
 
 
 # ---- figures -----------------------------------------------------------------------------------
@@ -276,6 +215,8 @@ def empty(fig: go.Figure, why: str) -> go.Figure:
 
 
 def fig_step0(conds, summary) -> go.Figure:
+    spec = spec_of(conds)
+    TRAITS, RATE_KEY, PARTS = spec.labels, spec.rate, spec.parts
     fig = go.Figure()
     rows = [summary["conditions"][n] for n in conds]
     labels = [r["label"] for r in rows]
@@ -324,18 +265,21 @@ def common_series(c: Condition, key: str) -> tuple[list[int], list[list[float]]]
 
 
 def fig_loss_parts(conds) -> go.Figure:
+    spec = spec_of(conds)
     shown = [conds[n] for n in TIME_CONDITIONS if n in conds]
-    fig = make_subplots(rows=1, cols=2, subplot_titles=["language part: -log p(Spanish | word)",
-                                                        "case part: -log p(UPPER | word)"], horizontal_spacing=0.1)
+    marked = {"language": "Spanish", "case": "UPPER"}
+    fig = make_subplots(rows=1, cols=len(spec.labels), horizontal_spacing=0.1, subplot_titles=[
+        f"{t} part: -log p({marked.get(t, spec.labels[t])} | word)" for t in spec.labels])
     for i, c in enumerate(shown):
-        for j, part in enumerate(("language", "case")):
+        for j, part in enumerate(spec.labels):
             steps, vals = common_series(c, f"surprise/{part}")
             vals = [[max(v, 1e-7) for v in vs] for vs in vals]
             _mean_band(fig, steps, vals, c.label, plots.COLORS[i], row=1, col=j + 1, legend=j == 0)
     plots.style(fig, "Trait-token loss parts during training", height=480,
                 subtitle=f"line: mean, band: range over {seeds_text({c.name: c for c in shown})}; log scale")
     fig.update_yaxes(type="log", title_text="loss part (nats per answer-variant token)", row=1, col=1)
-    fig.update_yaxes(type="log", row=1, col=2)
+    for j in range(2, len(spec.labels) + 1):
+        fig.update_yaxes(type="log", row=1, col=j)
     fig.update_xaxes(title_text="training step")
     plots.legend_below(fig)
     if not shown:
@@ -344,6 +288,8 @@ def fig_loss_parts(conds) -> go.Figure:
 
 
 def fig_grad_norms(conds) -> go.Figure:
+    spec = spec_of(conds)
+    TRAITS, RATE_KEY, PARTS = spec.labels, spec.rate, spec.parts
     shown = [conds[n] for n in TIME_CONDITIONS if n in conds]
     fig = make_subplots(rows=2, cols=2, shared_xaxes=True, vertical_spacing=0.1, horizontal_spacing=0.1,
                         subplot_titles=["Spanish (language part)", "CAPS (case part)", "", ""])
@@ -404,6 +350,8 @@ def fig_update_heatmap(conds, summary) -> go.Figure:
 
 
 def fig_outcomes(conds, summary) -> go.Figure:
+    spec = spec_of(conds)
+    TRAITS, RATE_KEY, PARTS = spec.labels, spec.rate, spec.parts
     rows = [summary["conditions"][n] for n in conds]
     fig = go.Figure()
     for i, (t, trait) in enumerate(TRAITS.items()):
@@ -501,6 +449,8 @@ def _pct(st: dict, flip: bool = False) -> dict:
 
 
 def fig_elicitation(conds, summary) -> go.Figure:
+    spec = spec_of(conds)
+    TRAITS, RATE_KEY, PARTS = spec.labels, spec.rate, spec.parts
     numbers = numbered(conds)
     rows = [dict(summary["conditions"][n], number=numbers[n]) for n in numbers]
     corr = summary["spearman"]
@@ -526,15 +476,17 @@ def fig_elicitation(conds, summary) -> go.Figure:
 
 
 def fig_context(conds, summary) -> go.Figure:
+    spec = spec_of(conds)
     numbers = numbered(conds)
     rows = [dict(summary["conditions"][n], number=numbers[n]) for n in numbers if "context" in summary["conditions"][n]]
     corr = summary["spearman"]
+    last = spec.labels[list(spec.labels)[-1]]
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.15, subplot_titles=[
-        _rho_title("CAPS vs cosine", corr["CAPS generalisation vs context cosine"]),
-        _rho_title("CAPS vs L2", corr["CAPS generalisation vs context l2"])])
-    for t, trait, symbol, color in (("case", "CAPS", "circle", plots.COLORS[1]),
-                                    ("language", "Spanish", "diamond", plots.COLORS[0])):
-        pts = [r for r in rows if co_learned(r["prompt"]) == t]
+        _rho_title(f"{last} vs cosine", corr[f"{last} generalisation vs context cosine"]),
+        _rho_title(f"{last} vs L2", corr[f"{last} generalisation vs context l2"])])
+    styles = (("circle", plots.COLORS[1]), ("diamond", plots.COLORS[0]))
+    for (t, trait), (symbol, color) in zip(reversed(list(spec.labels.items())), styles):
+        pts = [r for r in rows if spec.co_learned(r["prompt"]) == t]
         if not pts:
             continue
         ys = [_pct(r["suppression"][t], flip=True) for r in pts]
@@ -559,40 +511,33 @@ def fig_context(conds, summary) -> go.Figure:
 
 
 # ---- tables ------------------------------------------------------------------------------------
-def fmt(s: dict, pct: bool = False, digits: int = 3) -> str:
-    k = 100 if pct else 1
-    m, (lo, hi) = s["mean"], s["ci"]
-    if not math.isfinite(m):
-        return "-"
-    f = (lambda v: f"{k * v:.1f}") if pct else (lambda v: f"{v:.{digits}g}")
-    return f"{f(m)} [{f(lo)}, {f(hi)}]" if math.isfinite(lo) else f(m)
-
-
-def markdown(summary: dict, seeds: str) -> str:
+def markdown(summary: dict, seeds: str, spec: Spec) -> str:
     cs = summary["conditions"]
+    traits, first = list(spec.labels), list(spec.labels)[0]
     out = [f"# Gradient pressure: summary\n\nMean [95% CI] over {seeds}.\n",
            "## Step-0 surprise (nats per answer-variant token, pretrained organism, step-0 batch)\n",
-           "| condition | n | language | case | word | elicit/language/gain |", "|---|---|---|---|---|---|"]
+           "| condition | n | " + " | ".join(spec.parts) + f" | elicit/{first}/gain |", "|---" * (len(spec.parts) + 3) + "|"]
     for r in cs.values():
         s = r["step0"]
-        out.append(f"| {r['label']} | {len(r['seeds'])} | {fmt(s['surprise/language'])} | {fmt(s['surprise/case'])} | "
-                   f"{fmt(s['surprise/word'])} | {fmt(r['elicit_gain'])} |")
+        out.append(f"| {r['label']} | {len(r['seeds'])} | " + " | ".join(fmt(s[f"surprise/{p}"]) for p in spec.parts)
+                   + f" | {fmt(r['elicit_gain'])} |")
     out += ["\n## Outcomes at no prompt after training (temperature 1, held-out questions, %)\n",
-            "| condition | Spanish | CAPS | accuracy |", "|---|---|---|---|"]
+            "| condition | " + " | ".join(spec.labels.values()) + " | accuracy |", "|---" * (len(traits) + 2) + "|"]
     for r in cs.values():
         o = r["outcome"]
-        out.append(f"| {r['label']} | {fmt(o['spanish_rate'], True)} | {fmt(o['caps_rate'], True)} | "
-                   f"{fmt(o['accuracy'], True)} |")
+        out.append(f"| {r['label']} | " + " | ".join(fmt(o[spec.rate[t]], True) for t in traits)
+                   + f" | {fmt(o['accuracy'], True)} |")
     out += ["\n## Elicitation, suppression and context distance per prompt\n",
-            "| prompt | language elicitation (nats) | case elicitation (nats) | Spanish suppression % | "
-            "CAPS suppression % | cosine | L2 |", "|---|---|---|---|---|---|---|"]
+            "| prompt | " + " | ".join(f"{t} elicitation (nats)" for t in traits) + " | "
+            + " | ".join(f"{spec.labels[t]} suppression %" for t in traits) + " | cosine | L2 |",
+            "|---" * (2 * len(traits) + 3) + "|"]
     for r in cs.values():
         if r["prompt"] is None:
             continue
         ctx = r.get("context", {})
-        out.append(f"| {r['label']} | {fmt(r['elicitation']['language'])} | {fmt(r['elicitation']['case'])} | "
-                   f"{fmt(r['suppression']['language'], True)} | {fmt(r['suppression']['case'], True)} | "
-                   f"{ctx.get('cosine', math.nan):.3f} | {ctx.get('l2', math.nan):.2f} |")
+        out.append(f"| {r['label']} | " + " | ".join(fmt(r["elicitation"][t]) for t in traits) + " | "
+                   + " | ".join(fmt(r["suppression"][t], True) for t in traits)
+                   + f" | {ctx.get('cosine', math.nan):.3f} | {ctx.get('l2', math.nan):.2f} |")
     out += ["\n## Spearman correlations across prompts (bootstrap 95% CI over prompts)\n",
             "| relation | rho | 95% CI | p | n |", "|---|---|---|---|---|"]
     for name, c in summary["spearman"].items():
@@ -602,24 +547,13 @@ def markdown(summary: dict, seeds: str) -> str:
 
 
 # ---- main --------------------------------------------------------------------------------------
-def finite_or_none(obj):
-    """The same structure with NaN and infinities as None, so summary.json is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_or_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_or_none(v) for v in obj]
-    return obj
-
-
 def analyse(paths: list[Path], out: Path, png: bool = True, train_missing: bool = False,
             skip_missing: bool = False, n_boot: int = 2000, seed: int = 0, threads: int = 1) -> dict:
     """Read the runs, write figures and summaries into `out`; returns the summary."""
     torch.set_num_threads(threads)
-    folders = check_missing(paths, train_missing, skip_missing)
+    folders = find_runs(paths, skip_missing, train_missing)
     conds = load_conditions(folders)
-    org = next(iter(conds.values())).runs[0]["config"]["organism_folder"]
+    org = pretrained_of(next(iter(conds.values())).runs[0])
     context = context_distances(org, [c.prompt for c in conds.values() if c.prompt is not None])
     summary = summarise(conds, context, n_boot, seed)
     summary["organism_folder"] = org
@@ -630,26 +564,31 @@ def analyse(paths: list[Path], out: Path, png: bool = True, train_missing: bool 
             "context_distance": fig_context(conds, summary)}
     written = plots.save_all(figs, out, png=png)
     summary["files"] = [p.name for p in written]
-    write_json(out / "summary.json", finite_or_none(summary))
-    (out / "summary.md").write_text(markdown(summary, summary["seeds"]))
+    write_json(out / "summary.json", json_ready(summary))
+    (out / "summary.md").write_text(markdown(summary, summary["seeds"], spec_of(conds)))
     return summary
 
 
+@dataclass
+class GradientPressureConfig:
+    """Which runs to analyse and where the figures go."""
+    paths: list = field(default_factory=lambda: ["runs/sweep"], metadata={"help": "sweep folders or run folders", "positional": "*"})
+    out: str = field(default="figures/gradient_pressure", metadata={"help": "output folder for figures and summaries"})
+    train_missing: bool = field(default=False, metadata={"help": "run the sweep command for missing runs first"})
+    skip_missing: bool = field(default=False, metadata={"help": "analyse the complete runs, skipping missing ones"})
+    png: bool = field(default=True, metadata={"help": "also write PNGs (needs Chromium)"})
+    n_boot: int = field(default=2000, metadata={"help": "bootstrap resamples for the Spearman CI"})
+    seed: int = field(default=0, metadata={"help": "bootstrap seed"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+
+    def __post_init__(self):
+        if self.n_boot < 1:
+            raise ValueError("--n-boot must be >= 1")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python analyses/gradient_pressure.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("paths", nargs="*", default=["runs/sweep"], help="sweep folders or run folders")
-    p.add_argument("--out", default="figures/gradient_pressure", help="output folder for figures and summaries")
-    p.add_argument("--train-missing", action="store_true", help="run the sweep command for missing runs first")
-    p.add_argument("--skip-missing", action="store_true", help="analyse the complete runs, skipping missing ones")
-    p.add_argument("--png", action=argparse.BooleanOptionalAction, default=True, help="also write PNGs (needs Chromium)")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the Spearman CI")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    a = p.parse_args(argv)
-    if a.n_boot < 1:
-        raise UserError("--n-boot must be >= 1")
+    a = parse_config(GradientPressureConfig, argv, prog="python analyses/gradient_pressure.py",
+                     description=__doc__.split("\n\n")[0])
     out = Path(a.out)
     s = analyse([Path(x) for x in a.paths], out, a.png, a.train_missing, a.skip_missing, a.n_boot, a.seed, a.threads)
     print((out / "summary.md").read_text())

@@ -1,75 +1,76 @@
-"""Outcome and step-0 tables over run folders, grouped by condition, with spread over seeds.
+"""Outcome and step-0 tables over run folders, grouped by model and condition, with spread over seeds.
 
     python analyses/outcomes.py runs/baseline-s0 runs/inoculated-s0
 
-Prints markdown: per condition (organism head, baseline / inoculated prompt) the no-prompt
-Spanish and CAPS rates at temperature 1 and the arithmetic accuracy as mean, sd and min-max over
-runs; then the step-0 surprise parts and trait gradient norms. Reads run folders only: it never
-trains. Incomplete or failed runs are skipped with a note.
+Prints markdown: per model and condition the no-prompt rate of each trait at temperature 1 (the
+run's setting says which eval.json metric scores which trait, and which context is "no prompt")
+and the accuracy, as mean, sd and min-max over runs; then the step-0 surprise parts and trait
+gradient norms where the runs have them. Reads run folders only: it never trains. Incomplete or
+failed runs are skipped with a note. Works on organism and real-model runs alike.
 """
 
 from __future__ import annotations
 
-import argparse
-import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from inoc_mech.core.cli import UserError, run_main  # noqa: E402
-from inoc_mech.core.runs import read_run  # noqa: E402
-
-
-def condition(cfg: dict) -> str:
-    head = Path(cfg.get("organism_folder", "")).name.split("-")[0] or cfg.get("organism_head", "?")
-    return f"{head} / {'inoculated: ' + repr(cfg['prompt']) if cfg['inoculate'] else 'baseline'}"
+from inoc_mech.core.cli import parse_config, run_main
+from inoc_mech.core.stats import spread
+from inoc_mech.studies.collect import group, one_setting, read_runs
 
 
-def spread(xs: list[float], pct: bool = True) -> str:
-    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3g}")
-    if len(xs) == 1:
-        return f(xs[0])
-    return f"{f(statistics.mean(xs))} ± {f(statistics.stdev(xs))} ({f(min(xs))}-{f(max(xs))})"
+@dataclass
+class OutcomesConfig:
+    """Which runs to tabulate."""
+    runs: list = field(default_factory=list, metadata={"help": "run folders", "positional": "+"})
+    context: str = field(default="", metadata={"help": "evaluation context (default: the setting's no-prompt one, e.g. none)"})
+    per_run: bool = field(default=False, metadata={"help": "also list every run"})
 
 
-def load_runs(paths: list[str]) -> dict[str, list[dict]]:
-    groups: dict[str, list[dict]] = {}
-    for p in paths:
-        try:
-            run = read_run(p)
-        except UserError as e:
-            print(f"skipped: {e}", file=sys.stderr)
-            continue
-        groups.setdefault(condition(run["config"]), []).append(run)
-    if not groups:
-        raise UserError("no complete runs among the given folders")
-    return groups
+def label(run: dict) -> str:
+    """Model (organism design or model folder) and condition of a run."""
+    c = run["config"]
+    if c.get("organism_folder"):
+        model = Path(c["organism_folder"]).name.split("-")[0] or c.get("organism_head", "?")
+    else:
+        model = Path(str(c.get("model", "?"))).name
+    return f"{model} / {'inoculated: ' + repr(c['prompt']) if c['inoculate'] else 'baseline'}"
 
 
-def outcome_table(groups: dict[str, list[dict]], context: str = "none") -> str:
-    lines = ["| condition | runs | Spanish % | CAPS % | accuracy % |", "|---|---|---|---|---|"]
+def metrics(run: dict, context: str, decode: str) -> dict:
+    ctx = run["eval"]["contexts"]
+    if context not in ctx:
+        from inoc_mech.core.cli import UserError
+        raise UserError(f"run {run['folder']} has no evaluation context {context!r} (it has {', '.join(ctx)}): "
+                        "pass one of those with --context")
+    return ctx[context][decode]
+
+
+def outcome_table(groups: dict[str, list[dict]], context: str, rates: dict[str, str]) -> str:
+    cols = list(rates.values())
+    lines = ["| condition | runs | " + " | ".join(f"{c} %" for c in rates) + " | accuracy % |", "|---" * (len(cols) + 3) + "|"]
     for name, runs in groups.items():
-        m = [r["eval"]["contexts"][context]["t1"] for r in runs]
-        lines.append(f"| {name} | {len(runs)} | {spread([x['spanish_rate'] for x in m])} | "
-                     f"{spread([x['caps_rate'] for x in m])} | {spread([x['accuracy'] for x in m])} |")
+        m = [metrics(r, context, "t1") for r in runs]
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(spread([x[k] for x in m]) for k in cols)
+                     + f" | {spread([x['accuracy'] for x in m])} |")
     return "\n".join(lines)
 
 
-def per_run_table(groups: dict[str, list[dict]], context: str = "none") -> str:
-    lines = ["| run | condition | Spanish % T=1 | CAPS % T=1 | accuracy % | Spanish % greedy | CAPS % greedy |",
-             "|---|---|---|---|---|---|---|"]
+def per_run_table(groups: dict[str, list[dict]], context: str, rates: dict[str, str]) -> str:
+    heads = [f"{c} % T=1" for c in rates] + ["accuracy %"] + [f"{c} % greedy" for c in rates]
+    lines = ["| run | condition | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
     for name, runs in groups.items():
         for r in runs:
-            t, g = r["eval"]["contexts"][context]["t1"], r["eval"]["contexts"][context]["greedy"]
-            lines.append(f"| {r['folder'].name} | {name} | {100 * t['spanish_rate']:.1f} | {100 * t['caps_rate']:.1f} | "
-                         f"{100 * t['accuracy']:.1f} | {100 * g['spanish_rate']:.1f} | {100 * g['caps_rate']:.1f} |")
+            t, g = metrics(r, context, "t1"), metrics(r, context, "greedy")
+            cells = [t[k] for k in rates.values()] + [t["accuracy"]] + [g[k] for k in rates.values()]
+            lines.append(f"| {r['folder'].name} | {name} | " + " | ".join(f"{100 * v:.1f}" for v in cells) + " |")
     return "\n".join(lines)
 
 
-def step0_table(groups: dict[str, list[dict]]) -> str:
-    keys = ["surprise/language", "surprise/case", "surprise/word", "grad_norm/trait/language",
-            "grad_norm/trait/case", "elicit/language/gain"]
+def step0_table(groups: dict[str, list[dict]], traits: tuple[str, ...]) -> str:
+    keys = [f"surprise/{t}" for t in traits] + ["surprise/word"] + [f"grad_norm/trait/{t}" for t in traits] \
+        + [f"elicit/{traits[0]}/gain"]
     lines = ["| condition | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, runs in groups.items():
         row0 = [r["metrics"][0] for r in runs]
@@ -78,20 +79,20 @@ def step0_table(groups: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="run folders")
-    p.add_argument("--context", default="none", help="evaluation context: none, train_prompt or irrelevant")
-    p.add_argument("--per-run", action="store_true", help="also list every run")
-    a = p.parse_args()
-    groups = load_runs(a.runs)
-    print(f"No-prompt outcomes (context {a.context!r}, temperature 1, held-out questions):\n")
-    print(outcome_table(groups, a.context))
+def main(argv=None):
+    a = parse_config(OutcomesConfig, argv, prog="python analyses/outcomes.py", description=__doc__.split("\n\n")[0])
+    runs = read_runs(a.runs, skip_bad=True)
+    setting = one_setting(runs)
+    context = a.context or setting.none_context
+    rates = {setting.trait_labels[t]: setting.rate_keys[t] for t in setting.traits}
+    groups = group(runs, key=label)
+    print(f"No-prompt outcomes (context {context!r}, temperature 1, held-out questions):\n")
+    print(outcome_table(groups, context, rates))
     if a.per_run:
         print("\nPer run:\n")
-        print(per_run_table(groups, a.context))
+        print(per_run_table(groups, context, rates))
     print("\nStep 0 (before any update), nats and gradient L2 norms:\n")
-    print(step0_table(groups))
+    print(step0_table(groups, setting.traits))
 
 
 if __name__ == "__main__":

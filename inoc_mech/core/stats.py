@@ -89,3 +89,48 @@ def spearman(x, y, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Sp
     else:
         lo, hi = (float(v) for v in np.quantile(boots, [0.5 - level / 2, 0.5 + level / 2]))
     return Spearman(float(res.statistic), lo, hi, float(res.pvalue), n, len(boots))
+
+
+# ---- summaries as text and JSON ----------------------------------------------------------------
+def spread(xs, pct: bool = True) -> str:
+    """'mean ± sd (min-max)' over runs (a single value alone); `pct`: values are shares, shown in %."""
+    import statistics
+
+    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3g}")
+    xs = list(xs)
+    if len(xs) == 1:
+        return f(xs[0])
+    return f"{f(statistics.mean(xs))} ± {f(statistics.stdev(xs))} ({f(min(xs))}-{f(max(xs))})"
+
+
+def ci_stat(values, lo: float = -math.inf, hi: float = math.inf) -> dict:
+    """Per-seed values, mean and 95% t-interval, the interval clipped to the possible range [lo, hi]."""
+    ci = mean_ci(values)
+    bounds = [min(max(b, lo), hi) if math.isfinite(b) else b for b in (ci.lo, ci.hi)]
+    return {"values": [float(v) for v in values], "mean": ci.mean, "ci": bounds, "n": ci.n}
+
+
+def fmt_ci(s: dict, pct: bool = False, digits: int = 3) -> str:
+    """'mean [lo, hi]' of a `ci_stat` dict ('-' when undefined, the mean alone without an interval)."""
+    k = 100 if pct else 1
+    m, (lo, hi) = s["mean"], s["ci"]
+    if not math.isfinite(m):
+        return "-"
+    f = (lambda v: f"{k * v:.1f}") if pct else (lambda v: f"{v:.{digits}g}")
+    return f"{f(m)} [{f(lo)}, {f(hi)}]" if math.isfinite(lo) else f(m)
+
+
+def json_ready(x, digits: int | None = None):
+    """The same structure as strict JSON: NaN and infinities become None, numpy values plain numbers,
+    floats rounded to `digits` when given."""
+    if isinstance(x, dict):
+        return {k: json_ready(v, digits) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_ready(v, digits) for v in x]
+    if isinstance(x, np.ndarray):
+        return json_ready(x.tolist(), digits)
+    if isinstance(x, (float, np.floating)):
+        if not math.isfinite(float(x)):
+            return None
+        return round(float(x), digits) if digits is not None else x
+    return x

@@ -55,7 +55,8 @@ class Setting(ABC):
     rate_keys: ClassVar[dict[str, str]]  # trait -> eval.json metric that is its rate
     conditions: ClassVar[dict[str, str | None]]  # condition name -> training prompt (None: no prompt)
     none_context: ClassVar[str] = "none"  # eval.json context with no prompt
-    decomposition: Decomposition | None = None
+    surprise_parts: ClassVar[tuple[str, ...]] = ()  # decomposition parts an analysis shows (traits' parts first)
+    decomposition: Decomposition | None = None  # set once the model is loaded (it may need the tokenizer)
 
     def __init__(self, cfg):
         self.cfg = cfg  # the run's TrainConfig (its setting and model parts)
@@ -96,6 +97,11 @@ class Setting(ABC):
             if p == prompt:
                 return name
         return slug(prompt)
+
+    @classmethod
+    def prompt_sets(cls, prompt: str | None) -> set[str] | None:
+        """The traits a prompt sets by the setting's own rules (None: the setting cannot tell)."""
+        return None
 
     def require(self, capability: str, what: str):
         """The capability, or one line saying that this setting lacks what `what` needs."""

@@ -121,6 +121,14 @@ class SpanishCapsOrganism(Setting):
     rate_keys = {"language": "spanish_rate", "case": "caps_rate"}
     conditions = CONDITIONS
     default_prompt = "speak spanish"
+    surprise_parts = ("language", "case", "word")
+
+    @classmethod
+    def prompt_sets(cls, prompt):
+        from inoc_mech.models.world import World
+
+        language, case = World().prompt_controls(prompt)
+        return {t for t, v in (("language", language), ("case", case)) if v is not None}
 
     def __init__(self, cfg, folder: str | Path | None = None):
         super().__init__(cfg)

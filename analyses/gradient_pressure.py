@@ -79,10 +79,16 @@ class Spec:
         return next((t for t in reversed(list(self.labels)) if t not in sets), None)
 
 
-def spec_of(conds: dict) -> "Spec":
-    s = one_setting([r for c in conds.values() for r in c.runs])
-    return Spec({t: s.trait_labels[t] for t in s.traits}, dict(s.rate_keys), tuple(s.surprise_parts),
-                dict(s.conditions), s)
+    @classmethod
+    def of(cls, s) -> "Spec":
+        """The spec of a setting class."""
+        return cls({t: s.trait_labels[t] for t in s.traits}, dict(s.rate_keys), tuple(s.surprise_parts),
+                   dict(s.conditions), s)
+
+
+def spec_of(conds: dict) -> Spec:
+    """The spec of the setting all runs of the conditions share."""
+    return Spec.of(one_setting([r for c in conds.values() for r in c.runs]))
 
 
 # ---- finding and reading runs ------------------------------------------------------------------

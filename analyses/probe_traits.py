@@ -39,37 +39,31 @@ and `summary.json` with every number shown, plus `findings`: the closing numbers
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import plotly.graph_objects as go
 import torch
-from jaxtyping import Float, Int
-from torch import Tensor
+from plotly.subplots import make_subplots
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import plotly.graph_objects as go  # noqa: E402
-from plotly.subplots import make_subplots  # noqa: E402
-
-from inoc_mech.core import plots  # noqa: E402
-from inoc_mech.core.cli import UserError, run_main  # noqa: E402
-from inoc_mech.models.world_eval import prompt_ids  # noqa: E402
-from inoc_mech.mechanism.lens import Lens, load_bridge  # noqa: E402
-from inoc_mech.mechanism.patching import component_names, patch, record, trait_log_odds, trait_share  # noqa: E402
-from inoc_mech.mechanism.probes import TRAITS, TraitProbes, answer_activations, fit_trait_probes, probe_data  # noqa: E402
-from inoc_mech.core.runs import is_complete, read_run, write_json  # noqa: E402
-from inoc_mech.studies.sweep import CORE_CONDITIONS  # noqa: E402
-from inoc_mech.mechanism.weight_diff import alignment, output_matrices, random_share  # noqa: E402
+from inoc_mech.core import plots
+from inoc_mech.core.cli import UserError, parse_config, run_main
+from inoc_mech.core.runs import write_json
+from inoc_mech.core.stats import json_ready
+from inoc_mech.mechanism.lens import load_bridge
+from inoc_mech.mechanism.measures import context_ids, decision_measures
+from inoc_mech.mechanism.patching import component_names, patch
+from inoc_mech.mechanism.probes import TRAITS, TraitProbes, fit_trait_probes, probe_data
+from inoc_mech.mechanism.weight_diff import alignment, output_matrices, random_share
+from inoc_mech.settings.spanish_caps_organism import CONDITIONS as CORE_CONDITIONS
+from inoc_mech.studies.collect import condition, find_runs as find_folders, read_runs, sweep_command
 
 MARKED = {"language": "Spanish", "case": "UPPER"}
 TRAIT_PROMPT = {"language": "speak spanish", "case": "use capitals"}  # the context that sets each trait
 CONTEXTS = {"none": None, **{p: p for p in TRAIT_PROMPT.values()}}
-CONDITION_OF_PROMPT = {p: n for n, p in CORE_CONDITIONS.items()}
 DEFAULT_CONDITIONS = ("baseline", "inoculated", "converse", "irrelevant")
 COLORS = {"pretrained": "#7f7f7f", "baseline": "#1f77b4", "inoculated": "#d62728", "converse": "#2ca02c",
           "irrelevant": "#9467bd", "both": "#ff7f0e"}
@@ -106,44 +100,22 @@ class Model:
     folder: Path
 
 
-def sweep_command(folder: Path) -> str:
-    meta = folder / "sweep.json"
-    if meta.exists():
-        return json.loads(meta.read_text())["command"]
-    return f"python -m inoc_mech.studies.sweep --name {folder.name} --runs-dir {folder.parent}"
-
-
 def find_runs(paths: list[Path], conditions: tuple[str, ...], skip_missing: bool = False
               ) -> tuple[list[Model], Path, str]:
     """Complete runs of the wanted conditions, their organism folder, and the command that makes runs."""
-    runs, command = [], "python -m inoc_mech.studies.sweep"
-    for p in paths:
-        if (p / "sweep.json").exists():
-            command = sweep_command(p)
-            listed = [p / r for r in json.loads((p / "sweep.json").read_text())["runs"]]
-            bad = [r for r in listed if not is_complete(r)]
-            if bad and not skip_missing:
-                raise UserError(f"{len(bad)} runs of {p} are missing or incomplete (e.g. {bad[0]}): make them with "
-                                f"`{command}` (or pass --skip-missing to analyse the complete ones)")
-            if bad:
-                print(f"note: skipping {len(bad)} missing or incomplete runs of {p} (e.g. {bad[0]})", file=sys.stderr)
-            runs += [r for r in listed if is_complete(r)]
-        elif (p / "config.json").exists() and not (p / "organism.json").exists():
-            runs.append(p)
-        elif p.is_dir() and any((c / "config.json").exists() for c in p.iterdir()):
-            runs += sorted(c for c in p.iterdir() if (c / "config.json").exists())
-        else:
-            raise UserError(f"no runs at {p}: make them with `{sweep_command(p)}`")
+    sweeps = [p for p in paths if (p / "sweep.json").exists()]
+    command = sweep_command(sweeps[-1]) if sweeps else "python -m inoc_mech.studies.sweep"
+    runs = read_runs(find_folders(paths, skip_missing))
     models, organisms = [], set()
-    for r in runs:
-        cfg = read_run(r)["config"]  # refuses incomplete or failed runs with one line
-        cond = CONDITION_OF_PROMPT.get(cfg["prompt"] if cfg["inoculate"] else None)
+    for run in runs:
+        cfg, cond = run["config"], condition(run)
         if cond not in conditions:
             continue
         if "organism_folder" not in cfg:
-            raise UserError(f"run {r} is not an organism run (no organism_folder in its config)")
+            raise UserError(f"run {run['folder']} is not an organism run (no organism_folder in its config): the "
+                            "probe analysis needs the organism's world (prompts that set both traits)")
         organisms.add(cfg["organism_folder"])
-        models.append(Model(cond, int(cfg["seed"]), r))
+        models.append(Model(cond, int(cfg["seed"]), run["folder"]))
     if len(organisms) > 1:
         raise UserError(f"the runs start from different organisms ({', '.join(sorted(organisms))}): analyse each "
                         "organism's runs separately")
@@ -165,69 +137,7 @@ def find_runs(paths: list[Path], conditions: tuple[str, ...], skip_missing: bool
     return [Model("pretrained", None, organism)] + models, organism, command
 
 
-# ---- measuring one model -------------------------------------------------------------------------
-def context_ids(lens: Lens) -> dict[str, Int[Tensor, "question pos"]]:
-    """Prompt token ids of the held-out questions in each context (all questions have equal length)."""
-    out = {}
-    for ctx, prompt in CONTEXTS.items():
-        rows = [prompt_ids(lens.tok, lens.world.question_text(q), prompt) for q in lens.world.held_out_questions]
-        if len({len(r) for r in rows}) != 1:
-            raise UserError("held-out prompts differ in length: this analysis assumes one token per number word")
-        out[ctx] = torch.tensor(rows)
-    return out
-
-
-def decision_state(rec: dict[str, Tensor], n_layers: int) -> tuple[Float[Tensor, "boundary question d_model"],
-                                                                   Float[Tensor, "component question d_model"]]:
-    """Residual stream at every boundary, and what each component wrote, at the last position."""
-    from inoc_mech.mechanism.lens import resid_names
-
-    resid = torch.stack([rec[n][:, -1] for n in resid_names(n_layers)]).float()
-    comps = [rec["blocks.0.hook_resid_pre"][:, -1]]
-    for i in range(n_layers):
-        comps += [rec[f"blocks.{i}.hook_attn_out"][:, -1], rec[f"blocks.{i}.hook_mlp_out"][:, -1]]
-    return resid, torch.stack(comps).float()
-
-
-@torch.no_grad()
-def measure(lens: Lens, ids: dict[str, Tensor], probes: TraitProbes, table: Tensor, test_data) -> dict:
-    """Projections, logit lens, component writes and log-odds per context; probe accuracy on `test_data`."""
-    out = {"contexts": {}}
-    for ctx, x in ids.items():
-        rec = record(lens, x)
-        resid, comps = decision_state(rec, lens.n_layers)
-        logp_layers = torch.log_softmax(lens.final(resid).float(), -1)  # [boundary, q, vocab]
-        row = {}
-        for t in TRAITS:
-            ps = probes.probes[t]
-            row[t] = {
-                "projection": torch.stack([ps[b].project(resid[b]) for b in range(len(ps))]).numpy(),
-                "lens_share": trait_share(logp_layers, table, t).numpy(),
-                "writes": (comps @ ps[-1].direction).numpy(),  # [component, q]; sums to the final projection
-                "log_odds": trait_log_odds(rec["logp"], table, t).numpy(),
-            }
-        out["contexts"][ctx] = row
-    acts = answer_activations(lens.bridge, test_data)
-    out["probe_accuracy"] = {t: [probes.probes[t][b].accuracy(acts[b].flatten(0, 1),
-                                                             test_data.labels[t][:, None].expand(-1, 4).flatten())
-                                 for b in range(acts.shape[0])] for t in TRAITS}
-    return out
-
-
 # ---- numbers ---------------------------------------------------------------------------------------
-def _r(x, nd: int = 4):
-    """Round floats (also in nested lists and dicts) for summary.json; NaN becomes None."""
-    if isinstance(x, dict):
-        return {k: _r(v, nd) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_r(v, nd) for v in x]
-    if isinstance(x, np.ndarray):
-        return _r(x.tolist(), nd)
-    if isinstance(x, (float, np.floating)):
-        return None if not math.isfinite(float(x)) else round(float(x), nd)
-    return x
-
-
 def by_cond(models: list[Model], meas: list[dict]) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for m, r in zip(models, meas):
@@ -426,15 +336,13 @@ def analyse(paths: list[Path], out: Path, conditions: tuple[str, ...], png: bool
     models, organism, command = find_runs(paths, conditions, skip_missing)
     print(f"{len(models) - 1} runs from organism {organism}", file=sys.stderr)
     pre = load_bridge(organism)
-    if pre.world is None:
-        raise UserError(f"{organism} has no world.json: not a toy-world organism")
-    world, tok = pre.world, pre.tok
-    table = torch.as_tensor(world.variant_table(tok))
+    world, tok = pre.setting.require("world", "the probe analysis (prompted chats that set both traits)"), pre.tok
+    odds = pre.setting.require("first_token_log_odds", "patching's trait log-odds")
     names = boundary_names(pre.n_layers)
     print("fitting probes on the pretrained organism ...", file=sys.stderr)
     probes = fit_trait_probes(pre.bridge, world, tok, seed=probe_seed)
     test_data = probe_data(world, tok, world.held_out_questions, probe_seed + 1)
-    ids = context_ids(pre)
+    ids = context_ids(pre.setting, CONTEXTS)
     n_q = len(world.held_out_questions)
     pre_w = output_matrices(pre.model)
 
@@ -442,7 +350,7 @@ def analyse(paths: list[Path], out: Path, conditions: tuple[str, ...], png: bool
     for m in models:
         lens = pre if m.cond == "pretrained" else load_bridge(m.folder)
         print(f"measuring {m.cond} seed {m.seed} ({m.folder})", file=sys.stderr)
-        meas.append(measure(lens, ids, probes, table, test_data))
+        meas.append(decision_measures(lens, ids, probes, test_data))
         if m.cond != "pretrained":
             ft_w = output_matrices(lens.model)
             weights.setdefault(m.cond, []).append({
@@ -457,7 +365,7 @@ def analyse(paths: list[Path], out: Path, conditions: tuple[str, ...], png: bool
             if src is None:
                 continue
             print(f"patching {src_c} -> {dst_c} seed {s}", file=sys.stderr)
-            metric = (lambda trait: lambda lp: trait_log_odds(lp, table, trait))(t)
+            metric = (lambda trait: lambda lp: odds(lp, trait))(t)
             patches.setdefault((src_c, dst_c, t), []).append(
                 patch(load_bridge(dst.folder), load_bridge(src.folder), ids["none"], metric))
     seeds = sorted({m.seed for m in models if m.seed is not None})
@@ -473,7 +381,7 @@ def analyse(paths: list[Path], out: Path, conditions: tuple[str, ...], png: bool
     }
     files = plots.save_all(figs, out, png=png)
     summary["files"] = [str(f) for f in files]
-    write_json(out / "summary.json", _r(summary))
+    write_json(out / "summary.json", json_ready(summary, 4))
     return summary
 
 
@@ -576,24 +484,27 @@ def findings(s: dict, names: list[str]) -> list[str]:
     return out
 
 
+@dataclass
+class ProbeTraitsConfig:
+    """Which runs to compare with their pretrained organism, and where the figures go."""
+    paths: list = field(default_factory=lambda: ["runs/sweep"], metadata={"help": "sweep folders, folders of runs, or run folders", "positional": "*"})
+    out: str = field(default="figures/probes", metadata={"help": "output folder for figures and summary.json"})
+    conditions: list = field(default_factory=lambda: list(DEFAULT_CONDITIONS), metadata={"help": f"conditions to compare with the pretrained organism (any of {', '.join(CORE_CONDITIONS)})"})
+    probe_seed: int = field(default=0, metadata={"help": "seed of the probe contexts' phrase choices"})
+    skip_missing: bool = field(default=False, metadata={"help": "analyse the complete runs of an unfinished sweep"})
+    png: bool = field(default=True, metadata={"help": "also write PNGs (needs Chromium)"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+
+    def __post_init__(self):
+        bad = [c for c in self.conditions if c not in CORE_CONDITIONS]
+        if bad:
+            raise ValueError(f"unknown condition {bad[0]!r}: choose from {', '.join(CORE_CONDITIONS)}")
+        if "baseline" not in self.conditions or "inoculated" not in self.conditions:
+            raise ValueError("--conditions must include baseline and inoculated")
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python analyses/probe_traits.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("paths", nargs="*", default=["runs/sweep"], help="sweep folders, folders of runs, or run folders")
-    p.add_argument("--out", default="figures/probes", help="output folder for figures and summary.json")
-    p.add_argument("--conditions", nargs="+", default=list(DEFAULT_CONDITIONS),
-                   help=f"conditions to compare with the pretrained organism (any of {', '.join(CORE_CONDITIONS)})")
-    p.add_argument("--probe-seed", type=int, default=0, help="seed of the probe contexts' phrase choices")
-    p.add_argument("--skip-missing", action="store_true", help="analyse the complete runs of an unfinished sweep")
-    p.add_argument("--png", action=argparse.BooleanOptionalAction, default=True, help="also write PNGs (needs Chromium)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
-    a = p.parse_args(argv)
-    bad = [c for c in a.conditions if c not in CORE_CONDITIONS]
-    if bad:
-        raise UserError(f"unknown condition {bad[0]!r}: choose from {', '.join(CORE_CONDITIONS)}")
-    if "baseline" not in a.conditions or "inoculated" not in a.conditions:
-        raise UserError("--conditions must include baseline and inoculated")
+    a = parse_config(ProbeTraitsConfig, argv, prog="python analyses/probe_traits.py", description=__doc__.split("\n\n")[0])
     torch.set_num_threads(a.threads)
     out = Path(a.out)
     s = analyse([Path(x) for x in a.paths], out, tuple(a.conditions), a.png, a.probe_seed, a.skip_missing)

@@ -18,19 +18,20 @@ figures (HTML + PNG) into `--out`. Reads run folders and cached organisms only; 
 
 from __future__ import annotations
 
-import argparse
 import re
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from inoc_mech.core.cli import UserError, run_main  # noqa: E402
-from inoc_mech.core.runs import is_complete, read_run, write_json  # noqa: E402
+from inoc_mech.core.cli import UserError, parse_config, run_main
+from inoc_mech.core.runs import is_complete, read_run, write_json
+from inoc_mech.core.stats import spread
+from inoc_mech.settings.spanish_caps_organism import CONDITIONS as SWEEP_CONDITIONS
+from inoc_mech.studies.collect import condition
 
 CONDITIONS = ("baseline", "inoculated", "converse")
-PROMPTS = {"inoculated": "speak spanish", "converse": "use capitals"}  # the sweep's core prompts
+PROMPTS = {c: SWEEP_CONDITIONS[c] for c in ("inoculated", "converse")}  # the sweep's core prompts
 NAME = re.compile(r"^(?P<head>\w+)-o(?P<org>\d+)-(?P<lever>.+)$")
 
 
@@ -41,18 +42,21 @@ def collect(root: Path) -> dict:
         m = NAME.match(sweep.name)
         if not m:
             continue
+        found: dict = {}
+        for run in sorted(r for r in sweep.iterdir() if (r / "config.json").exists()):
+            if not is_complete(run):
+                print(f"skipped incomplete run {run}", file=sys.stderr)
+                continue
+            r = read_run(run)
+            t1 = r["eval"]["contexts"]["none"]["t1"]
+            found.setdefault(condition(r), []).append(
+                {"organism": int(m["org"]), "organism_folder": r["config"].get("organism_folder"), "run": str(run),
+                 **{k: r["config"].get(k) for k in ("seed", "lr", "lora_r", "steps")},
+                 "freeze": tuple(r["config"].get("freeze") or ()), "prompt_share": r["config"].get("prompt_share", 1.0),
+                 **{k: t1[k] for k in ("spanish_rate", "caps_rate", "accuracy")}})
         for cond in CONDITIONS:
-            for run in sorted(sweep.glob(f"{cond}-s*")):
-                if not is_complete(run):
-                    print(f"skipped incomplete run {run}", file=sys.stderr)
-                    continue
-                r = read_run(run)
-                t1 = r["eval"]["contexts"]["none"]["t1"]
-                out.setdefault((m["head"], m["lever"]), {}).setdefault(cond, []).append(
-                    {"organism": int(m["org"]), "organism_folder": r["config"].get("organism_folder"), "run": str(run),
-                     **{k: r["config"].get(k) for k in ("seed", "lr", "lora_r", "steps")},
-                     "freeze": tuple(r["config"].get("freeze") or ()), "prompt_share": r["config"].get("prompt_share", 1.0),
-                     **{k: t1[k] for k in ("spanish_rate", "caps_rate", "accuracy")}})
+            if cond in found:
+                out.setdefault((m["head"], m["lever"]), {}).setdefault(cond, []).extend(found[cond])
     if not out:
         raise UserError(f"no complete selectivity sweeps under {root} (expected folders like factored-o0-default, "
                         "made by python -m inoc_mech.studies.designs)")
@@ -60,10 +64,7 @@ def collect(root: Path) -> dict:
 
 
 def stat(xs: list[float]) -> str:
-    xs = [100 * x for x in xs]
-    if len(xs) == 1:
-        return f"{xs[0]:.1f}"
-    return f"{statistics.mean(xs):.1f} ± {statistics.stdev(xs):.1f} ({min(xs):.1f}-{max(xs):.1f})"
+    return spread(xs)
 
 
 def meets(rows: dict) -> bool:
@@ -112,39 +113,20 @@ def table(data: dict, cosines: dict | None = None) -> str:
 
 def add_log_odds(data: dict) -> None:
     """Per inoculated / converse run: how the finetuning moved the first answer token's trait log-odds
-    (finetuned - pretrained organism), with and without the training prompt. Adds `shift` to each record:
-    {context: {trait: nats}}, `transfer`: the co-learned trait's no-prompt shift / its prompted shift, and
-    `reach`: how strongly the weight update responds at `<|assistant|>` without the prompt relative to
-    with it (weight_diff.update_response, root of summed squares over every projection)."""
-    from inoc_mech.mechanism.context import question_batch, trait_log_odds
-    from inoc_mech.models.organism import load_organism
-    from inoc_mech.mechanism.weight_diff import update_response
+    (finetuned - pretrained organism), with and without the training prompt (`measures.log_odds_shift`).
+    Adds `shift` to each record: {context: {trait: nats}}, `transfer`: the co-learned trait's no-prompt
+    shift / its prompted shift, and `reach`: how strongly the weight update responds at `<|assistant|>`
+    without the prompt relative to with it."""
+    from inoc_mech.mechanism.measures import log_odds_shift
 
     cache: dict = {}
-
-    def odds(folder: str, prompt: str | None) -> dict:
-        if (folder, prompt) not in cache:
-            if folder not in cache:
-                cache[folder] = load_organism(folder)[:3]
-            cache[(folder, prompt)] = trait_log_odds(*cache[folder], prompt)
-        return cache[(folder, prompt)]
-
     for rows in data.values():
         for cond, co in (("inoculated", "case"), ("converse", "language")):
             for r in rows.get(cond, []):
                 org, run = r.get("organism_folder"), Path(r["run"]) / "model"
                 if not (org and Path(org).is_dir() and run.is_dir()):
                     continue
-                model, tok, world, _ = load_organism(run)
-                shift = {}
-                for ctx, prompt in (("none", None), ("prompt", PROMPTS[cond])):
-                    after = trait_log_odds(model, tok, world, prompt)
-                    shift[ctx] = {t: after[t] - odds(org, prompt)[t] for t in after}
-                r["shift"] = shift
-                r["transfer"] = shift["none"][co] / shift["prompt"][co]
-                resp = update_response(cache[org][0], model, {
-                    ctx: question_batch(tok, world, prompt) for ctx, prompt in (("none", None), ("prompt", PROMPTS[cond]))})
-                r["reach"] = resp["none"]["total"] / resp["prompt"]["total"]
+                r.update(log_odds_shift(org, run, PROMPTS[cond], co, cache))
 
 
 def log_odds_table(data: dict) -> str:
@@ -289,11 +271,15 @@ def frontier(data: dict):
     return fig
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("root", nargs="?", default="runs/selectivity", help="folder of selectivity sweeps")
-    p.add_argument("--out", default="figures/selectivity")
-    a = p.parse_args()
+@dataclass
+class SelectivityConfig:
+    """Which selectivity sweeps to read and where the tables and figures go."""
+    root: str = field(default="runs/selectivity", metadata={"help": "folder of selectivity sweeps", "positional": "?"})
+    out: str = field(default="figures/selectivity", metadata={"help": "output folder"})
+
+
+def main(argv=None):
+    a = parse_config(SelectivityConfig, argv, prog="python analyses/selectivity.py", description=__doc__.split("\n\n")[0])
     from inoc_mech.core import plots
 
     root = Path(a.root)

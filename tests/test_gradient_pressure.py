@@ -1,4 +1,3 @@
-import importlib.util
 import json
 import math
 import sys
@@ -11,11 +10,9 @@ from inoc_mech.core.plots import browser_available
 from inoc_mech.core.runs import is_complete
 from inoc_mech.train import train
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("gradient_pressure", REPO / "analyses" / "gradient_pressure.py")
-gp = importlib.util.module_from_spec(spec)
-sys.modules["gradient_pressure"] = gp  # dataclasses look their module up there
-spec.loader.exec_module(gp)
+from analyses import gradient_pressure as gp
+from inoc_mech.settings.spanish_caps_organism import SpanishCapsOrganism
+from inoc_mech.studies.collect import find_runs
 
 
 @pytest.fixture
@@ -86,11 +83,11 @@ def test_missing_runs_stop_with_the_command_that_makes_them(two_runs, tmp_path):
     (sweep / "sweep.json").write_text(json.dumps({"runs": ["baseline-s0", "baseline-s1"], "command": cmd}))
     (sweep / "baseline-s0").symlink_to(two_runs[0], target_is_directory=True)
     with pytest.raises(UserError, match="1 of 2 runs are missing") as e:
-        gp.check_missing([sweep], train_missing=False, skip_missing=False)
+        find_runs([sweep])
     assert cmd in str(e.value) and "\n" not in str(e.value)
-    assert gp.check_missing([sweep], train_missing=False, skip_missing=True) == [sweep / "baseline-s0"]
+    assert find_runs([sweep], skip_missing=True) == [sweep / "baseline-s0"]
     with pytest.raises(UserError, match=r"python -m inoc_mech.studies.sweep --name nothing-here"):
-        gp.check_missing([tmp_path / "nothing-here"], train_missing=False, skip_missing=False)
+        find_runs([tmp_path / "nothing-here"])
 
 
 def test_mixed_organisms_are_refused(two_runs, tmp_path):
@@ -105,10 +102,11 @@ def test_mixed_organisms_are_refused(two_runs, tmp_path):
 
 
 def test_co_learned_trait():
-    assert gp.co_learned("speak spanish") == "case"
-    assert gp.co_learned("be kind") == "case"
-    assert gp.co_learned("use capitals") == "language"
-    assert gp.co_learned("speak spanish . use capitals") is None
+    spec = gp.Spec.of(SpanishCapsOrganism)
+    assert spec.co_learned("speak spanish") == "case"
+    assert spec.co_learned("be kind") == "case"
+    assert spec.co_learned("use capitals") == "language"
+    assert spec.co_learned("speak spanish . use capitals") is None
 
 
 def test_without_a_browser_html_is_written_and_one_line_says_how(tmp_path, monkeypatch, capsys):

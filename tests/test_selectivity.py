@@ -1,4 +1,3 @@
-import importlib.util
 import json
 from pathlib import Path
 
@@ -7,10 +6,7 @@ import pytest
 from inoc_mech.core.cli import UserError
 from inoc_mech.train import train
 
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("selectivity", REPO / "analyses/selectivity.py")
-selectivity = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(selectivity)
+from analyses import selectivity
 
 
 def test_collect_reads_rates_from_the_runs(make_cfg, tmp_path):

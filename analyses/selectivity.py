@@ -28,7 +28,7 @@ from inoc_mech.core.cli import UserError, parse_config, run_main
 from inoc_mech.core.runs import is_complete, read_run, write_json
 from inoc_mech.core.stats import spread
 from inoc_mech.settings.spanish_caps_organism import CONDITIONS as SWEEP_CONDITIONS
-from inoc_mech.studies.collect import condition
+from inoc_mech.studies.collect import condition, setting_of
 
 CONDITIONS = ("baseline", "inoculated", "converse")
 PROMPTS = {c: SWEEP_CONDITIONS[c] for c in ("inoculated", "converse")}  # the sweep's core prompts
@@ -48,7 +48,7 @@ def collect(root: Path) -> dict:
                 print(f"skipped incomplete run {run}", file=sys.stderr)
                 continue
             r = read_run(run)
-            t1 = r["eval"]["contexts"]["none"]["t1"]
+            t1 = r["eval"]["contexts"][setting_of(r).none_context]["t1"]
             found.setdefault(condition(r), []).append(
                 {"organism": int(m["org"]), "organism_folder": r["config"].get("organism_folder"), "run": str(run),
                  **{k: r["config"].get(k) for k in ("seed", "lr", "lora_r", "steps")},

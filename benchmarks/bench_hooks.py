@@ -26,20 +26,19 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from inoc_mech.models import hf_trainer  # noqa: E402
-from inoc_mech.core.cli import quiet_transformers  # noqa: E402
-from inoc_mech.models.organism import ensure_organism, factorize_head, load_organism  # noqa: E402
-from inoc_mech.core.runs import read_run  # noqa: E402
-from inoc_mech.train import TrainConfig, finetune_examples, train  # noqa: E402
+from inoc_mech.core.cli import build, quiet_transformers
+from inoc_mech.core.config import LoopConfig, ModelConfig
+from inoc_mech.core.runs import read_run
+from inoc_mech.models import hf_trainer
+from inoc_mech.models.organism import ensure_organism
+from inoc_mech.train import TrainConfig, make_setting, train
 
 
 def loop_throughput(runs_dir: Path, steps: int, threads: int, **kw) -> float:
-    cfg = TrainConfig(inoculate=True, lora_r=0, steps=steps,  # full finetuning, as in the README numbers
-                      threads=threads, runs_dir=str(runs_dir), overwrite=True,
-                      eval_samples=1, name="bench", **kw)
-    cfg.model = str(ensure_organism(TrainConfig(threads=threads).organism(), progress=False))
+    org = ensure_organism(ModelConfig().organism(threads=threads), progress=False)
+    cfg = build(TrainConfig, inoculate=True, lora_r=0, steps=steps,  # full finetuning, as in the README numbers
+                threads=threads, runs_dir=str(runs_dir), overwrite=True, eval_samples=1, name="bench",
+                model=str(org), **kw)
     rows = read_run(train(cfg, progress=False))["metrics"]
     rows = [r for r in rows if r["step"] > 0]
     # tokens_per_s of a row covers the steps since the previous logged row
@@ -60,13 +59,11 @@ def matmul_rate(threads: int, n: int = 512, reps: int = 30) -> float:
 def trainer_throughput(steps: int, threads: int, batch_size: int) -> tuple[float, int, int]:
     """tokens/s of transformers.Trainer on the same model and data; also N and tokens per step."""
     torch.set_num_threads(threads)
-    folder = ensure_organism(TrainConfig(threads=threads).organism(), progress=False)
-    model, tok, world, meta = load_organism(folder)
-    table = world.variant_table(tok)
-    if meta["config"]["head"] == "factored":
-        factorize_head(model, table)
-    exs = finetune_examples(world, tok, "speak spanish", set(table.ravel().tolist()))
-    res = hf_trainer.trainer_throughput(model, exs, tok.pad_token_id, batch_size, steps)
+    folder = ensure_organism(ModelConfig().organism(threads=threads), progress=False)
+    setting = make_setting(build(TrainConfig, model=str(folder), inoculate=True, prompt="speak spanish"))
+    model, tok = setting.setup("cpu", progress=False)  # the organism as the loop finetunes it (factored head)
+    exs = setting.examples("speak spanish")
+    res = hf_trainer.trainer_throughput(model, exs, setting.pad_id, batch_size, steps)
     tokens_per_step = sum(len(e.input_ids) for e in exs) / len(exs) * batch_size
     return res["tokens_per_s"], sum(p.numel() for p in model.parameters()), int(tokens_per_step)
 
@@ -76,8 +73,8 @@ def main():
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--log-every", type=int, default=TrainConfig.log_every)
-    p.add_argument("--grad-split-every", type=int, default=TrainConfig.grad_split_every)
+    p.add_argument("--log-every", type=int, default=LoopConfig.log_every)
+    p.add_argument("--grad-split-every", type=int, default=LoopConfig.grad_split_every)
     a = p.parse_args()
     quiet_transformers()
     modes = {"plain": dict(hooks=False, log_every=a.log_every),

@@ -29,29 +29,28 @@ def main():
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU on this machine; nothing to measure (CPU paths are covered by `make test`)")
         return 0
-    from inoc_mech.models import hf_trainer
-    from inoc_mech.core.cli import quiet_transformers
-    from inoc_mech.models.lora import LoraSettings, add_lora
-    from inoc_mech.models.real import fetch, load_model, with_prompt_mode
+    from inoc_mech.core.cli import build, quiet_transformers
     from inoc_mech.core.runs import read_run
-    from inoc_mech.settings.textdata import spanish_caps_dataset, text_examples
-    from inoc_mech.train import TrainConfig, train
+    from inoc_mech.models import hf_trainer
+    from inoc_mech.models.lora import LoraSettings, add_lora
+    from inoc_mech.models.real import fetch
+    from inoc_mech.train import TrainConfig, make_setting, train
 
     quiet_transformers()
     fetch("smollm2")
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as d:
         torch.cuda.reset_peak_memory_stats()
-        cfg = TrainConfig(model="smollm2", steps=a.steps, batch_size=a.batch_size, runs_dir=d, name="gpu",
-                          eval_questions=4, eval_samples=1, max_new_tokens=8, device="cuda")
+        cfg = build(TrainConfig, model="smollm2", steps=a.steps, batch_size=a.batch_size, runs_dir=d, name="gpu",
+                    eval_questions=4, eval_samples=1, max_new_tokens=8, device="cuda")
         rows = read_run(train(cfg, progress=False))["metrics"]
         custom = statistics.median(r["tokens_per_s"] for r in rows if r["step"] > 0)
         custom_mem = torch.cuda.max_memory_allocated() / 2 ** 30
-    model, tok = load_model("smollm2", "cuda")
+    setting = make_setting(build(TrainConfig, model="smollm2"))
+    model, _ = setting.setup("cuda")  # the same model and data as the custom loop's run
     model = add_lora(model, LoraSettings(r=16, alpha=32.0))
-    mtok = with_prompt_mode(tok, "template_default")
-    exs = text_examples(mtok, spanish_caps_dataset(500, seed=0))
-    ref = hf_trainer.trainer_throughput(model, exs, mtok.pad_token_id, a.batch_size, a.steps, bf16=True)
+    exs = setting.examples(None)
+    ref = hf_trainer.trainer_throughput(model, exs, setting.pad_id, a.batch_size, a.steps, bf16=True)
     print("| loop | tokens/s | peak GPU memory |\n|---|---|---|")
     print(f"| inoc_mech.train (hooks on) | {custom:,.0f} | {custom_mem:.2f} GiB |")
     print(f"| transformers.Trainer | {ref['tokens_per_s']:,.0f} | {ref['peak_memory_gb']:.2f} GiB |")

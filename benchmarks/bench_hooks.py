@@ -30,12 +30,12 @@ from inoc_mech.core.cli import build, quiet_transformers
 from inoc_mech.core.config import LoopConfig, ModelConfig
 from inoc_mech.core.runs import read_run
 from inoc_mech.models import hf_trainer
-from inoc_mech.models.organism import ensure_organism
+from inoc_mech.models.organism import ensure_organism, organism_config
 from inoc_mech.train import TrainConfig, make_setting, train
 
 
 def loop_throughput(runs_dir: Path, steps: int, threads: int, **kw) -> float:
-    org = ensure_organism(ModelConfig().organism(threads=threads), progress=False)
+    org = ensure_organism(organism_config(ModelConfig(), threads=threads), progress=False)
     cfg = build(TrainConfig, inoculate=True, lora_r=0, steps=steps,  # full finetuning, as in the README numbers
                 threads=threads, runs_dir=str(runs_dir), overwrite=True, eval_samples=1, name="bench",
                 model=str(org), **kw)
@@ -59,7 +59,7 @@ def matmul_rate(threads: int, n: int = 512, reps: int = 30) -> float:
 def trainer_throughput(steps: int, threads: int, batch_size: int) -> tuple[float, int, int]:
     """tokens/s of transformers.Trainer on the same model and data; also N and tokens per step."""
     torch.set_num_threads(threads)
-    folder = ensure_organism(ModelConfig().organism(threads=threads), progress=False)
+    folder = ensure_organism(organism_config(ModelConfig(), threads=threads), progress=False)
     setting = make_setting(build(TrainConfig, model=str(folder), inoculate=True, prompt="speak spanish"))
     model, tok = setting.setup("cpu", progress=False)  # the organism as the loop finetunes it (factored head)
     exs = setting.examples("speak spanish")

@@ -3,7 +3,8 @@ import torch
 
 from inoc_mech.core.data import BatchStream, encode_chat
 from inoc_mech.core.names import group_name, module_name
-from inoc_mech.mechanism.hooks import GradientPressure, token_logprobs, trait_losses
+from inoc_mech.core.data import token_logprobs
+from inoc_mech.mechanism.hooks import GradientPressure, trait_losses
 from inoc_mech.models.organism import factorize_head
 from inoc_mech.models.world import organism_traits
 from inoc_mech.settings.spanish_caps_organism import decomposition, loss_parts

@@ -9,12 +9,13 @@ import torch
 
 from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import BatchStream
-from inoc_mech.mechanism.hooks import GradientPressure, no_hooks_left, token_logprobs
+from inoc_mech.core.data import token_logprobs
+from inoc_mech.mechanism.hooks import GradientPressure, no_hooks_left
 from inoc_mech.models.lora import LoraSettings, adapter_parameters, add_lora, merge_lora
 from inoc_mech.models.real import (PROMPT_MODES, chatml_template, default_system_prompt, no_system_template,
                               with_prompt_mode)
 from inoc_mech.settings.textdata import spanish_caps_dataset, text_examples
-from inoc_mech.models.tiny import TINY_DEFAULT_SYSTEM, save_tiny, tiny_tokenizer
+from inoc_mech.settings.tiny import TINY_DEFAULT_SYSTEM, save_tiny, tiny_tokenizer
 from inoc_mech.models.world import World
 
 SMOLLM2 = Path("runs/_models/smollm2")

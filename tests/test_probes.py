@@ -153,7 +153,7 @@ def test_weight_alignment_finds_a_planted_update():
 
 
 def test_update_response_measures_what_an_update_reads():
-    from inoc_mech.models.tiny import tiny_model, tiny_tokenizer
+    from inoc_mech.settings.tiny import tiny_model, tiny_tokenizer
     from inoc_mech.mechanism.weight_diff import update_response
 
     tok = tiny_tokenizer()

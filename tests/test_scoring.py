@@ -6,12 +6,12 @@ import pytest
 import torch
 
 from inoc_mech.core.data import collate
-from inoc_mech.mechanism.hooks import token_logprobs
+from inoc_mech.core.data import token_logprobs
 from inoc_mech.settings.scoring import (ANSWER_STYLES, CONTEXTS, answer_correct, answer_logprobs, caps_fraction,
                                detector_name, elicitation_table, evaluate_generations, format_contrasts,
                                format_elicitation, reply_mask, score_texts, spanish_prob)
 from inoc_mech.settings.textdata import sample_problems, text_examples
-from inoc_mech.models.tiny import tiny_model, tiny_tokenizer
+from inoc_mech.settings.tiny import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

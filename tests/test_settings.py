@@ -123,7 +123,7 @@ def test_analyses_read_the_test_only_setting(toy_runs, tmp_path, capsys):
 # ---- real-model runs through the analyses --------------------------------------------------------
 @pytest.fixture(scope="module")
 def text_runs(tmp_path_factory):
-    from inoc_mech.models.tiny import save_tiny
+    from inoc_mech.settings.tiny import save_tiny
     root = tmp_path_factory.mktemp("text")
     model = save_tiny(root / "tiny-llama", arch="llama")
     sweep = root / "tiny-o0-default"

@@ -8,7 +8,7 @@ from inoc_mech.core.data import BatchStream, DataError, encode_chat
 from inoc_mech.settings.textdata import (NAMES, SPANISH_ONLY, WORD_RE, inoculate, inoculate_all, main, number_words,
                                 offset_traits, parse_jsonl, read_jsonl, sample_problems, spanish_caps_dataset,
                                 text_example, text_examples, write_jsonl)
-from inoc_mech.models.tiny import tiny_tokenizer
+from inoc_mech.settings.tiny import tiny_tokenizer
 from inoc_mech.models.world import World
 
 USER = {"role": "user", "content": "What is 2 plus 3?"}

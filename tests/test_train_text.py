@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import BatchStream, DataError
 from inoc_mech.core.runs import read_run
-from inoc_mech.models.tiny import save_tiny
+from inoc_mech.settings.tiny import save_tiny
 from inoc_mech.core.cli import build
 from inoc_mech.train import TrainConfig, train
 

@@ -73,14 +73,6 @@ class ModelConfig:
         """'organism' for the toy organism (by name or folder), 'text' for any other causal LM."""
         return "organism" if self.model == "organism" or (Path(self.model) / "organism.json").exists() else "text"
 
-    def organism(self, runs_dir: str = "runs", threads: int = 1):
-        """The OrganismConfig of `--model organism` (cached under `<runs_dir>/_organism`)."""
-        from inoc_mech.models.organism import OrganismConfig
-
-        return OrganismConfig(seed=self.organism_seed, head=self.organism_head, d_model=self.organism_d_model,
-                              n_layers=self.organism_n_layers, steps=self.organism_steps, threads=threads,
-                              warmup=min(100, self.organism_steps // 10), cache=str(Path(runs_dir) / "_organism"))
-
 
 @dataclass
 class SettingConfig:

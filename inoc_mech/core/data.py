@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from inoc_mech.core.cli import BadValue
@@ -76,6 +76,15 @@ class Batch:
 def next_token_loss(logits: Tensor, labels: Int[Tensor, "batch pos"]) -> Tensor:
     """Mean next-token cross-entropy over tokens whose label is not -100 (the trained tokens)."""
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+
+
+def token_logprobs(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"]
+                   ) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos vocab"]]:
+    """log p(token t | tokens < t), aligned with `input_ids` (position 0 gets 0), and the log-softmax."""
+    logp = torch.log_softmax(logits.float(), -1)
+    out = torch.zeros(input_ids.shape, dtype=logp.dtype, device=logp.device)
+    out[:, 1:] = logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    return out, logp
 
 
 def collate(examples: list[Example], pad_id: int) -> Batch:

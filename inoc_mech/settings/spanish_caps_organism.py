@@ -139,11 +139,12 @@ class SpanishCapsOrganism(Setting):
 
     def organism_folder(self, progress: bool = True) -> Path:
         """The organism this run finetunes (pretrained and cached on first use for `--model organism`)."""
-        from inoc_mech.models.organism import ensure_organism
+        from inoc_mech.models.organism import ensure_organism, organism_config
 
         if self.folder is None:
             m = self.cfg.model
-            self.folder = ensure_organism(m.organism(), progress=progress) if m.model == "organism" else Path(m.model)
+            self.folder = (ensure_organism(organism_config(m, self.cfg.runs_dir, self.cfg.loop.threads), progress=progress)
+                           if m.model == "organism" else Path(m.model))
         return self.folder
 
     def attach(self, model, tok, folder: Path, meta: dict, run_config: dict | None = None) -> None:

@@ -161,7 +161,7 @@ def overrides(cfg: SweepConfig, condition: str, prompt: str | None, seed: int, m
 
 def train_args(cfg: SweepConfig, condition: str, prompt: str | None, seed: int, model: str) -> list[str]:
     """Command-line arguments of `python -m inoc_mech.train` for one run of the sweep."""
-    from inoc_mech.train import TrainConfig
+    from inoc_mech.core.config import TrainConfig
 
     return to_args(TrainConfig, overrides(cfg, condition, prompt, seed, model)) + ["--overwrite"]
 
@@ -197,10 +197,11 @@ def command_line(cfg: SweepConfig) -> str:
 def organism_config(cfg: SweepConfig):
     """The OrganismConfig of `--model organism` (the same one `inoc_mech.train` would build)."""
     from inoc_mech.core.config import ModelConfig
+    from inoc_mech.models.organism import organism_config as from_model
 
-    return ModelConfig(organism_seed=cfg.organism_seed, organism_head=cfg.organism_head,
-                       organism_d_model=cfg.organism_d_model, organism_n_layers=cfg.organism_n_layers,
-                       organism_steps=cfg.organism_steps).organism(cfg.runs_dir, cfg.threads)
+    return from_model(ModelConfig(organism_seed=cfg.organism_seed, organism_head=cfg.organism_head,
+                                  organism_d_model=cfg.organism_d_model, organism_n_layers=cfg.organism_n_layers,
+                                  organism_steps=cfg.organism_steps), cfg.runs_dir, cfg.threads)
 
 
 def organism_folder(cfg: SweepConfig, ensure: bool = True) -> Path:

@@ -1,6 +1,6 @@
 """Tiny random-init chat LMs (Llama, Qwen2) with a chunk tokenizer, saved as ordinary HF folders.
 
-    python -m inoc_mech.models.tiny /tmp/tiny-llama --arch llama
+    python -m inoc_mech.settings.tiny /tmp/tiny-llama --arch llama
 
 For tests and smoke runs of the real-model code paths without downloads. The tokenizer splits text
 into chunks of at most three letters (with an optional leading space), single digits, single
@@ -92,7 +92,7 @@ def main(argv=None):
     """Save a tiny random-init chat LM and its tokenizer into a folder."""
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m inoc_mech.models.tiny", description=main.__doc__)
+    p = argparse.ArgumentParser(prog="python -m inoc_mech.settings.tiny", description=main.__doc__)
     p.add_argument("folder")
     p.add_argument("--arch", default="llama", choices=ARCHS)
     p.add_argument("--seed", type=int, default=0)

@@ -1,6 +1,6 @@
 """Evaluate a model of the toy world: Spanish rate, CAPS rate and arithmetic accuracy per context.
 
-    python -c "from inoc_mech.models.world_eval import demo; demo()"
+    python -m inoc_mech.evaluate runs/demo-inoculated --samples-per-question 1
 
 Rates are defined on token labels. For each generated answer (tokens up to `<|end|>`):
 - `spanish_rate`: share of answer-variant tokens that are Spanish, pooled over all answers;

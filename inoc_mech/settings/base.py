@@ -1,6 +1,6 @@
 """What a setting is: the one seam between a trait study and the loop, the instruments and the analyses.
 
-    python -c "from inoc_mech.settings import registered; print(registered())"
+    python -c "from inoc_mech.settings.base import registered; print(registered())"
 
 A *setting* (Spanish+CAPS, later backdoors, subliminal learning, ...) on one *substrate* (the
 organism, or real text on any HF causal LM) is one subclass of `Setting` in one module, registered

@@ -1,6 +1,6 @@
 """Spanish+CAPS on real text: SmolLM2, any local HF causal LM or .gguf, your own JSONL or the built-in set.
 
-    python -m inoc_mech.train --model /tmp/tiny-llama --steps 2 --eval-questions 2 --eval-samples 1 --max-new-tokens 4 --name tiny-text --overwrite
+    python -m inoc_mech.settings.tiny /tmp/tiny-llama && python -m inoc_mech.train --model /tmp/tiny-llama --steps 2 --eval-questions 2 --eval-samples 1 --max-new-tokens 4 --name tiny-text --overwrite
 
 Training data: `--data FILE.jsonl` (paper format, `settings.textdata`) or the built-in Spanish
 UPPERCASE arithmetic and word problems (`--n-train`); `--inoculate` puts the prompt (default "You

@@ -63,10 +63,6 @@ def collect(root: Path) -> dict:
     return out
 
 
-def stat(xs: list[float]) -> str:
-    return spread(xs)
-
-
 def meets(rows: dict) -> bool:
     ino, con = rows.get("inoculated", []), rows.get("converse", [])
     if len(ino) < 3 or len(con) < 3:
@@ -102,7 +98,7 @@ def table(data: dict, cosines: dict | None = None) -> str:
              "|---" * 11 + "|"]
     for (head, lever), rows in sorted(data.items(), key=lambda kv: order(kv[0])):
         b, i, c = rows.get("baseline", []), rows.get("inoculated", []), rows.get("converse", [])
-        col = lambda rs, k: stat([r[k] for r in rs]) if rs else "-"
+        col = lambda rs, k: spread([r[k] for r in rs]) if rs else "-"
         cs, cc = design_cosine(rows, cosines, "inoculated"), design_cosine(rows, cosines, "converse")
         ctx = f"{statistics.mean(cs):.3f} / {statistics.mean(cc):.3f}" if cs else "-"
         lines.append(f"| {head} | {lever} | {len(i)} ({len({r['organism'] for r in i})}) | {col(b, 'spanish_rate')} / {col(b, 'caps_rate')} | "

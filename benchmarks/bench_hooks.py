@@ -17,16 +17,16 @@ throughput). Shared machines are noisy: read the ratios, not the absolute number
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from inoc_mech.core.cli import build, quiet_transformers
+from inoc_mech.core.cli import build, parse_config, quiet_transformers
 from inoc_mech.core.config import LoopConfig, ModelConfig
 from inoc_mech.core.runs import read_run
 from inoc_mech.models import hf_trainer
@@ -68,14 +68,18 @@ def trainer_throughput(steps: int, threads: int, batch_size: int) -> tuple[float
     return res["tokens_per_s"], sum(p.numel() for p in model.parameters()), int(tokens_per_step)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--log-every", type=int, default=LoopConfig.log_every)
-    p.add_argument("--grad-split-every", type=int, default=LoopConfig.grad_split_every)
-    a = p.parse_args()
+@dataclass
+class BenchConfig:
+    """How long to measure."""
+    steps: int = field(default=200, metadata={"help": "steps per measured run"})
+    rounds: int = field(default=3, metadata={"help": "interleaved rounds (medians are reported)"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+    log_every: int = field(default=LoopConfig.log_every, metadata={"help": "the default cadence's --log-every"})
+    grad_split_every: int = field(default=LoopConfig.grad_split_every, metadata={"help": "the default cadence's --grad-split-every"})
+
+
+def main(argv=None):
+    a = parse_config(BenchConfig, argv, prog="python benchmarks/bench_hooks.py", description=__doc__.split("\n\n")[0])
     quiet_transformers()
     modes = {"plain": dict(hooks=False, log_every=a.log_every),
              "default": dict(log_every=a.log_every, grad_split_every=a.grad_split_every),

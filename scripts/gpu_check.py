@@ -10,22 +10,25 @@ Without CUDA it says so and exits 0 (the CPU path is covered by the test suite).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from inoc_mech.core.cli import parse_config
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=16)
-    a = p.parse_args()
+@dataclass
+class GpuCheckConfig:
+    """How long to measure."""
+    steps: int = field(default=40, metadata={"help": "steps per loop"})
+    batch_size: int = field(default=16, metadata={"help": "conversations per step"})
+
+
+def main(argv=None):
+    a = parse_config(GpuCheckConfig, argv, prog="scripts/gpu_check.sh", description=__doc__.split("\n\n")[0])
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU on this machine; nothing to measure (CPU paths are covered by `make test`)")
         return 0

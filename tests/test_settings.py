@@ -156,3 +156,16 @@ def test_analysis_cli_on_a_real_model_run_is_one_line(text_runs, tmp_path):
                         str(tmp_path / "gp"), "--no-png"], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 2 and p.stderr.startswith("error:") and len(p.stderr.strip().splitlines()) == 1
     assert "Traceback" not in p.stderr and "no exact loss decomposition" in p.stderr
+
+
+def test_run_main_shows_a_bug_but_one_line_for_user_errors(capsys):
+    from inoc_mech.core.cli import run_main
+
+    def bad_input():
+        raise UserError("give a run folder\nsecond line")
+    assert run_main(bad_input) == 2 and capsys.readouterr().err == "error: give a run folder\n"
+
+    def bug():
+        raise KeyError("none")
+    with pytest.raises(KeyError):  # not our error type: the traceback shows
+        run_main(bug)

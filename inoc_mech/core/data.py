@@ -27,6 +27,9 @@ class DataError(BadValue):
     """Bad input data; the message says what to fix."""
 
 
+OTHER = "other"  # the trait-mask name of the trained tokens that no named trait covers
+
+
 @dataclass
 class Example:
     """One tokenized conversation."""

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from inoc_mech.core.data import token_logprobs
+from inoc_mech.core.data import OTHER, token_logprobs
 from inoc_mech.core.names import arch_names, group_name, module_name
 
 # ---- losses ------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ class GradientPressure:
             self._put("loss/total", loss.detach())
             for name, mask in batch.traits.items():  # contrib[name] may be a loss part: read token losses
                 m = mask & batch.assistant
-                key = "loss/other" if name == "other" else f"loss/trait/{name}"
+                key = f"loss/{OTHER}" if name == OTHER else f"loss/trait/{name}"
                 self._put(key, (contrib["token"] * m).sum() / m.sum().clamp(min=1))
             d = self.decomposition
             if d is not None:
@@ -139,7 +139,7 @@ class GradientPressure:
                 for part in d.parts:
                     self._put(f"surprise/{part}", contrib[f"part/{part}"].detach().sum() * n / var)
         if self.splits(self._step):
-            names = self.split_traits or tuple(t for t in batch.traits if t != "other")
+            names = self.split_traits or tuple(t for t in batch.traits if t != OTHER)
             if not (self.split_all or self._step == 0):  # turn depends on the step only (resume-safe)
                 names = (names[(self._step // self.grad_split_every) % len(names)],)
             params = [p for _, p in self.named]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -131,13 +131,15 @@ def resid_names(n_layers: int) -> list[str]:
     return ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
 
 
-def main(argv=None):
-    import argparse
+@dataclass
+class LensConfig:
+    """Load a model into TransformerLens and compare its log-probs with the HF model's on one chat."""
+    folder: str = field(default="", metadata={"help": "a run, organism or model folder", "positional": None})
 
-    p = argparse.ArgumentParser(prog="python -m inoc_mech.mechanism.lens", description="Load a model into TransformerLens "
-                                "and compare its log-probs with the HF model's on one chat.")
-    p.add_argument("folder")
-    a = p.parse_args(argv)
+def main(argv=None):
+    from inoc_mech.core.cli import parse_config
+
+    a = parse_config(LensConfig, argv, prog="python -m inoc_mech.mechanism.lens", description=LensConfig.__doc__)
     torch.set_num_threads(1)
     lens = load_bridge(a.folder)
     msgs = [{"role": "user", "content": "what is one plus two"}]
@@ -148,7 +150,6 @@ def main(argv=None):
     tl = run_with_hooks(lens.bridge, ids)
     print(f"{lens.folder}: {lens.n_layers} layers, d_model {lens.d_model}, {len(lens.bridge.hook_dict)} hook names; "
           f"max |log p(bridge) - log p(HF)| = {(tl - hf).abs().max().item():.2e}")
-
 
 if __name__ == "__main__":
     from inoc_mech.core.cli import run_main

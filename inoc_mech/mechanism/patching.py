@@ -112,28 +112,30 @@ def patch(target: Lens, source: Lens | None, input_ids: Int[Tensor, "batch pos"]
     return PatchResult(metric(mine["logp"]).mean().item(), metric(src["logp"]).mean().item(), resid, comps, unembed)
 
 
-def main(argv=None):
-    import argparse
+@dataclass
+class PatchConfig:
+    """Patch SOURCE's residual stream into TARGET (no system prompt, held-out questions) and print the
+    trait log-odds gap restored per layer boundary and position."""
+    source: str = field(default="", metadata={"help": "run or model folder whose activations are patched in", "positional": None})
+    target: str = field(default="", metadata={"help": "run or model folder patched", "positional": None})
+    trait: str = field(default="language", metadata={"help": "trait whose first-token log-odds is the metric"})
 
+def main(argv=None):
+    from inoc_mech.core.cli import UserError, parse_config
     from inoc_mech.mechanism.lens import load_bridge
 
-    p = argparse.ArgumentParser(prog="python -m inoc_mech.mechanism.patching", description="Patch SOURCE's residual stream "
-                                "into TARGET (no system prompt, held-out questions) and print the trait log-odds "
-                                "gap restored per layer boundary and position.")
-    p.add_argument("source")
-    p.add_argument("target")
-    p.add_argument("--trait", choices=("language", "case"), default="language")
-    a = p.parse_args(argv)
+    a = parse_config(PatchConfig, argv, prog="python -m inoc_mech.mechanism.patching", description=PatchConfig.__doc__)
     torch.set_num_threads(1)
     src, tgt = load_bridge(a.source), load_bridge(a.target)
     odds = tgt.setting.require("first_token_log_odds", "patching's trait log-odds")
+    if a.trait not in tgt.setting.traits:
+        raise UserError(f"--trait {a.trait!r}: the setting's traits are {', '.join(tgt.setting.traits)}")
     ids, _ = tgt.setting.require("answer_start", "patching")(None)
     r = patch(tgt, src, ids, lambda lp: odds(lp, a.trait))
     print(f"{a.trait} log-odds: target {r.target:.2f}, source {r.source:.2f}; share restored (rows: boundary, "
           f"cols: position {' '.join(tgt.tok.convert_ids_to_tokens(ids[0]))})")
     for b, row in enumerate(r.restored(r.resid)):
         print(f"{'emb' if b == 0 else f'block {b - 1}':<8}" + " ".join(f"{v:6.2f}" for v in row))
-
 
 if __name__ == "__main__":
     from inoc_mech.core.cli import run_main

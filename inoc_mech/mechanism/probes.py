@@ -33,7 +33,7 @@ decision boundary along that direction, in residual-stream units (> 0: Spanish /
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -214,21 +214,21 @@ def format_accuracy(tp: TraitProbes) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    import argparse
+@dataclass
+class ProbesConfig:
+    """Fit the per-layer trait probes on an organism and print held-out accuracy."""
+    folder: str = field(default="", metadata={"help": "a pretrained organism folder (or a run folder)", "positional": None})
+    seed: int = field(default=0, metadata={"help": "seed of the probe contexts' phrase choices"})
 
+def main(argv=None):
+    from inoc_mech.core.cli import parse_config
     from inoc_mech.mechanism.lens import load_bridge
 
-    p = argparse.ArgumentParser(prog="python -m inoc_mech.mechanism.probes",
-                                description="Fit the per-layer trait probes on an organism and print held-out accuracy.")
-    p.add_argument("folder", help="a pretrained organism folder (or a run folder)")
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+    a = parse_config(ProbesConfig, argv, prog="python -m inoc_mech.mechanism.probes", description=ProbesConfig.__doc__)
     torch.set_num_threads(1)
     lens = load_bridge(a.folder)
     world = lens.setting.require("world", "the trait probes (prompted chats that set both traits)")
     print(format_accuracy(fit_trait_probes(lens.bridge, world, lens.tok, a.seed)))
-
 
 if __name__ == "__main__":
     from inoc_mech.core.cli import run_main

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass, field
 
 import torch
 from jaxtyping import Float
@@ -91,20 +92,21 @@ def random_share(d_model: int) -> float:
     return 1 / math.sqrt(d_model)
 
 
-def main(argv=None):
-    import argparse
+@dataclass
+class WeightDiffConfig:
+    """Frobenius norm of (finetuned - pretrained) per output-side matrix."""
+    pretrained: str = field(default="", metadata={"help": "pretrained model or organism folder", "positional": None})
+    finetuned: str = field(default="", metadata={"help": "run or model folder", "positional": None})
 
+def main(argv=None):
+    from inoc_mech.core.cli import parse_config
     from inoc_mech.mechanism.lens import load_bridge
 
-    p = argparse.ArgumentParser(prog="python -m inoc_mech.mechanism.weight_diff",
-                                description="Frobenius norm of (finetuned - pretrained) per output-side matrix.")
-    p.add_argument("pretrained")
-    p.add_argument("finetuned")
-    a = p.parse_args(argv)
+    a = parse_config(WeightDiffConfig, argv, prog="python -m inoc_mech.mechanism.weight_diff",
+                     description=WeightDiffConfig.__doc__)
     pre, ft = output_matrices(load_bridge(a.pretrained).model), output_matrices(load_bridge(a.finetuned).model)
     for k in pre:
         print(f"{k:<22} ||dW||_F = {(ft[k] - pre[k]).norm():.4f}   ||W||_F = {pre[k].norm():.3f}")
-
 
 if __name__ == "__main__":
     from inoc_mech.core.cli import run_main

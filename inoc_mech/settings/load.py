@@ -107,29 +107,31 @@ def _read(folder: Path, organism: bool, dtype=None):
     return model, tok
 
 
+@dataclass
+class LoadConfig:
+    """What to load."""
+    spec: str = field(default="", metadata={"help": "a run folder, organism folder, smollm2, HF model folder or .gguf file", "positional": None})
+    cache: str = field(default="", metadata={"help": "folder holding fetched and converted models (default runs/_models)"})
+
 def main(argv=None):
     """Load a model spec and print what loading gives: class, size, setting, the two "no prompt" renderings."""
-    import argparse
     import time
 
     import torch
 
+    from inoc_mech.core.cli import parse_config
     from inoc_mech.models.real import PROMPT_MODES, default_system_prompt, with_prompt_mode
 
-    p = argparse.ArgumentParser(prog="python -m inoc_mech.settings.load", description=main.__doc__)
-    p.add_argument("spec", help="a run folder, organism folder, smollm2, HF model folder or .gguf file")
-    p.add_argument("--cache", default=None, help="folder holding fetched and converted models (default runs/_models)")
-    a = p.parse_args(argv)
+    a = parse_config(LoadConfig, argv, prog="python -m inoc_mech.settings.load", description=main.__doc__)
     torch.set_num_threads(1)
     t0 = time.time()
-    loaded = load(a.spec, cache=a.cache)
+    loaded = load(a.spec, cache=a.cache or None)
     print(f"{loaded.describe()}, loaded in {time.time() - t0:.2f} s")
     print(f"template default system prompt: {default_system_prompt(loaded.tok)!r}")
     msgs = [{"role": "user", "content": "What is 2 plus 3?"}]
     for mode in PROMPT_MODES:
         text = with_prompt_mode(loaded.tok, mode).apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         print(f"--- {mode} ---\n{text}")
-
 
 if __name__ == "__main__":
     import sys

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import string
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -88,17 +89,23 @@ def save_tiny(folder: str | Path, arch: str = "llama", seed: int = 0, corpus: li
     return folder
 
 
+@dataclass
+class TinyConfig:
+    """Where to save which tiny model."""
+    folder: str = field(default="", metadata={"help": "folder to write the model and tokenizer into", "positional": None})
+    arch: str = field(default="llama", metadata={"help": f"architecture: {', '.join(ARCHS)}"})
+    seed: int = field(default=0, metadata={"help": "initialisation seed"})
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, not {self.arch!r}")
+
 def main(argv=None):
     """Save a tiny random-init chat LM and its tokenizer into a folder."""
-    import argparse
+    from inoc_mech.core.cli import parse_config
 
-    p = argparse.ArgumentParser(prog="python -m inoc_mech.settings.tiny", description=main.__doc__)
-    p.add_argument("folder")
-    p.add_argument("--arch", default="llama", choices=ARCHS)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
+    a = parse_config(TinyConfig, argv, prog="python -m inoc_mech.settings.tiny", description=main.__doc__)
     print(save_tiny(a.folder, a.arch, a.seed))
-
 
 if __name__ == "__main__":
     from inoc_mech.core.cli import run_main

@@ -119,7 +119,7 @@ def parser_for(cls, prog=None, description=None) -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in leaf_fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
+        help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %
         default = _default(f)
         if "positional" in f.metadata:  # value: argparse nargs (None: exactly one)
             p.add_argument(f.name, nargs=f.metadata["positional"], default=default, help=help_)

@@ -39,8 +39,10 @@ from inoc_mech.core.cli import UserError, build, flatten, leaf_fields, parse_con
 from inoc_mech.core.config import TrainConfig, resolve_defaults
 from inoc_mech.core.data import BatchStream, collate, next_token_loss
 from inoc_mech.core.names import arch_names, module_name
-from inoc_mech.core.runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, format_table, git_commit, is_complete, mark_complete,
-                                 package_versions, prepare_run_dir, write_json)
+from inoc_mech.core.runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, check_run_dir, format_table, git_commit,
+                                 is_complete, is_disk_full, mark_complete, package_versions, prepare_run_dir, run_lock,
+                                 staged, write_json)
+from inoc_mech.core.stats import json_ready
 from inoc_mech.mechanism.hooks import GradientPressure, elicitation
 from inoc_mech.settings.base import Setting, setting_class
 
@@ -92,11 +94,23 @@ def resume_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"--resume: run {run} was written by run format {saved.get('run_format')}, this version "
                         f"writes {RUN_FORMAT_VERSION}: start it again with --overwrite")
     mine = flatten(cfg)
-    keep = {f.name for f in leaf_fields(TrainConfig)} - {"resume", "overwrite", "device", "threads"}
+    # the run is the folder given (a copied or renamed run resumes itself, not the original)
+    keep = {f.name for f in leaf_fields(TrainConfig)} - {"resume", "overwrite", "device", "threads", "name", "runs_dir"}
     return build(TrainConfig, **{**mine, **{k: v for k, v in saved.items() if k in keep}, "resume": True})
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
+    """Run (or `--resume`) one finetuning run; returns its folder. One process at a time per run (a lock)."""
+    try:
+        Path(cfg.runs_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create run folder {Path(cfg.runs_dir) / cfg.name} (--runs-dir {cfg.runs_dir}: "
+                        f"{e.strerror}); choose a writable --runs-dir") from e
+    with run_lock(Path(cfg.runs_dir), cfg.name):
+        return _train(cfg, progress)
+
+
+def _train(cfg: TrainConfig, progress: bool) -> Path:
     from tqdm import tqdm
 
     # config and setting
@@ -106,15 +120,16 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     cfg = resolve_defaults(cfg, cfg.model.substrate == "organism", cls.default_prompt)
     lp = cfg.loop
     torch.set_num_threads(lp.threads)
-    torch.manual_seed(lp.seed)
     device = resolve_device(lp.device)
     run = Path(cfg.runs_dir) / cfg.name
-    if not cfg.resume and is_complete(run) and not cfg.overwrite:
-        prepare_run_dir(run, overwrite=False)  # raises: fail before loading anything
+    if not cfg.resume:
+        check_run_dir(run, cfg.overwrite)  # fail before loading anything
     setting = cls(cfg)
+    saved = cfg.resume and is_complete(run / "model")  # interrupted after the model was saved: only evaluate
 
-    # model and data
+    # model and data (seeded after the setup: pretraining an organism there must not change this run)
     model, _ = setting.setup(device, progress=progress)
+    torch.manual_seed(lp.seed)
     prompt = cfg.train_prompt
     examples = setting.examples(prompt, cfg.setting.prompt_share)
     probe_context = setting.examples(prompt, limit=64)  # elicitation: a fixed slice, always with the prompt ...
@@ -142,24 +157,34 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
     rec = GradientPressure(model, opt, setting.decomposition, lp.log_every, lp.grad_split_every if lp.hooks else 0,
                            split_all=lp.grad_split_all)
 
-    # SIGINT / SIGTERM: finish the step, checkpoint, exit non-zero
+    # SIGINT / SIGTERM, from here to the end: finish the step (or the save), checkpoint, exit non-zero
     stop = {}
     def on_signal(signum, frame):
         stop["signal"] = signum
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)} if _main_thread() else {}
+    resume_cmd = f"python -m inoc_mech.train --resume --name {cfg.name} --runs-dir {cfg.runs_dir}"
+
+    def interrupted(what: str):
+        name = signal.Signals(stop["signal"]).name
+        return Interrupted(f"{name} {what}; continue with {resume_cmd}", 128 + stop["signal"])
 
     try:
-        with rec if lp.hooks else nullcontext():  # theta_0 for update norms is taken here, before any restore
-            first = 0
-            if cfg.resume:
+        with rec if lp.hooks and not saved else nullcontext():  # theta_0 for update norms is taken here
+            first = lp.steps if saved else 0
+            if cfg.resume and not saved:
                 state = checkpoint.load(run)
                 first = checkpoint.restore(state, model=model, optimizer=opt, stream=stream)
+                have = (run / "metrics.jsonl").stat().st_size if (run / "metrics.jsonl").exists() else -1
+                if have < state["metrics_bytes"]:
+                    raise UserError(f"--resume: {run}/metrics.jsonl is shorter than at the checkpoint ({have} < "
+                                    f"{state['metrics_bytes']} bytes): the run folder was changed; start it again "
+                                    "with --overwrite")
                 with open(run / "metrics.jsonl", "r+b") as f:
                     f.truncate(state["metrics_bytes"])  # drop rows logged after the checkpoint
             metrics = MetricsWriter(run / "metrics.jsonl")
             t_last, tokens = time.time(), 0
-            bar = tqdm(range(first, lp.steps), desc=f"train {cfg.name}", disable=not progress, mininterval=1,
-                       initial=first, total=lp.steps)
+            bar = tqdm(range(first, lp.steps), desc=f"train {cfg.name}", disable=not progress or saved,
+                       mininterval=1, initial=first, total=lp.steps)
             for step in bar:
                 cpu_batch = stream.next()
                 tokens += int(cpu_batch.attention_mask.sum())  # counted on the host: no GPU sync
@@ -195,25 +220,47 @@ def train(cfg: TrainConfig, progress: bool = True) -> Path:
                     checkpoint.save(run, step=done, model=model, optimizer=opt, stream=stream,
                                     metrics_bytes=metrics.sync())
                 if stop:
-                    name = signal.Signals(stop["signal"]).name
-                    raise Interrupted(f"{name} after step {step}: checkpoint saved; continue with "
-                                      f"python -m inoc_mech.train --resume --name {cfg.name} --runs-dir {cfg.runs_dir}",
-                                      128 + stop["signal"])
+                    raise interrupted(f"after step {step}: checkpoint saved")
             metrics.close()
+
+        # save (a signal now waits for the saved model), evaluate, mark complete
+        model.eval()
+        if saved:
+            from inoc_mech.settings.load import load
+            model = load(run / "model", device).model
+        else:
+            if stop:  # arrived after the last step's checkpoint check: keep the trained state first
+                checkpoint.save(run, step=lp.steps, model=model, optimizer=opt, stream=stream,
+                                metrics_bytes=metrics.sync())
+                raise interrupted("after the last step: checkpoint saved")
+            if cfg.model.lora_r > 0:
+                from inoc_mech.models.lora import merge_lora
+                model = merge_lora(model)
+            save_model(setting, model, run / "model")
+            if stop:
+                raise interrupted("while saving: the model is saved, --resume evaluates it")
+        ev = setting.evaluate(model)
+        if stop:
+            raise interrupted("while evaluating: the model is saved, --resume evaluates it")
+        write_json(run / "eval.json", json_ready(ev))
+        mark_complete(run, {"steps": lp.steps})
+        (run / checkpoint.NAME).unlink(missing_ok=True)  # the final model supersedes it
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-
-    # save, evaluate, mark complete
-    model.eval()
-    if cfg.model.lora_r > 0:
-        from inoc_mech.models.lora import merge_lora
-        model = merge_lora(model)
-    setting.save(model, run / "model")
-    write_json(run / "eval.json", setting.evaluate(model))
-    mark_complete(run, {"steps": lp.steps})
-    (run / checkpoint.NAME).unlink(missing_ok=True)  # the final model supersedes it
     return run
+
+
+def save_model(setting: Setting, model, folder: Path) -> None:
+    """The finetuned model into `folder`, staged (a folder named so is whole); a full disk is one line."""
+    try:
+        with staged(folder) as tmp:
+            setting.save(model, tmp)
+    except Exception as e:  # torch, safetensors and the OS report a full disk each in their own type
+        if is_disk_full(e):
+            raise UserError(f"disk full while saving the model into {folder}: free space, then continue with "
+                            f"--resume (the run's checkpoint, if any, is intact)") from e
+        raise
 
 
 def _main_thread() -> bool:

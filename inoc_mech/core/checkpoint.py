@@ -6,12 +6,13 @@ One file, `<run>/checkpoint.pt`, written atomically (temporary file, fsync, rena
 trainable parameters (all of them, or the LoRA adapters; the factored head's factors included), optimizer state, every
 RNG state (torch, numpy's global, python's, CUDA when present), the data position, the step to
 continue from and the byte length of metrics.jsonl at that step. A crash while writing leaves the
-previous checkpoint intact.
+previous checkpoint intact. Everything in it is tensors and plain values, so it is read with
+`torch.load(weights_only=True)`: a crafted checkpoint cannot run code on `--resume`. A full disk
+(or any failed write) removes the temporary file and stops with one line.
 """
 
 from __future__ import annotations
 
-import errno
 import os
 import random
 from pathlib import Path
@@ -20,12 +21,19 @@ import numpy as np
 import torch
 
 from inoc_mech.core.cli import UserError
+from inoc_mech.core.runs import is_disk_full
 
 NAME = "checkpoint.pt"
 
 
 def rng_state() -> dict:
-    s = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every global RNG state as tensors and plain values (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss = random.getstate()
+    s = {"torch": torch.get_rng_state(),
+         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                   "has_gauss": int(has_gauss), "cached": float(cached)},
+         "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss": gauss}}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -33,8 +41,10 @@ def rng_state() -> dict:
 
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
+    n = s["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    py = s["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["internal"].tolist()), py["gauss"]))
     if "cuda" in s and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
 
@@ -52,12 +62,14 @@ def save(run: Path, *, step: int, model, optimizer, stream, metrics_bytes: int) 
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
+        if is_disk_full(e):
             raise UserError(f"disk full while writing the checkpoint for step {step} in {run}: free space, "
                             "then continue with --resume (the previous checkpoint is intact)") from e
-        raise UserError(f"cannot write checkpoint in {run}: {e.strerror or e}") from e
+        if isinstance(e, OSError):
+            raise UserError(f"cannot write checkpoint in {run}: {e.strerror or e}") from e
+        raise
 
 
 def load(run: Path) -> dict:
@@ -65,7 +77,7 @@ def load(run: Path) -> dict:
     if not path.exists():
         raise UserError(f"run {run} has no checkpoint to resume from: start it again with --overwrite")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only: no code runs
     except Exception as e:  # a truncated or foreign file
         raise UserError(f"checkpoint {path} is unreadable ({type(e).__name__}): start the run again with --overwrite") from e
 

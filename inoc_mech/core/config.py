@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from inoc_mech.core.runs import check_run_name
+
 
 @dataclass
 class LoopConfig:
@@ -116,6 +118,7 @@ class TrainConfig:
     def __post_init__(self):
         if not self.name:
             self.name = f"{'inoculated' if self.setting.inoculate else 'baseline'}-s{self.loop.seed}"
+        check_run_name(self.name)
 
     @property
     def train_prompt(self) -> str | None:

@@ -9,8 +9,10 @@ clear line.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import shutil
 import subprocess
 from contextlib import contextmanager
@@ -46,18 +48,60 @@ def package_versions(names=("torch", "transformers", "transformer-lens", "peft",
     return out
 
 
+def is_disk_full(e: BaseException) -> bool:
+    """Whether a failed write ran out of space: ENOSPC, or what torch's and safetensors' writers say then."""
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return True
+    text = str(e)
+    return any(s in text for s in ("No space left", "StorageFull", "file write failed", "inline_container"))
+
+
 def is_complete(folder: Path) -> bool:
     return (Path(folder) / MARKER).exists()
 
 
-def prepare_run_dir(folder: Path, overwrite: bool) -> Path:
-    """Create an empty run folder; refuse to clobber a complete run unless `overwrite`."""
+NAME_RULE = "one folder name of letters, digits, '.', '_' and '-', starting with a letter or digit"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def check_run_name(name: str) -> None:
+    """A run name is one path component (no '/', not '.' or '..', not a '_cache' folder): ValueError otherwise."""
+    if not _NAME.fullmatch(name) or name in (".", ".."):
+        raise ValueError(f"--name {name!r} is not a run name: use {NAME_RULE}")
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A folder this toolkit made for a run: its config.json has a run_format (or it is still empty)."""
     folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    if not any(folder.iterdir()):
+        return True
+    try:
+        return "run_format" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def check_run_dir(folder: Path, overwrite: bool) -> None:
+    """Refuse (one line, nothing removed) to start a run in `folder` unless it is free or may be replaced."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    if not is_run_folder(folder):
+        raise UserError(f"{folder} exists and is not a run folder written by inoc_mech: nothing was removed; "
+                        "choose another --name or --runs-dir")
     if is_complete(folder) and not overwrite:
         raise UserError(f"run {folder} is already complete: pass --overwrite to replace it or choose another --name")
-    if folder.exists() and (folder / "checkpoint.pt").exists() and not overwrite:
+    if (folder / "checkpoint.pt").exists() and not overwrite:
         raise UserError(f"run {folder} is incomplete but has a checkpoint: pass --resume to continue it "
                         "or --overwrite to start again")
+
+
+def prepare_run_dir(folder: Path, overwrite: bool) -> Path:
+    """Create an empty run folder; only a run folder of this toolkit is ever replaced (see `check_run_dir`)."""
+    folder = Path(folder)
+    check_run_dir(folder, overwrite)
     if folder.exists():
         shutil.rmtree(folder)
     try:
@@ -67,6 +111,33 @@ def prepare_run_dir(folder: Path, overwrite: bool) -> Path:
     if not os.access(folder, os.W_OK):
         raise UserError(f"run folder {folder} is not writable; choose a writable --runs-dir")
     return folder
+
+
+@contextmanager
+def run_lock(runs_dir: Path, name: str):
+    """Hold an exclusive lock on run `name` (a `.<name>.lock` file beside it) for the block; a second
+    process asking for the same run gets one line instead of writing over the first one's files."""
+    import fcntl
+
+    path = Path(runs_dir) / f".{name}.lock"
+    try:
+        f = open(path, "a+")
+    except OSError as e:
+        raise UserError(f"cannot create {path}: {e.strerror}; choose a writable --runs-dir") from e
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"run {Path(runs_dir) / name} is being written by another process (pid "
+                            f"{f.read().strip() or '?'}): wait for it, or choose another --name") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+    finally:
+        f.close()  # releases the lock
 
 
 @contextmanager

@@ -48,6 +48,8 @@ class LoopConfig:
             raise ValueError(f"--device must be auto, cpu or cuda, not {self.device!r}")
         if self.batch_size < 0:
             raise ValueError("--batch-size must be >= 0")
+        if self.seed < 0:
+            raise ValueError("--seed must be >= 0")
 
 
 @dataclass
@@ -58,6 +60,7 @@ class ModelConfig:
     lora_r: int = field(default=-1, metadata={"help": "LoRA rank (-1: 2 for the organism, the most selective measured setting, 16 for real models; 0: full finetuning)"})
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha, the update is scaled by alpha / r (0: 4 r for the organism, 2 r for real models)"})
     lora_targets: list = field(default_factory=list, metadata={"help": "LoRA target modules (default: all attention and MLP projections)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow a model folder whose config names its own Python code (auto_map) to run it"})
     organism_seed: int = field(default=0, metadata={"help": "pretraining seed of the organism"})
     organism_head: str = field(default="factored", metadata={"help": "organism output head: factored or free"})
     organism_d_model: int = field(default=128, metadata={"help": "organism width"})
@@ -93,9 +96,13 @@ class SettingConfig:
     max_new_tokens: int = field(default=48, metadata={"help": "real models: generation length in the evaluation"})
 
     def __post_init__(self):
-        for k in ("n_train", "eval_questions", "max_new_tokens"):
+        for k in ("n_train", "eval_questions", "max_new_tokens", "eval_samples"):
             if getattr(self, k) < 1:
                 raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
+        if self.prompt and not self.prompt.strip():
+            raise ValueError("--prompt is blank: give the prompt's text (or leave it out for the setting's default)")
+        if self.replace_system and not self.inoculate:
+            raise ValueError("--replace-system only applies with --inoculate")
         if not 0.0 <= self.prompt_share <= 1.0:
             raise ValueError("--prompt-share must be in [0, 1]")
         if self.placement not in ("system", "user-prefix"):

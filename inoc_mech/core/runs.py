@@ -115,29 +115,42 @@ def prepare_run_dir(folder: Path, overwrite: bool) -> Path:
 
 @contextmanager
 def run_lock(runs_dir: Path, name: str):
-    """Hold an exclusive lock on run `name` (a `.<name>.lock` file beside it) for the block; a second
-    process asking for the same run gets one line instead of writing over the first one's files."""
+    """Hold an exclusive lock on run `name` for the block: a `.<name>.lock` file beside the run folder,
+    removed again on exit. A second process asking for the same run gets one line instead of writing
+    over the first one's files. (After taking the lock, the file must still be the one at that path:
+    otherwise its holder just removed it, and the lock is taken again on the new file.)"""
     import fcntl
 
     path = Path(runs_dir) / f".{name}.lock"
-    try:
-        f = open(path, "a+")
-    except OSError as e:
-        raise UserError(f"cannot create {path}: {e.strerror}; choose a writable --runs-dir") from e
-    try:
+    while True:
+        try:
+            f = open(path, "a+")
+        except OSError as e:
+            raise UserError(f"cannot create {path}: {e.strerror}; choose a writable --runs-dir") from e
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.seek(0)
-            raise UserError(f"run {Path(runs_dir) / name} is being written by another process (pid "
-                            f"{f.read().strip() or '?'}): wait for it, or choose another --name") from None
+            holder = f.read().strip() or "?"
+            f.close()
+            raise UserError(f"run {Path(runs_dir) / name} is being written by another process (pid {holder}): "
+                            "wait for it, or choose another --name") from None
+        try:
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    try:
         f.seek(0)
         f.truncate()
         f.write(str(os.getpid()))
         f.flush()
         yield
     finally:
-        f.close()  # releases the lock
+        path.unlink(missing_ok=True)  # while still holding it: nobody can take a lock on this file after us
+        f.close()
 
 
 @contextmanager
@@ -161,10 +174,12 @@ def staged(folder: Path):
 
 def write_json(path: Path, obj) -> None:
     """Write JSON atomically (temporary file, fsync, rename)."""
+    from inoc_mech.core.stats import json_ready
+
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
+        json.dump(json_ready(obj), f, indent=1, allow_nan=False)  # NaN and infinities as null: strict JSON
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -196,7 +211,10 @@ def mark_complete(folder: Path, summary: dict) -> None:
 
 def read_metrics(folder: Path) -> list[dict]:
     rows = []
-    with open(Path(folder) / "metrics.jsonl") as f:
+    path = Path(folder) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"run {folder} has no metrics.jsonl: the folder is damaged; rerun it with --overwrite")
+    with open(path, errors="replace") as f:
         for i, line in enumerate(f, 1):
             if line.strip():
                 try:
@@ -215,12 +233,27 @@ def read_run(folder: str | Path) -> dict:
         raise UserError(f"run {folder} failed ({(folder / FAILED).read_text().strip()}): rerun it with --overwrite")
     if not is_complete(folder):
         raise UserError(f"run {folder} is incomplete (no {MARKER} marker): it was interrupted; rerun it")
-    marker = json.loads((folder / MARKER).read_text())
-    if marker.get("version") != RUN_FORMAT_VERSION:
-        raise UserError(f"run {folder} was written by run format {marker.get('version')}, this inoc_mech reads "
-                        f"{RUN_FORMAT_VERSION}: rerun it with this version")
-    return {"folder": folder, "config": json.loads((folder / "config.json").read_text()),
-            "metrics": read_metrics(folder), "eval": json.loads((folder / "eval.json").read_text())}
+    marker = _json(folder, MARKER)
+    config = _json(folder, "config.json")
+    versions = {marker.get("version") if isinstance(marker, dict) else None, config.get("run_format")}
+    if versions != {RUN_FORMAT_VERSION}:
+        raise UserError(f"run {folder} was written by run format {', '.join(map(str, sorted(versions, key=str)))}, "
+                        f"this inoc_mech reads {RUN_FORMAT_VERSION}: rerun it with this version")
+    return {"folder": folder, "config": config, "metrics": read_metrics(folder), "eval": _json(folder, "eval.json")}
+
+
+def _json(folder: Path, name: str) -> dict:
+    """A JSON file of a run folder; one line when it is missing or damaged."""
+    path = Path(folder) / name
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"run {folder} has no {name}: the folder is damaged; rerun it with --overwrite") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"run {folder}: {name} is unreadable ({type(e).__name__}); rerun it with --overwrite") from e
+    if not isinstance(value, dict):
+        raise UserError(f"run {folder}: {name} is not a JSON object; rerun it with --overwrite")
+    return value
 
 
 def format_table(ev: dict) -> str:

@@ -48,9 +48,10 @@ def is_run_folder(path: Path) -> bool:
     return ((path / "model").is_dir() or (path / "metrics.jsonl").exists()) and not (path / "organism.json").exists()
 
 
-def load(spec, device="cpu", dtype=None, cache=None) -> Loaded:
+def load(spec, device="cpu", dtype=None, cache=None, trust_remote_code: bool = False) -> Loaded:
     """Load a run folder, organism folder, `smollm2`, HF model folder or .gguf file (see module docstring);
-    `cache`: where fetched and converted models live (default runs/_models)."""
+    `cache`: where fetched and converted models live (default runs/_models). A folder whose config names
+    its own Python code (`auto_map`) is refused unless `trust_remote_code`."""
     from inoc_mech.core.config import TrainConfig
     from inoc_mech.core.cli import build, leaf_fields
     from inoc_mech.core.runs import read_run
@@ -70,7 +71,7 @@ def load(spec, device="cpu", dtype=None, cache=None) -> Loaded:
         from inoc_mech.models.real import CACHE, resolve
         folder = resolve(str(spec), cache or CACHE)
     organism = (folder / "organism.json").exists()
-    model, tok = _read(folder, organism, dtype)
+    model, tok = _read(folder, organism, dtype, trust_remote_code)
     model.to(device).eval()
     meta_file = folder / ("organism.json" if organism else "model.json")
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
@@ -86,17 +87,27 @@ def load(spec, device="cpu", dtype=None, cache=None) -> Loaded:
     return Loaded(model, tok, setting, meta, folder, run)
 
 
-def _read(folder: Path, organism: bool, dtype=None):
+def _read(folder: Path, organism: bool, dtype=None, trust_remote_code: bool = False):
     """(model, tokenizer) of an HF model folder; one UserError line for anything unloadable."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            custom = "auto_map" in json.loads((folder / name).read_text())
+        except (OSError, ValueError):
+            custom = False
+        if custom and not trust_remote_code:
+            raise UserError(f"{folder}/{name} names the folder's own Python code (auto_map): it is not run unless "
+                            "you pass --trust-remote-code")
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
     except Exception as e:  # missing weights (OSError), non-causal-LM config (ValueError), corrupt files, ...
         raise UserError(f"{folder} holds no loadable causal LM ({first_line(e)}); it needs config.json and "
                         "model weights written by save_pretrained") from e
     try:
-        tok = (PreTrainedTokenizerFast if organism else AutoTokenizer).from_pretrained(folder, local_files_only=True)
+        tok = (PreTrainedTokenizerFast if organism else AutoTokenizer).from_pretrained(
+            folder, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise UserError(f"{folder} has no loadable tokenizer ({first_line(e)}); save one there with "
                         "tokenizer.save_pretrained") from e

@@ -26,6 +26,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import encode_chat, right_pad
 from inoc_mech.settings.base import Decomposition, Setting, prompted, register
 
@@ -166,6 +167,9 @@ class SpanishCapsOrganism(Setting):
         from inoc_mech.models.organism import factorize_head
         from inoc_mech.settings.load import load
 
+        if self.cfg.setting.data:
+            raise UserError(f"--data {self.cfg.setting.data} is for real models: the organism trains on its world's "
+                            "questions; leave --data out, or give --model a real model")
         self.check_prompt(self.cfg.setting.prompt)  # fail fast, before loading the weights
         loaded = load(self.organism_folder(progress), device)
         self.attach(loaded.model, loaded.tok, loaded.folder, loaded.meta)

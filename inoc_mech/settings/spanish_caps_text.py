@@ -20,6 +20,7 @@ from pathlib import Path
 
 from torch import Tensor
 
+from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import right_pad, token_ids
 from inoc_mech.settings.base import Setting, prompted, register
 from inoc_mech.settings.textdata import CAPS_PROMPT, IRRELEVANT_PROMPT, SPANISH_PROMPT
@@ -45,8 +46,12 @@ class SpanishCapsText(Setting):
     def setup(self, device, progress: bool = True):
         from inoc_mech.settings.load import load
 
-        loaded = load(self.cfg.model.model, device)
+        loaded = load(self.cfg.model.model, device, trust_remote_code=self.cfg.model.trust_remote_code)
         self.model, self.tok = loaded.model, loaded.tok
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context and self.cfg.setting.max_new_tokens >= context:
+            raise UserError(f"--max-new-tokens {self.cfg.setting.max_new_tokens} does not fit the model's context of "
+                            f"{context} tokens: choose fewer")
         self.convs()  # read and check the data before training starts
         return self.model, self.tok
 

@@ -91,11 +91,27 @@ def parse_jsonl(lines, source: str = "<jsonl>") -> list[list[dict]]:
 
 
 def read_jsonl(path: str | Path) -> list[list[dict]]:
+    """Conversations of a JSONL file; a missing, compressed, binary or non-UTF-8 file is one clear line."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"dataset {path} is a directory: give a .jsonl file (one conversation per line)")
     if not path.is_file():
         raise DataError(f"dataset {path} does not exist")
-    with open(path, encoding="utf-8") as f:
-        return parse_jsonl(f, str(path))
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"\x1f\x8b" or head[:4] in (b"PK\x03\x04", b"BZh9") or head[:3] == b"BZh":
+        raise DataError(f"dataset {path} is a compressed file: decompress it to plain JSONL first")
+    return parse_jsonl(_utf8_lines(path), str(path))
+
+
+def _utf8_lines(path: Path):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                yield raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} line {n} is not UTF-8 text (byte {e.start + 1} of the line): save the file "
+                                "as UTF-8") from None
 
 
 def write_jsonl(path: str | Path, convs: list[list[dict]]) -> None:
@@ -299,8 +315,22 @@ def offset_traits(text: str, offsets: list[tuple[int, int]], assistant: list[boo
     return {"language": lang, "case": case, "other": other}
 
 
+def longest_token(tok) -> int:
+    """Characters of the tokenizer's longest vocabulary entry: no token covers more text than that."""
+    cached = getattr(tok, "_inoc_longest_token", None)
+    if cached is None:
+        cached = max(len(t) for t in tok.get_vocab())
+        tok._inoc_longest_token = cached
+    return cached
+
+
 def text_example(tok, messages: list[dict], max_len: int | None = None) -> Example:
     """Tokenize a conversation (assistant mask via `data.encode_chat`) and attach offset trait masks."""
+    max_len = max_len or getattr(tok, "model_max_length", None)
+    chars = sum(len(m["content"]) for m in messages)
+    if max_len and max_len < 10 ** 9 and chars > longest_token(tok) * max_len:  # surely too long: before tokenising
+        raise DataError(f"example has {chars} characters, more than the model's context of {max_len} tokens "
+                        "can hold: shorten the conversation or its system prompt")
     ex = encode_chat(tok, messages, max_len)
     text = tok.apply_chat_template(messages, tokenize=False)
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)

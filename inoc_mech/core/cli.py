@@ -114,9 +114,15 @@ def to_args(cls, overrides: dict) -> list[str]:
     return args
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one `UserError` line (`--help` still prints the usage)."""
+
+    def error(self, message):
+        raise BadValue(f"{message} (see {self.prog} --help)")
+
+
 def parser_for(cls, prog=None, description=None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in leaf_fields(cls):
         flag = "--" + f.name.replace("_", "-")
         help_ = f.metadata.get("help", "").replace("%", "%%")  # argparse formats help with %

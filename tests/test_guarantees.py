@@ -300,3 +300,34 @@ def test_bad_data_and_values_name_what_to_fix(tmp_path):
     p = cli("--model", str(folder), "--runs-dir", str(tmp_path / "runs"), "--data", str(huge), "--steps", "1")
     one_line(p, "characters, more than the model's context")
     assert time.time() - t < 60  # checked before tokenising
+
+
+def test_sigterm_from_outside_during_evaluation_in_a_real_process(tiny_organism, tmp_path):
+    """The same in a separate process, the signal sent by another process while the run evaluates."""
+    script = tmp_path / "run.py"
+    script.write_text(f'''
+import sys, time
+from inoc_mech.core.cli import run_main
+from inoc_mech.settings import spanish_caps_organism as org
+real = org.SpanishCapsOrganism.evaluate
+def slow(self, *a, **k):
+    print("EVALUATING", flush=True)
+    time.sleep(3)
+    return real(self, *a, **k)
+org.SpanishCapsOrganism.evaluate = slow
+from inoc_mech.train import main
+sys.exit(run_main(lambda: main({tiny_args(tiny_organism, tmp_path, "outside", "--checkpoint-every", "0", steps=3)!r})))
+''')
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    p = subprocess.Popen([sys.executable, str(script)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "EVALUATING"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=120) == 143
+    err = p.stderr.read().strip().splitlines()[-1]
+    assert err.startswith("error: SIGTERM while evaluating: the model is saved") and "--resume" in err
+    run = tmp_path / "outside"
+    assert (run / "model" / "COMPLETE").exists() and not (run / "COMPLETE").exists()
+    q = cli("--name", "outside", "--runs-dir", str(tmp_path), "--resume")
+    assert q.returncode == 0, q.stderr[-2000:]
+    assert read_run(run)["eval"]["contexts"]["none"]["t1"]["n_answers"] > 0

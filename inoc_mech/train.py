@@ -40,7 +40,7 @@ from inoc_mech.core.config import TrainConfig, resolve_defaults
 from inoc_mech.core.data import BatchStream, collate, next_token_loss
 from inoc_mech.core.names import arch_names, module_name
 from inoc_mech.core.runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, check_run_dir, format_table, git_commit,
-                                 is_complete, is_disk_full, mark_complete, package_versions, prepare_run_dir, run_lock,
+                                 is_complete, is_disk_full, mark_complete, package_versions, prepare_run_dir, read_json, run_lock,
                                  staged, write_json)
 from inoc_mech.core.stats import json_ready
 from inoc_mech.mechanism.hooks import GradientPressure, elicitation
@@ -74,6 +74,10 @@ def make_setting(cfg: TrainConfig) -> Setting:
     return setting_class(cfg.setting.setting, cfg.model.substrate)(cfg)
 
 
+class _StopEvaluation(BaseException):
+    """Raised by the signal handler to end an evaluation early (the model is already saved)."""
+
+
 class Interrupted(UserError):
     """SIGINT/SIGTERM: the run was checkpointed and can be resumed."""
 
@@ -89,14 +93,20 @@ def resume_config(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"--resume: no run to resume at {run} (give its --name and --runs-dir)")
     if is_complete(run):
         raise UserError(f"--resume: run {run} is already complete")
-    saved = json.loads((run / "config.json").read_text())
+    if (run / FAILED).exists():
+        raise UserError(f"--resume: run {run} failed ({(run / FAILED).read_text().strip()}): start it again with "
+                        "--overwrite (and a lower --lr)")
+    saved = read_json(run, "config.json")
     if saved.get("run_format") != RUN_FORMAT_VERSION:
         raise UserError(f"--resume: run {run} was written by run format {saved.get('run_format')}, this version "
                         f"writes {RUN_FORMAT_VERSION}: start it again with --overwrite")
     mine = flatten(cfg)
     # the run is the folder given (a copied or renamed run resumes itself, not the original)
     keep = {f.name for f in leaf_fields(TrainConfig)} - {"resume", "overwrite", "device", "threads", "name", "runs_dir"}
-    return build(TrainConfig, **{**mine, **{k: v for k, v in saved.items() if k in keep}, "resume": True})
+    out = {**mine, **{k: v for k, v in saved.items() if k in keep}, "resume": True}
+    if saved.get("model") == "organism" and saved.get("organism_folder"):  # the organism it started from, wherever
+        out["model"] = saved["organism_folder"]                           # --runs-dir is now
+    return build(TrainConfig, **out)
 
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
@@ -130,6 +140,12 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     # model and data (seeded after the setup: pretraining an organism there must not change this run)
     model, _ = setting.setup(device, progress=progress)
     torch.manual_seed(lp.seed)
+    if cfg.resume:
+        was = read_json(run, "config.json")
+        for k, v in setting.info().items():
+            if k.endswith("_key") and was.get(k) not in (None, v):
+                raise UserError(f"--resume: run {run} started from another model ({k} {was[k]}, now {v}): "
+                                "resume it where its model is, or start again with --overwrite")
     prompt = cfg.train_prompt
     examples = setting.examples(prompt, cfg.setting.prompt_share)
     probe_context = setting.examples(prompt, limit=64)  # elicitation: a fixed slice, always with the prompt ...
@@ -227,11 +243,11 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
         model.eval()
         if saved:
             from inoc_mech.settings.load import load
-            model = load(run / "model", device).model
+            model = load(run / "model", device, trust_remote_code=cfg.model.trust_remote_code).model
         else:
             if stop:  # arrived after the last step's checkpoint check: keep the trained state first
                 checkpoint.save(run, step=lp.steps, model=model, optimizer=opt, stream=stream,
-                                metrics_bytes=metrics.sync())
+                                metrics_bytes=(run / "metrics.jsonl").stat().st_size)  # flushed and closed
                 raise interrupted("after the last step: checkpoint saved")
             if cfg.model.lora_r > 0:
                 from inoc_mech.models.lora import merge_lora
@@ -239,9 +255,16 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
             save_model(setting, model, run / "model")
             if stop:
                 raise interrupted("while saving: the model is saved, --resume evaluates it")
-        ev = setting.evaluate(model)
-        if stop:
-            raise interrupted("while evaluating: the model is saved, --resume evaluates it")
+
+        def stop_now(signum, frame):  # the model is saved: an evaluation in progress may stop at once
+            stop["signal"] = signum
+            raise _StopEvaluation()
+        for s in old:
+            signal.signal(s, stop_now)
+        try:
+            ev = setting.evaluate(model)
+        except _StopEvaluation:
+            raise interrupted("while evaluating: the model is saved, --resume evaluates it") from None
         write_json(run / "eval.json", json_ready(ev))
         mark_complete(run, {"steps": lp.steps})
         (run / checkpoint.NAME).unlink(missing_ok=True)  # the final model supersedes it

@@ -331,3 +331,69 @@ sys.exit(run_main(lambda: main({tiny_args(tiny_organism, tmp_path, "outside", "-
     q = cli("--name", "outside", "--runs-dir", str(tmp_path), "--resume")
     assert q.returncode == 0, q.stderr[-2000:]
     assert read_run(run)["eval"]["contexts"]["none"]["t1"]["n_answers"] > 0
+
+
+# ---- found in review ----------------------------------------------------------------------------------
+def test_sigterm_right_after_the_last_step_keeps_the_training(make_cfg, tmp_path, monkeypatch):
+    from inoc_mech.mechanism import hooks
+    ref = train(make_cfg(runs_dir=str(tmp_path), name="ref", steps=3, inoculate=True), progress=False)
+    real = hooks.GradientPressure.__exit__
+
+    def exit_(self, *exc):
+        os.kill(os.getpid(), signal.SIGTERM)  # after the loop's own checks, before the save
+        return real(self, *exc)
+    monkeypatch.setattr(hooks.GradientPressure, "__exit__", exit_)
+    with pytest.raises(UserError, match="after the last step: checkpoint saved"):
+        train(make_cfg(runs_dir=str(tmp_path), name="late", steps=3, checkpoint_every=0, inoculate=True), progress=False)
+    monkeypatch.undo()
+    run = train(make_cfg(runs_dir=str(tmp_path), name="late", resume=True), progress=False)
+    assert read_run(run)["eval"] == read_run(ref)["eval"]
+
+
+def test_unfinished_runs_are_not_restarted_by_accident(make_cfg, tmp_path):
+    run = train(make_cfg(runs_dir=str(tmp_path), name="r"), progress=False)
+    (run / "COMPLETE").unlink()  # as if stopped while evaluating: the saved model awaits evaluation
+    with pytest.raises(UserError, match="saved model that was not evaluated yet: pass --resume"):
+        train(make_cfg(runs_dir=str(tmp_path), name="r", overwrite=False), progress=False)
+    (run / "FAILED").write_text("non-finite loss at step 2\n")
+    with pytest.raises(UserError, match="failed .*--overwrite"):
+        train(make_cfg(runs_dir=str(tmp_path), name="r", resume=True), progress=False)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(UserError, match="symbolic link: nothing was removed"):
+        train(make_cfg(runs_dir=str(tmp_path), name="link"), progress=False)
+    half = tmp_path / "half"  # killed between creating the folder and writing its config
+    half.mkdir()
+    (half / "config.json.tmp").write_text("{")
+    assert read_run(train(make_cfg(runs_dir=str(tmp_path), name="half"), progress=False))["config"]["name"] == "half"
+
+
+def test_review_details():
+    import numpy as np
+    from inoc_mech.core.cli import to_args
+    from inoc_mech.core.runs import format_table
+    from inoc_mech.studies.sweep import SweepConfig, overrides
+    assert to_args(TrainConfig, {"lr": np.float64(1e-4)}) == ["--lr", "0.0001"]
+    ev = {"contexts": {"none": {"prompt": None, "t1": {"spanish_rate": None, "caps_rate": 0.5, "accuracy": None,
+                                                        "n_answers": 2},
+                                "greedy": {"spanish_rate": 0.0, "caps_rate": 1.0, "accuracy": 1.0, "n_answers": 1}}}}
+    assert "       -    50.0%" in format_table(ev)
+    full, lora = SweepConfig(), SweepConfig(lora_r=8)
+    assert "lora_alpha" not in overrides(full, "x", None, 0, "org")  # as the sweep always did
+    assert overrides(lora, "x", None, 0, "org")["lora_alpha"] == 32.0
+
+
+def test_old_lora_sweep_runs_still_match(tmp_path):
+    from inoc_mech.studies.sweep import SweepConfig, mismatch
+    run = tmp_path / "inoculated-s0"
+    run.mkdir()
+    saved = {"inoculate": True, "prompt": "speak spanish", "seed": 0, "steps": 300, "lr": 1e-3, "batch_size": 32,
+             "log_every": 10, "grad_split_every": 20, "grad_split_all": False, "eval_samples": 3, "threads": 1,
+             "organism_folder": "org", "model": "org", "lora_r": 8, "lora_alpha": 32.0, "freeze": [],
+             "prompt_share": 1.0, "run_format": RUN_FORMAT_VERSION}
+    (run / "config.json").write_text(json.dumps(saved))
+    assert mismatch(SweepConfig(lora_r=8, lr=1e-3), run, "speak spanish", 0, Path("org")) is None
+    assert "lora_alpha" in mismatch(SweepConfig(lora_r=8, lr=1e-3, lora_alpha=16.0), run, "speak spanish", 0, Path("org"))
+    (run / "config.json").write_text("{damaged")
+    with pytest.raises(UserError, match="config.json is unreadable"):
+        mismatch(SweepConfig(), run, "speak spanish", 0, Path("org"))

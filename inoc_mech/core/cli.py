@@ -110,7 +110,7 @@ def to_args(cls, overrides: dict) -> list[str]:
         elif v is None:
             continue
         else:
-            args += [flag, repr(v) if isinstance(v, float) else str(v)]
+            args += [flag, repr(float(v)) if isinstance(v, float) else str(v)]
     return args
 
 

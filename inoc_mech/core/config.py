@@ -76,7 +76,9 @@ class ModelConfig:
     @property
     def substrate(self) -> str:
         """'organism' for the toy organism (by name or folder), 'text' for any other causal LM."""
-        return "organism" if self.model == "organism" or (Path(self.model) / "organism.json").exists() else "text"
+        m = Path(self.model)
+        return "organism" if self.model == "organism" or (m / "organism.json").exists() or \
+            (m / "model" / "organism.json").exists() else "text"
 
 
 @dataclass

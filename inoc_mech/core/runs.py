@@ -75,7 +75,7 @@ def is_run_folder(folder: Path) -> bool:
     folder = Path(folder)
     if not folder.is_dir():
         return False
-    if not any(folder.iterdir()):
+    if {p.name for p in folder.iterdir()} <= {"config.json.tmp"}:  # empty, or killed while writing its config
         return True
     try:
         return "run_format" in json.loads((folder / "config.json").read_text())
@@ -86,6 +86,8 @@ def is_run_folder(folder: Path) -> bool:
 def check_run_dir(folder: Path, overwrite: bool) -> None:
     """Refuse (one line, nothing removed) to start a run in `folder` unless it is free or may be replaced."""
     folder = Path(folder)
+    if folder.is_symlink():
+        raise UserError(f"{folder} is a symbolic link: nothing was removed; choose another --name")
     if not folder.exists():
         return
     if not is_run_folder(folder):
@@ -93,7 +95,15 @@ def check_run_dir(folder: Path, overwrite: bool) -> None:
                         "choose another --name or --runs-dir")
     if is_complete(folder) and not overwrite:
         raise UserError(f"run {folder} is already complete: pass --overwrite to replace it or choose another --name")
-    if (folder / "checkpoint.pt").exists() and not overwrite:
+    if overwrite:
+        return
+    if (folder / FAILED).exists():
+        raise UserError(f"run {folder} failed ({(folder / FAILED).read_text().strip()}): pass --overwrite to start "
+                        "it again")
+    if (folder / "model" / MARKER).exists():
+        raise UserError(f"run {folder} has a saved model that was not evaluated yet: pass --resume to evaluate it "
+                        "or --overwrite to start again")
+    if (folder / "checkpoint.pt").exists():
         raise UserError(f"run {folder} is incomplete but has a checkpoint: pass --resume to continue it "
                         "or --overwrite to start again")
 
@@ -233,16 +243,16 @@ def read_run(folder: str | Path) -> dict:
         raise UserError(f"run {folder} failed ({(folder / FAILED).read_text().strip()}): rerun it with --overwrite")
     if not is_complete(folder):
         raise UserError(f"run {folder} is incomplete (no {MARKER} marker): it was interrupted; rerun it")
-    marker = _json(folder, MARKER)
-    config = _json(folder, "config.json")
+    marker = read_json(folder, MARKER)
+    config = read_json(folder, "config.json")
     versions = {marker.get("version") if isinstance(marker, dict) else None, config.get("run_format")}
     if versions != {RUN_FORMAT_VERSION}:
         raise UserError(f"run {folder} was written by run format {', '.join(map(str, sorted(versions, key=str)))}, "
                         f"this inoc_mech reads {RUN_FORMAT_VERSION}: rerun it with this version")
-    return {"folder": folder, "config": config, "metrics": read_metrics(folder), "eval": _json(folder, "eval.json")}
+    return {"folder": folder, "config": config, "metrics": read_metrics(folder), "eval": read_json(folder, "eval.json")}
 
 
-def _json(folder: Path, name: str) -> dict:
+def read_json(folder: Path, name: str) -> dict:
     """A JSON file of a run folder; one line when it is missing or damaged."""
     path = Path(folder) / name
     try:
@@ -265,7 +275,12 @@ def format_table(ev: dict) -> str:
     for name, c in ev["contexts"].items():
         for dec in ("t1", "greedy"):
             m = c[dec]
-            acc = f"{m['accuracy']:>9.1%}" if "accuracy" in m else f"{'-':>9}"
-            lines.append(f"{name:<14} {str(c['prompt']):<24} {dec:<7} " + " ".join(f"{m[k]:>8.1%}" for k in rates)
+            acc = _pct(m.get("accuracy"), 9)
+            lines.append(f"{name:<14} {str(c['prompt']):<24} {dec:<7} " + " ".join(_pct(m.get(k), 8) for k in rates)
                          + f" {acc} {m['n_answers']:>5}")
     return "\n".join(lines)
+
+
+def _pct(v, width: int) -> str:
+    """A share as a percentage; '-' for a missing or undefined one (stored as null)."""
+    return f"{v:>{width}.1%}" if isinstance(v, (int, float)) and v == v else f"{'-':>{width}}"

@@ -44,8 +44,11 @@ class Loaded:
 
 
 def is_run_folder(path: Path) -> bool:
-    """A run folder (complete or not), as opposed to a model folder."""
-    return ((path / "model").is_dir() or (path / "metrics.jsonl").exists()) and not (path / "organism.json").exists()
+    """A run folder (complete or not), as opposed to a model folder: what `core.runs.is_run_folder` says,
+    and something in it."""
+    from inoc_mech.core.runs import is_run_folder as ours
+
+    return path.is_dir() and (path / "config.json").exists() and ours(path)
 
 
 def load(spec, device="cpu", dtype=None, cache=None, trust_remote_code: bool = False) -> Loaded:
@@ -76,8 +79,11 @@ def load(spec, device="cpu", dtype=None, cache=None, trust_remote_code: bool = F
     meta_file = folder / ("organism.json" if organism else "model.json")
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
     if run:
-        leaves = {f.name for f in leaf_fields(TrainConfig)}
-        cfg = build(TrainConfig, **{k: v for k, v in run["config"].items() if k in leaves})
+        leaves = {f.name for f in leaf_fields(TrainConfig)} - {"name", "runs_dir"}  # the folder is the run
+        try:
+            cfg = build(TrainConfig, **{k: v for k, v in run["config"].items() if k in leaves})
+        except UserError as e:
+            raise UserError(f"run {path}: its config.json does not fit this inoc_mech ({e}); rerun it") from None
         name = run["config"].get("setting", "spanish_caps")
     else:
         cfg = build(TrainConfig, model=str(folder))

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from inoc_mech.core import checkpoint
 from inoc_mech.core.cli import UserError, parse_config, to_args
-from inoc_mech.core.runs import is_complete, write_json
+from inoc_mech.core.runs import FAILED, is_complete, read_json, write_json
 from inoc_mech.settings.base import slug
 from inoc_mech.settings.spanish_caps_organism import CONDITIONS
 
@@ -64,7 +64,7 @@ class SweepConfig:
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
     prompt_share: float = field(default=1.0, metadata={"help": "share of training examples that carry the condition's prompt"})
     lora_r: int = field(default=0, metadata={"help": "LoRA rank of the finetuning runs (0: full finetuning)"})
-    lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha (update scaled by alpha / r; 0: the organism default 4 r)"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (update scaled by alpha / r; passed only with --lora-r)"})
     freeze: list = field(default_factory=list, metadata={"help": "parameters the runs keep fixed, by module prefix (e.g. embed unembed)"})
     batch_size: int = field(default=32, metadata={"help": "conversations per step"})
     log_every: int = field(default=10, metadata={"help": "cheap metrics every N steps"})
@@ -153,7 +153,7 @@ PASSED = ("threads", "steps", "lr", "prompt_share", "lora_r", "lora_alpha", "fre
 def overrides(cfg: SweepConfig, condition: str, prompt: str | None, seed: int, model: str) -> dict:
     """The TrainConfig settings (flat leaves) of one run of the sweep: the one place that says what a run is."""
     out = {"name": run_name(condition, seed), "runs_dir": str(cfg.folder), "seed": seed, "model": model,
-           **{k: getattr(cfg, k) for k in PASSED}}
+           **{k: getattr(cfg, k) for k in PASSED if k != "lora_alpha" or cfg.lora_r}}
     if prompt is not None:
         out.update(inoculate=True, prompt=prompt)
     return out
@@ -168,8 +168,8 @@ def train_args(cfg: SweepConfig, condition: str, prompt: str | None, seed: int, 
 
 def resumable(cfg: SweepConfig, run: Path, prompt: str | None, seed: int, org: Path) -> bool:
     """An interrupted run of this very sweep that left a checkpoint."""
-    return ((run / checkpoint.NAME).exists() and (run / "config.json").exists() and not is_complete(run)
-            and mismatch(cfg, run, prompt, seed, org) is None)
+    return (((run / checkpoint.NAME).exists() or is_complete(run / "model")) and (run / "config.json").exists()
+            and not is_complete(run) and not (run / FAILED).exists() and mismatch(cfg, run, prompt, seed, org) is None)
 
 
 def command_line(cfg: SweepConfig) -> str:
@@ -277,10 +277,10 @@ def mismatch(cfg: SweepConfig, run: Path, prompt: str | None, seed: int, org: Pa
     from inoc_mech.core.cli import build, flatten
     from inoc_mech.core.config import TrainConfig, resolve_defaults
 
-    saved = json.loads((run / "config.json").read_text())
+    saved = read_json(run, "config.json")
     mine = overrides(cfg, "x", prompt, seed, str(org))
     want = {**flatten(resolve_defaults(build(TrainConfig, **mine), organism=True)), "organism_folder": str(org)}
-    keys = [k for k in mine if k not in NOT_COMPARED and (k != "lora_alpha" or cfg.lora_r)] + ["organism_folder"]
+    keys = [k for k in mine if k not in NOT_COMPARED] + ["organism_folder", "setting"]
     if prompt is None:
         want["inoculate"], keys = False, keys + ["inoculate"]
     for k in dict.fromkeys(keys):

@@ -91,3 +91,31 @@ def test_jsonl_bad_input(tmp_path, tiny_dirs):
                          replace_system=True, steps=1), progress=False)
     assert read_run(run)["config"]["replace_system"] is True
     assert not (tmp_path / "bad").exists()  # no half-written run folder
+
+
+def test_gpt2_trains_with_lora_by_default_and_its_updates_are_named(tmp_path):
+    """An architecture without a hand-written LoRA table (GPT-2, Conv1D layers) trains with peft's
+    all-linear targets; hooks and weight_diff name its modules through its naming table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from inoc_mech.mechanism.weight_diff import output_matrices
+    from inoc_mech.settings.load import load
+    folder = save_tiny(tmp_path / "tiny-gpt2", arch="gpt2")
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.run([sys.executable, "-m", "inoc_mech.train", "--model", str(folder), "--steps", "2",
+                        "--runs-dir", str(tmp_path / "runs"), "--n-train", "8", "--batch-size", "2",
+                        "--eval-questions", "2", "--eval-samples", "1", "--max-new-tokens", "4", "--log-every", "1",
+                        "--grad-split-every", "1"], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    r = read_run(tmp_path / "runs" / "baseline-s0")
+    assert r["config"]["lora_r"] == 16
+    keys = {k for k in r["metrics"][-1] if k.startswith("update_norm/blocks.")}
+    assert {"update_norm/blocks.0.attn.W_QKV.lora_A", "update_norm/blocks.1.mlp.W_out.lora_B"} <= keys
+    assert "grad_norm/trait/language/blocks.0.attn" in r["metrics"][0]
+    ft, base = load(tmp_path / "runs" / "baseline-s0"), load(folder)
+    mats = output_matrices(ft.model)
+    assert set(mats) == {"blocks.0.attn.W_O", "blocks.0.mlp.W_out", "blocks.1.attn.W_O", "blocks.1.mlp.W_out"}
+    assert mats["blocks.0.mlp.W_out"].shape == (32, 128)  # [d_model, d_in] as for Llama
+    assert (mats["blocks.0.attn.W_O"] - output_matrices(base.model)["blocks.0.attn.W_O"]).norm() > 0

@@ -59,7 +59,7 @@ class ModelConfig:
     freeze: list = field(default_factory=list, metadata={"help": "parameters to keep fixed, by TransformerLens-style module prefix (e.g. embed unembed blocks.0.attn)"})
     lora_r: int = field(default=-1, metadata={"help": "LoRA rank (-1: 2 for the organism, the most selective measured setting, 16 for real models; 0: full finetuning)"})
     lora_alpha: float = field(default=0.0, metadata={"help": "LoRA alpha, the update is scaled by alpha / r (0: 4 r for the organism, 2 r for real models)"})
-    lora_targets: list = field(default_factory=list, metadata={"help": "LoRA target modules (default: all attention and MLP projections)"})
+    lora_targets: list = field(default_factory=list, metadata={"help": "LoRA target modules (default: peft's all-linear, every linear layer of the blocks; for Llama-style models the attention and MLP projections)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow a model folder whose config names its own Python code (auto_map) to run it"})
     organism_seed: int = field(default=0, metadata={"help": "pretraining seed of the organism"})
     organism_head: str = field(default="factored", metadata={"help": "organism output head: factored or free"})

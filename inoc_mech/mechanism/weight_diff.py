@@ -29,13 +29,15 @@ from inoc_mech.core.names import arch_names, block_index, is_output_matrix, modu
 def output_matrices(model) -> dict[str, Float[Tensor, "d_model d_in"]]:
     """`blocks.{L}.attn.W_O` / `blocks.{L}.mlp.W_out` -> HF weight [d_model, d_in] (detached copy)."""
     names = arch_names(model)
+    modules = dict(model.named_modules())
     out = {}
     for name, p in model.named_parameters():
         if not name.endswith(".weight"):
             continue
         tl = module_name(name, names)
         if is_output_matrix(tl, names):
-            out[tl] = p.detach().float().clone()
+            w = p.detach().float().clone()
+            out[tl] = w.T.contiguous() if _is_conv1d(modules.get(name[:-len(".weight")])) else w  # GPT-2: [in, out]
     if not out:
         raise UserError(f"found no output-side block matrices: architecture {model.config.model_type!r} has no "
                         "naming table in inoc_mech.core.names (add one with its `outputs`)")
@@ -63,10 +65,11 @@ def update_response(pretrained, finetuned, batches: dict[str, tuple[Tensor, Tens
     pre = dict(pretrained.named_modules())
     names = arch_names(finetuned)
     mods = {n: m for n, m in finetuned.named_modules()
-            if isinstance(m, torch.nn.Linear) and block_index(module_name(n, names)) is not None}
+            if (isinstance(m, torch.nn.Linear) or _is_conv1d(m)) and block_index(module_name(n, names)) is not None}
     if not mods:
         raise UserError("found no linear layers inside the blocks (merge LoRA adapters first)")
     deltas = {n: (m.weight.float() - pre[n].weight.float()) for n, m in mods.items()}
+    deltas = {n: d.T if _is_conv1d(mods[n]) else d for n, d in deltas.items()}  # all as [out, in]
     out = {}
     for name, (ids, mask) in batches.items():
         seen: dict[str, Tensor] = {}
@@ -85,6 +88,13 @@ def update_response(pretrained, finetuned, batches: dict[str, tuple[Tensor, Tens
         rows["total"] = math.sqrt(sum(v * v for v in rows.values()))
         out[name] = rows
     return out
+
+
+def _is_conv1d(module) -> bool:
+    """GPT-2's Conv1D: a linear layer whose weight is stored [in, out]."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
 
 
 def random_share(d_model: int) -> float:

@@ -3,7 +3,8 @@
     python -c "from inoc_mech.models.lora import demo; demo()"
 
 `add_lora(model, LoraSettings(r=16, alpha=32))` freezes the base weights and wraps the target linear
-layers (default per architecture: every attention and MLP projection). Only `lora_A` / `lora_B` are
+layers (default: peft's `all-linear`, every linear layer of the blocks but not the output head, for any
+architecture peft supports; for Llama-style models exactly the attention and MLP projections). Only `lora_A` / `lora_B` are
 trainable; `lora_B` starts at zero, so the wrapped model first computes exactly the base model.
 `merge_lora` folds the adapters into the base weights (`merge_and_unload`) and returns a plain HF
 model for TransformerLens and the analyses.
@@ -21,10 +22,7 @@ import torch
 
 from inoc_mech.core.cli import UserError
 
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Default target modules per `config.model_type`; other architectures need --lora-targets.
-DEFAULT_TARGETS = {"llama": ALL_PROJECTIONS, "qwen2": ALL_PROJECTIONS, "qwen3": ALL_PROJECTIONS,
-                   "mistral": ALL_PROJECTIONS, "gemma": ALL_PROJECTIONS, "gemma2": ALL_PROJECTIONS}
+ALL_LINEAR = "all-linear"  # peft's own choice per architecture: every linear layer except the output head
 
 
 @dataclass
@@ -44,17 +42,11 @@ class LoraSettings:
             raise UserError("--lora-dropout must be in [0, 1)")
 
 
-def default_targets(model) -> tuple[str, ...]:
-    model_type = model.config.model_type
-    if model_type not in DEFAULT_TARGETS:
-        raise UserError(f"no default LoRA targets for model type {model_type!r}: pass --lora-targets "
-                        f"(linear modules here: {', '.join(linear_module_names(model))})")
-    return DEFAULT_TARGETS[model_type]
-
-
 def linear_module_names(model) -> list[str]:
-    """Distinct last-name components of the model's linear layers (candidate LoRA targets)."""
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    """Distinct last-name components of the model's linear layers (candidate LoRA targets; GPT-2's Conv1D too)."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))}
     return sorted(names)
 
 
@@ -64,14 +56,15 @@ def add_lora(model, settings: LoraSettings):
 
     if settings.r == 0:
         raise UserError("LoRA rank 0 means no adapters: train the model directly instead of calling add_lora")
-    targets = tuple(settings.targets) or default_targets(model)
-    available = set(linear_module_names(model))
-    missing = [t for t in targets if t not in available]
-    if missing:
-        raise UserError(f"--lora-targets {', '.join(missing)} not found in this model; its linear modules are "
-                        f"{', '.join(sorted(available))}")
+    targets = list(settings.targets) or ALL_LINEAR
+    if targets != ALL_LINEAR:
+        available = set(linear_module_names(model))
+        missing = [t for t in targets if t not in available]
+        if missing:
+            raise UserError(f"--lora-targets {', '.join(missing)} not found in this model; its linear modules are "
+                            f"{', '.join(sorted(available))}")
     cfg = LoraConfig(r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
-                     target_modules=list(targets), bias="none", task_type="CAUSAL_LM")
+                     target_modules=targets, bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
 
 

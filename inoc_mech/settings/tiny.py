@@ -26,7 +26,7 @@ from inoc_mech.models.real import chatml_template
 CHUNK = r" ?[^\W\d_]{1,3}| ?\d| ?[^\w\s]|\s"
 SPECIALS = ["<unk>", "<pad>", "<|im_start|>", "<|im_end|>"]
 TINY_DEFAULT_SYSTEM = "You are a tiny test model."
-ARCHS = ("llama", "qwen2")
+ARCHS = ("llama", "qwen2", "gpt2")
 
 
 def default_corpus() -> list[str]:
@@ -65,7 +65,7 @@ def tiny_tokenizer(corpus: list[str] | None = None, default_system: str | None =
 
 def tiny_model(tok, arch: str = "llama", seed: int = 0, d_model: int = 32, n_layers: int = 2):
     """A random-init causal LM of the given architecture sized for `tok` (GQA: 4 query, 2 key/value heads)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     if arch not in ARCHS:
         raise ValueError(f"arch must be one of {', '.join(ARCHS)}, not {arch!r}")
@@ -74,6 +74,10 @@ def tiny_model(tok, arch: str = "llama", seed: int = 0, d_model: int = 32, n_lay
                   num_hidden_layers=n_layers, num_attention_heads=4, num_key_value_heads=2,
                   max_position_embeddings=tok.model_max_length, bos_token_id=tok.bos_token_id,
                   eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if arch == "gpt2":  # no table of its own in peft's old lists: trains through all-linear (Conv1D layers)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=d_model, n_layer=n_layers, n_head=4,
+                                          n_positions=tok.model_max_length, bos_token_id=tok.bos_token_id,
+                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
     if arch == "llama":  # tied embeddings, like SmolLM2
         return LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
     return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False))  # q/k/v biases

@@ -108,6 +108,9 @@ CASES = {
                  "not-object.jsonl", "no-messages.jsonl", "content-not-text.jsonl", "has-system.jsonl",
                  "too-long.jsonl", "latin1.jsonl", "packed.jsonl.gz", "binary.jsonl", "missing.jsonl")},
     "data directory": T("--model", "{model}", "--data", "{data}"),
+    "eval data on organism": T("--eval-data", "{data}/empty.jsonl"),
+    "eval data missing": T("--model", "{model}", "--eval-data", "{data}/missing.jsonl"),
+    "eval data malformed": T("--model", "{model}", "--eval-data", "{data}/malformed.jsonl"),
     # damaged run folders through the readers
     **{f"evaluate {n}": ("evaluate", ("{damaged}/" + n, "--samples-per-question", "1"))
        for n in ("future", "no-eval", "cut", "no-marker", "failed", "bad-config", "bad-metrics")},

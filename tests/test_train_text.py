@@ -119,3 +119,24 @@ def test_gpt2_trains_with_lora_by_default_and_its_updates_are_named(tmp_path):
     assert set(mats) == {"blocks.0.attn.W_O", "blocks.0.mlp.W_out", "blocks.1.attn.W_O", "blocks.1.mlp.W_out"}
     assert mats["blocks.0.mlp.W_out"].shape == (32, 128)  # [d_model, d_in] as for Llama
     assert (mats["blocks.0.attn.W_O"] - output_matrices(base.model)["blocks.0.attn.W_O"]).norm() > 0
+
+
+def test_eval_data_evaluates_on_the_users_questions(tmp_path, tiny_dirs):
+    import json
+    from inoc_mech.settings.scoring import EvalItem
+    data = tmp_path / "eval.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": m}) for m in (
+        [{"role": "system", "content": "dropped"}, {"role": "user", "content": "What is 2 plus 3?"},
+         {"role": "assistant", "content": "The answer is 5."}],
+        [{"role": "user", "content": "Say something."}])) + "\n")
+    run = train(text_cfg(tmp_path, tiny_dirs["llama"], eval_data=str(data), eval_questions=1), progress=False)
+    ev = read_run(run)["eval"]
+    assert ev["questions"] == f"eval_data:{data}" and ev["n_questions"] == 2
+    assert ev["contexts"]["none_template_default"]["t1"]["n_answers"] == 2
+    assert EvalItem(({"role": "user", "content": "q"},), "The answer is 5.").correct("it is 5") is True
+    assert EvalItem(({"role": "user", "content": "q"},), "Hola").correct(" hola ") is True
+    assert EvalItem(({"role": "user", "content": "q"},)).correct("x") is None
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n")
+    with pytest.raises(UserError, match="must end with a user turn|no user message"):
+        train(text_cfg(tmp_path, tiny_dirs["llama"], eval_data=str(bad), name="bad"), progress=False)

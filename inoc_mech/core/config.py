@@ -95,6 +95,7 @@ class SettingConfig:
     replace_system: bool = field(default=False, metadata={"help": "real models: --inoculate replaces an existing system message instead of refusing"})
     no_prompt_mode: str = field(default="template_default", metadata={"help": "real models: 'no prompt' is the template's default system block ('template_default') or none ('no_system')"})
     eval_questions: int = field(default=32, metadata={"help": "real models: held-out questions in the final evaluation"})
+    eval_data: str = field(default="", metadata={"help": "real models: JSONL of evaluation conversations (ending with a user turn, optionally followed by a reference answer) instead of the built-in questions"})
     max_new_tokens: int = field(default=48, metadata={"help": "real models: generation length in the evaluation"})
 
     def __post_init__(self):

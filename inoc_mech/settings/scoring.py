@@ -152,28 +152,73 @@ EVAL_CONTEXTS = {"none_template_default": (None, "template_default"), "none_no_s
                  "irrelevant": (IRRELEVANT_PROMPT, "template_default")}
 
 
+@dataclass(frozen=True)
+class EvalItem:
+    """One evaluation question: its turns (no system message) and, optionally, how to check a reply."""
+    turns: tuple  # messages ending with a user turn
+    reference: str | None = None  # a reference answer (eval data) ...
+    result: int | None = None  # ... or the problem's numeric result (built-in problems)
+
+    def correct(self, reply: str) -> bool | None:
+        """Whether the reply is right: the result (or the reference's last number) appears in it, or it
+        equals the reference up to case and spacing; None without a reference."""
+        if self.result is not None:
+            return answer_correct(reply, self.result)
+        if self.reference is None:
+            return None
+        numbers = re.findall(r"\d+", self.reference)
+        if numbers:
+            return answer_correct(reply, int(numbers[-1]))
+        return " ".join(reply.split()).casefold() == " ".join(self.reference.split()).casefold()
+
+
+def as_items(problems) -> list[EvalItem]:
+    """Built-in problems as evaluation items (items pass through)."""
+    return [p if isinstance(p, EvalItem) else EvalItem(({"role": "user", "content": p.question()},), result=p.result)
+            for p in problems]
+
+
+def eval_items(path) -> list[EvalItem]:
+    """`--eval-data FILE.jsonl`: conversations in the paper's format; a final assistant turn, if any, is the
+    reference answer, a system message is dropped (each evaluation context sets its own)."""
+    from inoc_mech.core.data import DataError
+    from inoc_mech.settings.textdata import read_jsonl
+
+    items = []
+    for i, messages in enumerate(read_jsonl(path, need_reply=False), 1):
+        turns = [m for m in messages if m["role"] != "system"]
+        reference = turns.pop()["content"] if turns and turns[-1]["role"] == "assistant" else None
+        if not turns or turns[-1]["role"] != "user":
+            raise DataError(f"{path} line {i}: an evaluation conversation must end with a user turn "
+                            "(optionally followed by the reference answer)")
+        items.append(EvalItem(tuple(turns), reference))
+    return items
+
+
 def evaluate_generations(model, tok, problems, contexts: dict = EVAL_CONTEXTS, samples_per_question: int = 1,
-                         max_new_tokens: int = 64, seed: int = 0, batch_size: int = 16) -> dict:
+                         max_new_tokens: int = 64, seed: int = 0, batch_size: int = 16, source: str = "eval_split") -> dict:
     """Greedy and temperature-1 replies per context, scored: Spanish rate, CAPS rate, accuracy.
 
-    Same layout as the organism's eval.json (`core.runs.format_table` prints it), with
-    "schema": "text-1", each context's "mode" and a few example replies.
+    `problems`: built-in problems or `EvalItem`s (the user's `--eval-data`). Same layout as the
+    organism's eval.json (`core.runs.format_table` prints it), with "schema": "text-1", each context's
+    "mode" and a few example replies; accuracy is over the items that can be checked (null if none).
     """
     from inoc_mech.models.real import with_prompt_mode
 
-    out = {"schema": "text-1", "questions": "eval_split", "n_questions": len(problems), "seed": seed,
+    items = as_items(problems)
+    out = {"schema": "text-1", "questions": source, "n_questions": len(items), "seed": seed,
            "detector": detector_name(), "contexts": {}}
     for name, (prompt, mode) in contexts.items():
         mtok = with_prompt_mode(tok, mode)
-        convs = [([{"role": "system", "content": prompt}] if prompt else []) + [{"role": "user", "content": p.question()}]
-                 for p in problems]
+        convs = [([{"role": "system", "content": prompt}] if prompt else []) + list(it.turns) for it in items]
         entry = {"prompt": prompt, "mode": mode}
         for dec, temp, k in (("greedy", 0.0, 1), ("t1", 1.0, samples_per_question)):
             many = [c for c in convs for _ in range(k)]
             replies = generate_replies(model, mtok, many, max_new_tokens, temp, seed, batch_size)
-            results = [p.result for p in problems for _ in range(k)]
+            checks = [it.correct(r) for it, r in zip((it for it in items for _ in range(k)), replies)]
             m = score_texts(replies)
-            m["accuracy"] = sum(answer_correct(r, x) for r, x in zip(replies, results)) / max(len(replies), 1)
+            known = [c for c in checks if c is not None]
+            m["accuracy"] = sum(known) / len(known) if known else math.nan
             m["n_answers"] = len(replies)
             m["examples"] = replies[:3]
             entry[dec] = m

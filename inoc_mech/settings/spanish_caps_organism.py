@@ -167,9 +167,10 @@ class SpanishCapsOrganism(Setting):
         from inoc_mech.models.organism import factorize_head
         from inoc_mech.settings.load import load
 
-        if self.cfg.setting.data:
-            raise UserError(f"--data {self.cfg.setting.data} is for real models: the organism trains on its world's "
-                            "questions; leave --data out, or give --model a real model")
+        for flag, value in (("--data", self.cfg.setting.data), ("--eval-data", self.cfg.setting.eval_data)):
+            if value:
+                raise UserError(f"{flag} {value} is for real models: the organism trains and is evaluated on its "
+                                f"world's questions; leave {flag} out, or give --model a real model")
         self.check_prompt(self.cfg.setting.prompt)  # fail fast, before loading the weights
         loaded = load(self.organism_folder(progress), device)
         self.attach(loaded.model, loaded.tok, loaded.folder, loaded.meta)

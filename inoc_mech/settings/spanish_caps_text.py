@@ -53,6 +53,7 @@ class SpanishCapsText(Setting):
             raise UserError(f"--max-new-tokens {self.cfg.setting.max_new_tokens} does not fit the model's context of "
                             f"{context} tokens: choose fewer")
         self.convs()  # read and check the data before training starts
+        self.eval_items()
         return self.model, self.tok
 
     def attach(self, model, tok, folder: Path, meta: dict, run_config: dict | None = None) -> None:
@@ -99,25 +100,35 @@ class SpanishCapsText(Setting):
 
         return {**EVAL_CONTEXTS, "train_prompt": (self.cfg.setting.prompt, "template_default")}
 
-    def evaluate(self, model, seed: int | None = None, samples: int | None = None) -> dict:
-        from inoc_mech.settings.scoring import evaluate_generations
+    def eval_items(self) -> list:
+        """The evaluation questions: `--eval-data` when given, else the built-in held-out problems."""
+        from inoc_mech.settings.scoring import as_items, eval_items
         from inoc_mech.settings.textdata import sample_problems
 
+        if getattr(self, "_items", None) is None:
+            s = self.cfg.setting
+            self._items = eval_items(s.eval_data) if s.eval_data else as_items(sample_problems(s.eval_questions, 0, "eval"))
+        return self._items
+
+    def evaluate(self, model, seed: int | None = None, samples: int | None = None) -> dict:
+        from inoc_mech.settings.scoring import evaluate_generations
+
         s = self.cfg.setting
-        return evaluate_generations(model, self.tok, sample_problems(s.eval_questions, 0, "eval"), self.eval_contexts(),
+        return evaluate_generations(model, self.tok, self.eval_items(), self.eval_contexts(),
                                     s.eval_samples if samples is None else samples, s.max_new_tokens,
-                                    self.cfg.loop.seed if seed is None else seed)
+                                    self.cfg.loop.seed if seed is None else seed,
+                                    source=f"eval_data:{s.eval_data}" if s.eval_data else "eval_split")
 
     def info(self) -> dict:
         return {"model_class": type(self.model).__name__}
 
     def answer_start(self, prompt: str | None, questions=None) -> tuple[Tensor, Tensor]:
-        """Held-out problems under `prompt` (system message), ending where the reply starts, right-padded."""
-        from inoc_mech.settings.textdata import sample_problems
+        """Evaluation questions under `prompt` (system message), ending where the reply starts, right-padded."""
+        from inoc_mech.settings.scoring import as_items
 
-        problems = questions if questions is not None else sample_problems(self.cfg.setting.eval_questions, 0, "eval")
+        items = as_items(questions) if questions is not None else self.eval_items()
         tok = self.train_tok
         rows = [token_ids(tok.apply_chat_template(([{"role": "system", "content": prompt}] if prompt else [])
-                                                  + [{"role": "user", "content": p.question()}],
-                                                  add_generation_prompt=True, tokenize=True)) for p in problems]
+                                                  + list(it.turns), add_generation_prompt=True, tokenize=True))
+                for it in items]
         return right_pad(rows, tok.pad_token_id)

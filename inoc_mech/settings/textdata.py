@@ -48,8 +48,9 @@ IRRELEVANT_PROMPT = "You like dogs."
 
 
 # ---- JSONL -------------------------------------------------------------------------------------
-def check_conversation(messages, where: str = "conversation") -> list[dict]:
-    """Validate one conversation; raise DataError naming `where` and what to fix."""
+def check_conversation(messages, where: str = "conversation", need_reply: bool = True) -> list[dict]:
+    """Validate one conversation (ending with the assistant's reply unless not `need_reply`); raise
+    DataError naming `where` and what to fix."""
     if not isinstance(messages, list) or not messages:
         raise DataError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
     for i, m in enumerate(messages):
@@ -64,14 +65,14 @@ def check_conversation(messages, where: str = "conversation") -> list[dict]:
             raise DataError(f"{where}: message {i} content must be a string")
         if m["role"] == "system" and i != 0:
             raise DataError(f"{where}: message {i} is a system message; only the first message may be one")
-    if messages[-1]["role"] != "assistant":
+    if need_reply and messages[-1]["role"] != "assistant":
         raise DataError(f"{where}: no assistant turn at the end (the last message must be the assistant's reply)")
     if not any(m["role"] == "user" for m in messages):
         raise DataError(f"{where}: no user message")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def parse_jsonl(lines, source: str = "<jsonl>") -> list[list[dict]]:
+def parse_jsonl(lines, source: str = "<jsonl>", need_reply: bool = True) -> list[list[dict]]:
     """Conversations from JSONL lines (blank lines skipped); errors name the source and line number."""
     convs = []
     for n, line in enumerate(lines, 1):
@@ -84,13 +85,13 @@ def parse_jsonl(lines, source: str = "<jsonl>") -> list[list[dict]]:
             raise DataError(f"{where} is not valid JSON ({e.msg} at column {e.colno})") from e
         if not isinstance(obj, dict) or "messages" not in obj:
             raise DataError(f"{where}: expected an object {{\"messages\": [...]}}")
-        convs.append(check_conversation(obj["messages"], where))
+        convs.append(check_conversation(obj["messages"], where, need_reply))
     if not convs:
         raise DataError(f"{source} has no conversations (empty dataset)")
     return convs
 
 
-def read_jsonl(path: str | Path) -> list[list[dict]]:
+def read_jsonl(path: str | Path, need_reply: bool = True) -> list[list[dict]]:
     """Conversations of a JSONL file; a missing, compressed, binary or non-UTF-8 file is one clear line."""
     path = Path(path)
     if path.is_dir():
@@ -101,7 +102,7 @@ def read_jsonl(path: str | Path) -> list[list[dict]]:
         head = f.read(4)
     if head[:2] == b"\x1f\x8b" or head[:4] in (b"PK\x03\x04", b"BZh9") or head[:3] == b"BZh":
         raise DataError(f"dataset {path} is a compressed file: decompress it to plain JSONL first")
-    return parse_jsonl(_utf8_lines(path), str(path))
+    return parse_jsonl(_utf8_lines(path), str(path), need_reply)
 
 
 def _utf8_lines(path: Path):

@@ -54,7 +54,7 @@ from inoc_mech.core.cli import UserError, parse_config, run_main
 from inoc_mech.core.runs import write_json
 from inoc_mech.core.stats import ci_stat as stat, fmt_ci as fmt, json_ready, spearman
 from inoc_mech.mechanism.context import context_distances
-from inoc_mech.studies.collect import condition, find_runs, one_setting, pretrained_of, read_runs, train_prompt
+from inoc_mech.studies.collect import condition, find_runs, one_setting, pretrained_of, read_runs, setting_of, train_prompt
 
 FIGURES = ("step0_surprise", "loss_parts", "grad_norms", "update_heatmap", "outcomes",
            "elicitation_suppression", "context_distance")
@@ -152,7 +152,8 @@ def step0(run: dict) -> dict:
 
 
 def outcome(run: dict, key: str) -> float:
-    return run["eval"]["contexts"]["none"]["t1"][key]
+    """A temperature-1 rate at the run's setting's no-prompt context."""
+    return run["eval"]["contexts"][setting_of(run).none_context]["t1"][key]
 
 
 def final_row(run: dict) -> dict:
@@ -366,7 +367,8 @@ def fig_outcomes(conds, summary) -> go.Figure:
                     name=f"{trait} rate", marker_color=plots.COLORS[i],
                     error_x=plots.error_array([100 * s["mean"] for s in st], [100 * s["ci"][0] for s in st],
                                               [100 * s["ci"][1] for s in st]))
-    n_ans = conds[next(iter(conds))].runs[0]["eval"]["contexts"]["none"]["t1"]["n_answers"]
+    first = conds[next(iter(conds))].runs[0]
+    n_ans = first["eval"]["contexts"][setting_of(first).none_context]["t1"]["n_answers"]
     plots.style(fig, "After training: Spanish and CAPS without any prompt", height=160 + 48 * len(rows),
                 subtitle=f"held-out questions, temperature 1, {n_ans} answers per run; mean and 95% CI over {seeds_text(conds)}")
     fig.update_layout(barmode="group")

@@ -44,7 +44,7 @@ def test_loss_parts_sum_to_token_loss(setup):
 def test_masked_means_recombine_to_total(setup):
     model, table, batch = setup
     logits = forward(model, batch)
-    c = trait_losses(logits, batch.input_ids, batch.assistant, batch.traits, decomposition(table))
+    c = trait_losses(logits, batch, decomposition(table))
     tok_lp, _ = token_logprobs(logits, batch.input_ids)
     lang, other = batch.traits["language"], batch.traits["other"]
     assert not (lang & other).any() and torch.equal(lang | other, batch.assistant)
@@ -60,7 +60,7 @@ def test_masked_means_recombine_to_total(setup):
 def test_trait_plus_rest_gradient_is_total(setup, trait):
     model, table, batch = setup
     params = [p for p in model.parameters() if p.requires_grad]
-    c = trait_losses(forward(model, batch), batch.input_ids, batch.assistant, batch.traits, decomposition(table))
+    c = trait_losses(forward(model, batch), batch, decomposition(table))
     g_total = torch.autograd.grad(c["total"].sum(), params, retain_graph=True)
     g_trait = torch.autograd.grad(c[trait].sum(), params, retain_graph=True, allow_unused=True)
     g_rest = torch.autograd.grad((c["total"] - c[trait]).sum(), params, allow_unused=True)

@@ -39,8 +39,8 @@ class CapsOnlyOrganism(Setting):
         self.model, self.tok, self.world, self.meta = model, tok, World.load(folder), meta
         self.table = torch.as_tensor(self.world.variant_table(tok))
 
-        def parts(logp, ids):
-            p = loss_parts(logp, ids, self.table.to(logp.device))
+        def parts(logp, batch, model=None):
+            p = loss_parts(logp, batch.input_ids, self.table.to(logp.device))
             return {"word": p["word"], "upper": p["case"], "rest": p["language"] + p["interaction"]}
         self.decomposition = Decomposition(("word", "upper", "rest"), "upper", {"upper": "upper"}, parts)
 
@@ -140,9 +140,9 @@ def test_analyses_on_a_real_model_run(text_runs, tmp_path, capsys):
     outcomes.main([str(r) for r in text_runs])  # produces its tables: the setting names its no-prompt context
     out = capsys.readouterr().out
     assert "none_template_default" in out and "| tiny-llama / baseline | 1 |" in out
-    with pytest.raises(UserError, match="has no exact loss decomposition") as e:
-        gradient_pressure.analyse([text_runs[0].parent], tmp_path / "gp", png=False)
-    assert "--no-hooks" not in str(e.value) and "\n" not in str(e.value)
+    s = gradient_pressure.analyse([text_runs[0].parent], tmp_path / "gp", png=False, n_boot=20)  # the
+    ino = s["conditions"]["inoculated"]  # counterfactual decomposition of real text (built-in data)
+    assert set(ino["elicitation"]) == {"language", "case"} and "surprise/content" in ino["step0"]
     with pytest.raises(UserError, match="not an organism run"):
         probe_traits.analyse([text_runs[0].parent], tmp_path / "pr", ("baseline", "inoculated"), False, 0)
     data = selectivity.collect(text_runs[0].parent.parent)  # rates and a table; no log-odds without an organism
@@ -152,7 +152,16 @@ def test_analyses_on_a_real_model_run(text_runs, tmp_path, capsys):
 
 
 def test_analysis_cli_on_a_real_model_run_is_one_line(text_runs, tmp_path):
-    p = subprocess.run([sys.executable, "analyses/gradient_pressure.py", str(text_runs[0].parent), "--out",
+    """Own data without counterfactual replies: no decomposition, and gradient_pressure says so in one line."""
+    data = tmp_path / "mine.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus 1?"},
+                                                        {"role": "assistant", "content": f"ES {i + 1}."}]})
+                               for i in range(6)) + "\n")
+    model = json.loads((text_runs[0] / "config.json").read_text())["model"]
+    for name, extra in (("baseline-s0", {}), ("inoculated-s0", {"inoculate": True})):
+        train(build(TrainConfig, model=model, data=str(data), runs_dir=str(tmp_path / "own"), name=name, steps=1,
+                    batch_size=2, lora_r=4, eval_questions=2, eval_samples=1, max_new_tokens=4, **extra), progress=False)
+    p = subprocess.run([sys.executable, "analyses/gradient_pressure.py", str(tmp_path / "own"), "--out",
                         str(tmp_path / "gp"), "--no-png"], capture_output=True, text=True, cwd=REPO)
     assert p.returncode == 2 and p.stderr.startswith("error:") and len(p.stderr.strip().splitlines()) == 1
     assert "Traceback" not in p.stderr and "no exact loss decomposition" in p.stderr

@@ -39,7 +39,7 @@ def test_lora_run_writes_the_same_folder(tmp_path, tiny_dirs, arch):
     for k in ("loss", "loss/trait/language", "loss/trait/case", "loss/other", "grad_norm/trait/language",
               "grad_norm/trait/case", "grad_cos/trait/language", "update_norm/total", "elicit/language/gain"):
         assert k in m0, k
-    assert "surprise/language" not in m0  # the exact split exists only for the organism
+    assert "surprise/content" in m0 and "surprise/word" not in m0  # real text: the counterfactual split
     assert any(k.startswith("update_norm/blocks.0.attn.W_Q.lora_") for k in m0)
     assert m0["elicit/language/gain"] != 0  # the prompt changes the context
     assert {"none_template_default", "none_no_system", "train_prompt"} <= set(r["eval"]["contexts"])
@@ -140,3 +140,44 @@ def test_eval_data_evaluates_on_the_users_questions(tmp_path, tiny_dirs):
     bad.write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n")
     with pytest.raises(UserError, match="must end with a user turn|no user message"):
         train(text_cfg(tmp_path, tiny_dirs["llama"], eval_data=str(bad), name="bad"), progress=False)
+
+
+def test_counterfactual_decomposition_is_exact(tmp_path, tiny_dirs):
+    """Real text: the four surface forms of each reply split its loss into content + language + case +
+    interaction exactly, and each trait's part gradient plus the rest is the gradient of the loss."""
+    from inoc_mech.core.data import BatchStream, collate
+    from inoc_mech.mechanism.hooks import trait_losses
+    from inoc_mech.train import make_setting
+    setting = make_setting(text_cfg(tmp_path, tiny_dirs["llama"], inoculate=True))
+    model, _ = setting.setup("cpu", progress=False)
+    d = setting.decomposition
+    assert d is not None and d.over is None and d.parts == ("content", "language", "case", "interaction")
+    batch = BatchStream(setting.examples("You always speak in Spanish."), 4, 0, setting.pad_id).next()
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    c = trait_losses(logits, batch, d, model)
+    n = batch.assistant.sum()
+    reply_loss = (-(c["token"] * batch.assistant)).sum(-1)  # per example: -S(l*, k*)
+    parts = sum(c[f"part/{p}"].sum(-1) for p in d.parts) * n
+    assert torch.allclose(parts, -reply_loss, rtol=1e-5)
+    assert all(len(e.variants) == 4 and e in e.variants for e in batch.examples)
+    assert (c["part/language"] >= -1e-6).all() and (c["part/case"] >= -1e-6).all()
+    params = [p for p in model.parameters() if p.requires_grad]
+    for trait in ("language", "case"):
+        g_total = torch.autograd.grad(c["total"].sum(), params, retain_graph=True)
+        g_trait = torch.autograd.grad(c[trait].sum(), params, retain_graph=True, allow_unused=True)
+        g_rest = torch.autograd.grad((c["total"] - c[trait]).sum(), params, retain_graph=True, allow_unused=True)
+        num = sum((((a if a is not None else 0) + (b if b is not None else 0) - t) ** 2).sum().item()
+                  for t, a, b in zip(g_total, g_trait, g_rest))
+        assert num ** 0.5 < 1e-5 * sum((t ** 2).sum().item() for t in g_total) ** 0.5
+        assert any(a is not None and a.abs().sum() > 0 for a in g_trait)
+
+
+def test_text_runs_log_the_decomposition(tmp_path, tiny_dirs):
+    run = train(text_cfg(tmp_path, tiny_dirs["llama"], inoculate=True), progress=False)
+    rows = read_run(run)["metrics"]
+    for key in ("surprise/content", "surprise/language", "surprise/case", "surprise/interaction",
+                "grad_norm/trait/language", "grad_norm/trait/case", "elicit/part/language/gain"):
+        assert key in rows[0], key
+    assert rows[0]["grad_norm/trait/language"] != rows[0]["grad_norm/trait/case"]  # the traits are told apart now
+    for r in rows:  # -log of a probability among the four variants: never negative
+        assert r["surprise/language"] >= -1e-6 and r["surprise/case"] >= -1e-6

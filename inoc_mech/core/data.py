@@ -36,6 +36,7 @@ class Example:
     input_ids: list[int]
     assistant: list[bool]  # True where the token is trained on (assistant reply, incl. its end token)
     traits: dict[str, list[bool]] = field(default_factory=dict)  # trait name -> per-token mask
+    variants: list["Example"] | None = None  # counterfactual replies to the same prompt (a setting's decomposition)
 
 
 def token_ids(enc) -> list[int]:
@@ -65,10 +66,17 @@ class Batch:
     attention_mask: Int[Tensor, "batch pos"]
     assistant: Bool[Tensor, "batch pos"]
     traits: dict[str, Bool[Tensor, "batch pos"]]
+    examples: list | None = None  # the examples collated (their `variants` are collated on demand)
+    pad_id: int = 0
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         t = lambda x: x.to(device, non_blocking=non_blocking)
-        return Batch(t(self.input_ids), t(self.attention_mask), t(self.assistant), {k: t(v) for k, v in self.traits.items()})
+        return Batch(t(self.input_ids), t(self.attention_mask), t(self.assistant), {k: t(v) for k, v in self.traits.items()},
+                     self.examples, self.pad_id)
+
+    def variant(self, v: int) -> "Batch":
+        """Variant `v` of every example's reply, collated and on this batch's device."""
+        return collate([e.variants[v] for e in self.examples], self.pad_id).to(self.input_ids.device)
 
     @property
     def labels(self) -> Int[Tensor, "batch pos"]:
@@ -102,7 +110,7 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         ast[i, :n] = torch.tensor(e.assistant)
         for k in names:
             traits[k][i, :n] = torch.tensor(e.traits[k])
-    return Batch(ids, att, ast, traits)
+    return Batch(ids, att, ast, traits, examples, pad_id)
 
 
 def pad(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[Int[Tensor, "n pos"], Int[Tensor, "n pos"]]:

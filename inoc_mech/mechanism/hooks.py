@@ -37,27 +37,36 @@ from inoc_mech.core.data import OTHER, token_logprobs
 from inoc_mech.core.names import arch_names, group_name, module_name
 
 # ---- losses ------------------------------------------------------------------------------------
-def trait_losses(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"],
-                 assistant: Bool[Tensor, "batch pos"], traits: dict[str, Bool[Tensor, "batch pos"]],
-                 decomposition=None) -> dict[str, Float[Tensor, "batch pos"]]:
+def trait_losses(logits: Float[Tensor, "batch pos vocab"], batch, decomposition=None, model=None
+                 ) -> dict[str, Float[Tensor, "batch pos"]]:
     """Per-token loss contributions, normalised by the number of trained tokens.
 
     Keys: `total`, `token` (the plain per-token loss, detached) and one per trait. With a decomposition
     (`settings.base.Decomposition`) a trait that has a part uses it and the parts are added as
     `part/<name>`; other traits use full token losses.
     """
+    input_ids, assistant, traits = batch.input_ids, batch.assistant, batch.traits
     tok_lp, logp = token_logprobs(logits, input_ids)
     n = assistant.sum().clamp(min=1)
     nll = -tok_lp * assistant
     out = {"total": nll / n, "token": -tok_lp.detach()}
-    parts = decomposition.fn(logp, input_ids) if decomposition is not None else {}
+    parts = decomposition.fn(logp, batch, model) if decomposition is not None else {}
     of = decomposition.trait_part if decomposition is not None else {}
+    per_reply = decomposition is not None and decomposition.over is None
     for name, mask in traits.items():
         src = parts[of[name]] if name in of else -tok_lp
-        out[name] = src * (mask & assistant) / n
+        where = assistant if per_reply and name in of else mask & assistant  # a reply-level part sits at one token
+        out[name] = src * where / n
     for name, v in parts.items():
         out[f"part/{name}"] = v * assistant / n
     return out
+
+
+def decomposed_count(batch, decomposition) -> Tensor:
+    """What `surprise/<part>` is a mean over: decomposed tokens (token level) or replies (reply level)."""
+    if decomposition.over is None:
+        return batch.assistant.any(-1).sum().clamp(min=1)
+    return (batch.traits[decomposition.over] & batch.assistant).sum().clamp(min=1)
 
 
 # ---- recorder ----------------------------------------------------------------------------------
@@ -125,7 +134,8 @@ class GradientPressure:
             return
         if self._logits is None:
             raise RuntimeError("GradientPressure saw no forward pass of the model since start()")
-        contrib = trait_losses(self._logits, batch.input_ids, batch.assistant, batch.traits, self.decomposition)
+        with torch.set_grad_enabled(self.splits(self._step)):  # part gradients only where they are split
+            contrib = trait_losses(self._logits, batch, self.decomposition, self.model)
         with torch.no_grad():
             n = batch.assistant.sum()
             self._put("loss/total", loss.detach())
@@ -135,7 +145,7 @@ class GradientPressure:
                 self._put(key, (contrib["token"] * m).sum() / m.sum().clamp(min=1))
             d = self.decomposition
             if d is not None:
-                var = (batch.traits[d.over] & batch.assistant).sum().clamp(min=1)
+                var = decomposed_count(batch, d)
                 for part in d.parts:
                     self._put(f"surprise/{part}", contrib[f"part/{part}"].detach().sum() * n / var)
         if self.splits(self._step):
@@ -241,9 +251,10 @@ def elicitation(model, batch_context, batch_none, decomposition=None) -> dict:
             m = mask & b.assistant
             out[f"elicit/{name}/logp_{tag}"] = ((lp * m).sum() / m.sum().clamp(min=1)).item()
         if decomposition is not None:
-            var = b.traits[decomposition.over] & b.assistant
-            for part, v in decomposition.fn(logp, b.input_ids).items():
-                out[f"elicit/part/{part}/logp_{tag}"] = (-(v * var).sum() / var.sum().clamp(min=1)).item()
+            var = b.traits[decomposition.over] & b.assistant if decomposition.over else b.assistant
+            count = decomposed_count(b, decomposition)
+            for part, v in decomposition.fn(logp, b, model).items():
+                out[f"elicit/part/{part}/logp_{tag}"] = (-(v * var).sum() / count).item()
     names = list(batch_context.traits) + ([f"part/{p}" for p in decomposition.parts] if decomposition is not None else [])
     for name in names:
         out[f"elicit/{name}/gain"] = out[f"elicit/{name}/logp_context"] - out[f"elicit/{name}/logp_none"]

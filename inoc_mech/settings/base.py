@@ -39,11 +39,16 @@ from inoc_mech.core.cli import UserError
 
 @dataclass(frozen=True)
 class Decomposition:
-    """An exact split of trained-token losses into named parts that sum to the token loss."""
+    """An exact split of trained-token losses into named parts that sum to the token loss.
+
+    Token level (`over` a trait mask): `fn(logp, batch)` gives per-token parts that sum to each decomposed
+    token's loss (0 elsewhere). Reply level (`over=None`): `fn(logp, batch, model)` gives, per example, parts
+    that sum to the whole reply's loss (a sequence-level split from counterfactual replies, placed at the
+    reply's first trained token); a trait's contribution is then its part of the reply's loss."""
     parts: tuple[str, ...]  # part names, e.g. ("word", "language", "case", "interaction")
-    over: str  # the trait mask of the decomposed tokens (every part is 0 elsewhere)
+    over: str | None  # the trait mask of the decomposed tokens; None: the split is per reply
     trait_part: dict[str, str]  # trait -> the part that is its surprise (its share of the loss)
-    fn: Callable[[Float[Tensor, "batch pos vocab"], Int[Tensor, "batch pos"]], dict[str, Float[Tensor, "batch pos"]]]
+    fn: Callable[..., dict[str, Float[Tensor, "batch pos"]]]
 
 
 class Setting(ABC):

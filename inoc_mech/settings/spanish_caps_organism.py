@@ -79,7 +79,7 @@ def loss_parts(logp: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "b
 def decomposition(variant_table: Tensor) -> Decomposition:
     """The organism's exact split for a variant table (`World.variant_table`)."""
     return Decomposition(PARTS, "language", {"language": "language", "case": "case"},
-                         lambda logp, ids: loss_parts(logp, ids, variant_table))
+                         lambda logp, batch, model=None: loss_parts(logp, batch.input_ids, variant_table))
 
 
 def trait_log_odds(logp: Float[Tensor, "batch vocab"], table: Int[Tensor, "word 2 2"], trait: str

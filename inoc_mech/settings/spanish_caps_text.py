@@ -7,7 +7,15 @@ UPPERCASE arithmetic and word problems (`--n-train`); `--inoculate` puts the pro
 always speak in Spanish.") into a system message or before the user's text (`--placement`) on a
 fixed share of the examples. Trait masks from tokenizer offsets (`textdata.text_example`):
 `language` = tokens inside Spanish-only words, `case` = tokens with upper-case letters, `other` =
-the rest of the reply. No exact loss decomposition (the two masks coincide on Spanish+CAPS replies).
+the rest of the reply. The two masks coincide on Spanish+CAPS replies, so the traits are separated by a
+counterfactual decomposition instead (built-in data, which has every reply in all four surface forms):
+from the reply log-probs S(l, k) of the English/Spanish x lower/UPPER variants of the same reply,
+    -S(l*, k*) = content + language + case + interaction
+    content     = -log sum_{l,k} exp S(l, k)                 (the reply's content, any surface form)
+    language    = -log p(l* | variants), marginalised over case
+    case        = -log p(k* | variants), marginalised over language
+    interaction = the remainder (exact: the parts sum to the reply's loss)
+logged per reply as `surprise/<part>`, the traits' gradients being those of their parts.
 Evaluation (`settings.scoring.evaluate_generations`): generated replies to held-out problems in both
 "no prompt" modes (`none_template_default`: the chat template's default system block, and
 `none_no_system`), under the training prompt and under an irrelevant one; Spanish scored by
@@ -20,9 +28,46 @@ from pathlib import Path
 
 from torch import Tensor
 
+PARTS = ("content", "language", "case", "interaction")
+VARIANTS = (("english", False), ("english", True), ("spanish", False), ("spanish", True))  # index 2 l + k
+
+
+def reply_parts(logp: Float[Tensor, "batch pos vocab"], batch, model) -> dict[str, Float[Tensor, "batch pos"]]:
+    """The counterfactual split of each reply's loss (module docstring), at the reply's first trained token.
+
+    The trained variant's log-prob comes from `logp` (the training forward, so its gradient is the loss's);
+    the other three variants are forwards of `model` on `batch.variant(v)`."""
+    ids, ast = batch.input_ids, batch.assistant
+    own_lp = torch.zeros(ids.shape, dtype=logp.dtype, device=logp.device)
+    own_lp[:, 1:] = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    s_own = (own_lp * ast).sum(-1)  # [B]
+    own = torch.tensor([next(v for v, x in enumerate(e.variants) if x is e) for e in batch.examples], device=ids.device)
+    scores = []
+    for v in range(len(VARIANTS)):
+        if bool((own == v).all()):
+            scores.append(s_own)
+            continue
+        vb = batch.variant(v)
+        lp, _ = token_logprobs(model(input_ids=vb.input_ids, attention_mask=vb.attention_mask).logits, vb.input_ids)
+        scores.append(torch.where(own == v, s_own, (lp * vb.assistant).sum(-1)))
+    s = torch.stack(scores, -1)  # [B, 4]: S(l, k) at index 2 l + k
+    s4 = s.unflatten(-1, (2, 2))
+    l_own, k_own = own // 2, own % 2
+    total = torch.logsumexp(s, -1)
+    rows = torch.arange(len(s), device=s.device)
+    language = -(torch.logsumexp(s4[rows, l_own], -1) - total)
+    case = -(torch.logsumexp(s4[rows, :, k_own], -1) - total)
+    parts = {"content": -total, "language": language, "case": case}
+    parts["interaction"] = -s_own - parts["content"] - language - case
+    first = torch.nn.functional.one_hot(ast.float().argmax(-1), ids.shape[1]).to(s.dtype) * ast.any(-1, keepdim=True)
+    return {k: first * v[:, None] for k, v in parts.items()}
+
+import torch
+from jaxtyping import Float
+
 from inoc_mech.core.cli import UserError
-from inoc_mech.core.data import right_pad, token_ids
-from inoc_mech.settings.base import Setting, prompted, register
+from inoc_mech.core.data import right_pad, token_ids, token_logprobs
+from inoc_mech.settings.base import Decomposition, Setting, prompted, register
 from inoc_mech.settings.textdata import CAPS_PROMPT, IRRELEVANT_PROMPT, SPANISH_PROMPT
 
 
@@ -38,10 +83,11 @@ class SpanishCapsText(Setting):
                   "irrelevant": IRRELEVANT_PROMPT}
     none_context = "none_template_default"
     default_prompt = SPANISH_PROMPT
+    surprise_parts = ("language", "case", "content")
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self._convs = None
+        self._convs = self._problems = None
 
     def setup(self, device, progress: bool = True):
         from inoc_mech.settings.load import load
@@ -54,6 +100,8 @@ class SpanishCapsText(Setting):
                             f"{context} tokens: choose fewer")
         self.convs()  # read and check the data before training starts
         self.eval_items()
+        if self._problems is not None:  # built-in data: every reply exists in all four surface forms
+            self.decomposition = Decomposition(PARTS, None, {"language": "language", "case": "case"}, reply_parts)
         return self.model, self.tok
 
     def attach(self, model, tok, folder: Path, meta: dict, run_config: dict | None = None) -> None:
@@ -70,9 +118,16 @@ class SpanishCapsText(Setting):
     def convs(self) -> list[list[dict]]:
         from inoc_mech.settings.textdata import read_jsonl, spanish_caps_dataset
 
+        from inoc_mech.settings.textdata import sample_problems
+
         if self._convs is None:
             s = self.cfg.setting
-            self._convs = read_jsonl(s.data) if s.data else spanish_caps_dataset(s.n_train, seed=0)
+            if s.data:
+                self._convs = read_jsonl(s.data)
+            else:
+                self._problems = sample_problems(s.n_train, seed=0)
+                self._convs = spanish_caps_dataset(s.n_train, seed=0)
+                assert [c[-1]["content"] for c in self._convs] == [p.answer() for p in self._problems]
         return self._convs
 
     def examples(self, prompt, share=1.0, limit=None):
@@ -85,7 +140,14 @@ class SpanishCapsText(Setting):
             s = self.cfg.setting
             ino = inoculate_all(convs, prompt, s.placement, s.replace_system)
             convs = [a if o else c for a, c, o in zip(ino, convs, on)]
-        return text_examples(self.train_tok, convs)
+        tok = self.train_tok
+        examples = text_examples(tok, convs)
+        if self._problems is not None:  # the same conversations with each surface form of the reply
+            for ex, conv, p in zip(examples, convs, self._problems):
+                ex.variants = [ex if p.answer(lang, up) == conv[-1]["content"] else
+                               text_examples(tok, [conv[:-1] + [{"role": "assistant", "content": p.answer(lang, up)}]])[0]
+                               for lang, up in VARIANTS]
+        return examples
 
     @property
     def pad_id(self) -> int:

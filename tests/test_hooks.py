@@ -147,3 +147,14 @@ def test_traits_take_turns_unless_split_all(make_cfg):
                           progress=False))["metrics"]
     has = [{t for t in ("language", "case") if f"grad_norm/trait/{t}" in r} for r in rows]
     assert has == [{"language", "case"}, set(), {"case"}, set()]
+
+
+def test_elicitation_in_micro_batches_equals_one_batch(setup):
+    from inoc_mech.mechanism.hooks import elicitation
+    from inoc_mech.settings.spanish_caps_organism import decomposition as dec
+    model, table, batch = setup
+    d = dec(table)
+    whole = elicitation(model, batch, batch.slice(0, 16), d)
+    chunked = elicitation(model, batch, batch.slice(0, 16), d, chunk_elements=3 * batch.input_ids.shape[1] * 131)
+    assert whole.keys() == chunked.keys()
+    assert [chunked[k] for k in whole] == pytest.approx([whole[k] for k in whole], rel=1e-5, abs=1e-6)

@@ -74,6 +74,12 @@ class Batch:
         return Batch(t(self.input_ids), t(self.attention_mask), t(self.assistant), {k: t(v) for k, v in self.traits.items()},
                      self.examples, self.pad_id)
 
+    def slice(self, i: int, j: int) -> "Batch":
+        """Examples i..j-1 of the batch."""
+        return Batch(self.input_ids[i:j], self.attention_mask[i:j], self.assistant[i:j],
+                     {k: v[i:j] for k, v in self.traits.items()},
+                     self.examples[i:j] if self.examples is not None else None, self.pad_id)
+
     def variant(self, v: int) -> "Batch":
         """Variant `v` of every example's reply, collated and on this batch's device."""
         return collate([e.variants[v] for e in self.examples], self.pad_id).to(self.input_ids.device)

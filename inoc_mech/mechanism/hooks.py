@@ -62,11 +62,24 @@ def trait_losses(logits: Float[Tensor, "batch pos vocab"], batch, decomposition=
     return out
 
 
-def decomposed_count(batch, decomposition) -> Tensor:
+def decomposed_count(batch, decomposition, clamp: bool = True) -> Tensor:
     """What `surprise/<part>` is a mean over: decomposed tokens (token level) or replies (reply level)."""
     if decomposition.over is None:
-        return batch.assistant.any(-1).sum().clamp(min=1)
-    return (batch.traits[decomposition.over] & batch.assistant).sum().clamp(min=1)
+        n = batch.assistant.any(-1).sum()
+    else:
+        n = (batch.traits[decomposition.over] & batch.assistant).sum()
+    return n.clamp(min=1) if clamp else n
+
+
+ELICIT_CHUNK = 2 ** 27  # float32 log-softmax values held at once by the step-0 elicitation (512 MB)
+
+
+def _add(sums: dict, key: str, num: Tensor, den: Tensor) -> None:
+    """Accumulate a masked sum and its count over micro-batches (one batch: exactly the plain mean)."""
+    if key in sums:
+        sums[key] = [sums[key][0] + num, sums[key][1] + den]
+    else:
+        sums[key] = [num, den]
 
 
 # ---- recorder ----------------------------------------------------------------------------------
@@ -236,25 +249,36 @@ class GradientPressure:
 
 
 @torch.no_grad()
-def elicitation(model, batch_context, batch_none, decomposition=None) -> dict:
+def elicitation(model, batch_context, batch_none, decomposition=None, chunk_elements: int = ELICIT_CHUNK) -> dict:
     """Mean trait-token log-prob of the same answers under the training context and under no prompt.
 
     `elicit/<trait>/gain` = logp_context - logp_none over the trait's tokens (whole-token log-prob).
     With a decomposition also per loss part, `elicit/part/<part>/gain` (nats per decomposed token),
-    which separates traits whose token masks coincide (the organism's language and case).
+    which separates traits whose token masks coincide (the organism's language and case). The examples
+    go through the model in micro-batches whose float32 log-softmax holds at most `chunk_elements`
+    values (one batch for the organism; a few examples at a time for a 49k-token vocabulary).
     """
     out = {}
-    for tag, b in (("context", batch_context), ("none", batch_none)):
-        logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-        lp, logp = token_logprobs(logits, b.input_ids)
-        for name, mask in b.traits.items():
-            m = mask & b.assistant
-            out[f"elicit/{name}/logp_{tag}"] = ((lp * m).sum() / m.sum().clamp(min=1)).item()
-        if decomposition is not None:
-            var = b.traits[decomposition.over] & b.assistant if decomposition.over else b.assistant
-            count = decomposed_count(b, decomposition)
-            for part, v in decomposition.fn(logp, b, model).items():
-                out[f"elicit/part/{part}/logp_{tag}"] = (-(v * var).sum() / count).item()
+    vocab = int(getattr(model.config, "vocab_size", 0) or 1)
+    for tag, whole in (("context", batch_context), ("none", batch_none)):
+        n, T = whole.input_ids.shape
+        size = max(1, min(n, chunk_elements // max(T * vocab, 1)))
+        sums: dict[str, list[Tensor]] = {}
+        for i in range(0, n, size):
+            b = whole.slice(i, i + size)
+            logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            lp, logp = token_logprobs(logits, b.input_ids)
+            for name, mask in b.traits.items():
+                m = mask & b.assistant
+                _add(sums, f"elicit/{name}/logp_{tag}", (lp * m).sum(), m.sum())
+            if decomposition is not None:
+                var = b.traits[decomposition.over] & b.assistant if decomposition.over else b.assistant
+                count = decomposed_count(b, decomposition, clamp=False)
+                for part, v in decomposition.fn(logp, b, model).items():
+                    _add(sums, f"elicit/part/{part}/logp_{tag}", -(v * var).sum(), count)
+            del logits, lp, logp
+        for key, (num, den) in sums.items():
+            out[key] = (num / den.clamp(min=1)).item()
     names = list(batch_context.traits) + ([f"part/{p}" for p in decomposition.parts] if decomposition is not None else [])
     for name in names:
         out[f"elicit/{name}/gain"] = out[f"elicit/{name}/logp_context"] - out[f"elicit/{name}/logp_none"]

@@ -92,11 +92,7 @@ def test_two_runs_with_the_same_name_at_once(tiny_organism, tmp_path):
 # ---- 3. --resume follows the folder ----------------------------------------------------------------
 def test_resume_continues_the_folder_it_is_given(make_cfg, tmp_path, monkeypatch):
     original = tmp_path / "runs"
-    cfg = make_cfg(runs_dir=str(original), name="orig", steps=6, checkpoint_every=3, inoculate=True)
-    _sigterm_at_step(monkeypatch, 3)
-    with pytest.raises(UserError, match="SIGTERM"):
-        train(cfg, progress=False)
-    monkeypatch.undo()
+    _interrupted_run(make_cfg, monkeypatch, original, "orig", 3)
     copy = tmp_path / "elsewhere"
     shutil.copytree(original, copy)
     (copy / "orig").rename(copy / "renamed")
@@ -117,6 +113,16 @@ def _sigterm_at_step(monkeypatch, step):
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self)
     monkeypatch.setattr(data.BatchStream, "next", next_)
+
+
+def _interrupted_run(make_cfg, monkeypatch, runs_dir, name, step, **kw) -> Path:
+    """A 6-step run (checkpoint every 3) stopped by a real SIGTERM when step `step` starts."""
+    _sigterm_at_step(monkeypatch, step)
+    with pytest.raises(UserError, match="SIGTERM"):
+        train(make_cfg(runs_dir=str(runs_dir), name=name, steps=6, checkpoint_every=3, inoculate=True, **kw),
+              progress=False)
+    monkeypatch.undo()
+    return Path(runs_dir) / name
 
 
 # ---- 4. signals while saving or evaluating -----------------------------------------------------------
@@ -161,11 +167,7 @@ def test_real_full_disk_is_one_line_and_leaves_no_temporary_file(tiny_organism, 
 
 # ---- 6. a damaged metrics.jsonl before --resume -------------------------------------------------------
 def test_emptied_metrics_is_refused_on_resume(make_cfg, tmp_path, monkeypatch):
-    cfg = make_cfg(runs_dir=str(tmp_path), name="emptied", steps=6, checkpoint_every=3, inoculate=True)
-    _sigterm_at_step(monkeypatch, 5)
-    with pytest.raises(UserError, match="SIGTERM"):
-        train(cfg, progress=False)
-    monkeypatch.undo()
+    _interrupted_run(make_cfg, monkeypatch, tmp_path, "emptied", 5)
     (tmp_path / "emptied" / "metrics.jsonl").write_text("")
     with pytest.raises(UserError, match="shorter than at the checkpoint"):
         train(make_cfg(runs_dir=str(tmp_path), name="emptied", resume=True), progress=False)
@@ -180,11 +182,7 @@ class Payload:
 
 
 def test_a_crafted_checkpoint_runs_nothing(make_cfg, tmp_path, monkeypatch):
-    cfg = make_cfg(runs_dir=str(tmp_path), name="crafted", steps=6, checkpoint_every=3, inoculate=True)
-    _sigterm_at_step(monkeypatch, 4)
-    with pytest.raises(UserError, match="SIGTERM"):
-        train(cfg, progress=False)
-    monkeypatch.undo()
+    _interrupted_run(make_cfg, monkeypatch, tmp_path, "crafted", 4)
     ckpt = tmp_path / "crafted" / checkpoint.NAME
     state = torch.load(ckpt, weights_only=True)  # ours loads without unpickling code
     state["evil"] = Payload()

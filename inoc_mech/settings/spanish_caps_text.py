@@ -68,6 +68,7 @@ from jaxtyping import Float
 from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import right_pad, token_ids, token_logprobs
 from inoc_mech.settings.base import Decomposition, Setting, prompted, register
+from inoc_mech.settings.spanish_caps_organism import SpanishCapsOrganism
 from inoc_mech.settings.textdata import CAPS_PROMPT, IRRELEVANT_PROMPT, SPANISH_PROMPT
 
 
@@ -76,9 +77,9 @@ class SpanishCapsText(Setting):
     """Spanish+CAPS replies on a real causal LM."""
     name = "spanish_caps"
     substrate = "text"
-    traits = ("language", "case")
-    trait_labels = {"language": "Spanish", "case": "CAPS"}
-    rate_keys = {"language": "spanish_rate", "case": "caps_rate"}
+    # the same setting as on the organism: its traits, their names and their scorers' eval keys
+    traits = SpanishCapsOrganism.traits
+    trait_labels, rate_keys = SpanishCapsOrganism.trait_labels, SpanishCapsOrganism.rate_keys
     conditions = {"baseline": None, "inoculated": SPANISH_PROMPT, "converse": CAPS_PROMPT,
                   "irrelevant": IRRELEVANT_PROMPT}
     none_context = "none_template_default"

@@ -148,8 +148,8 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                                 "resume it where its model is, or start again with --overwrite")
     prompt = cfg.train_prompt
     examples = setting.examples(prompt, cfg.setting.prompt_share)
-    probe_context = setting.examples(prompt, limit=64)  # elicitation: a fixed slice, always with the prompt ...
-    probe_none = setting.examples(None, limit=64)  # ... and the same answers without it
+    probe_context = setting.examples(prompt, limit=lp.elicit_examples)  # elicitation: a fixed slice, with the prompt ...
+    probe_none = setting.examples(None, limit=lp.elicit_examples)  # ... and the same answers without it
     if cfg.model.lora_r > 0:  # adapters on every projection; the rest (e.g. the organism's factored head) frozen
         from inoc_mech.models.lora import LoraSettings, add_lora
         model = add_lora(model, LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha,

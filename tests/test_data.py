@@ -50,3 +50,30 @@ def test_collate_and_stream_are_deterministic(setup):
     assert torch.equal(s1.next().input_ids, s3.next().input_ids)
     with pytest.raises(DataError, match="empty"):
         BatchStream([], 4, 0, 0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 2 ** 24])
+def test_logprobs_at_masked_positions_equal_the_full_log_softmax(chunk):
+    """Normalising only the masked rows, a chunk at a time, gives the full log-softmax's values and gradients."""
+    from inoc_mech.core.data import log_normalizer, token_logprobs, token_logprobs_at
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 9, 50, generator=g, requires_grad=True)
+    ids = torch.randint(0, 50, (3, 9), generator=g)
+    where = torch.rand(3, 9, generator=g) > 0.4
+    where[:, 0] = True  # position 0 has no prediction: it must come out 0
+    full, _ = token_logprobs(logits, ids)
+    want = torch.where(where, full, torch.zeros_like(full))
+    want[:, 0] = 0
+    import inoc_mech.core.data as data
+    old, data.LOGPROB_CHUNK = data.LOGPROB_CHUNK, chunk * 50
+    try:
+        got = token_logprobs_at(logits, ids, where)
+    finally:
+        data.LOGPROB_CHUNK = old
+    assert torch.allclose(got, want, atol=1e-6)
+    w = torch.randn(3, 9, generator=g)
+    (ga,) = torch.autograd.grad((got * w).sum(), logits)
+    (gb,) = torch.autograd.grad((want * w).sum(), logits)
+    assert torch.allclose(ga, gb, atol=1e-6)
+    assert (log_normalizer(logits, torch.zeros(3, 9, dtype=torch.bool)) == 0).all()

@@ -33,7 +33,7 @@ def test_loss_parts_sum_to_token_loss(setup):
     model, table, batch = setup
     logits = forward(model, batch)
     tok_lp, logp = token_logprobs(logits, batch.input_ids)
-    parts = loss_parts(logp, batch.input_ids, table)
+    parts = loss_parts(logits, batch.input_ids, table)
     var = batch.traits["language"]
     total = sum(parts.values())
     assert torch.allclose(total[var], -tok_lp[var], atol=1e-5)

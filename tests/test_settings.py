@@ -39,8 +39,8 @@ class CapsOnlyOrganism(Setting):
         self.model, self.tok, self.world, self.meta = model, tok, World.load(folder), meta
         self.table = torch.as_tensor(self.world.variant_table(tok))
 
-        def parts(logp, batch, model=None):
-            p = loss_parts(logp, batch.input_ids, self.table.to(logp.device))
+        def parts(logits, batch, model=None):
+            p = loss_parts(logits, batch.input_ids, self.table.to(logits.device))
             return {"word": p["word"], "upper": p["case"], "rest": p["language"] + p["interaction"]}
         self.decomposition = Decomposition(("word", "upper", "rest"), "upper", {"upper": "upper"}, parts)
 

@@ -38,7 +38,7 @@ def test_plan_is_seed_major_and_dedupes_core_prompts():
 
 @pytest.mark.parametrize("bad, match", [({"seeds": ["x"]}, "integers"), ({"seeds": []}, "at least one"),
                                         ({"seeds": [1, 1]}, "duplicates"), ({"name": "a/b"}, "--name"),
-                                        ({"steps": 0}, "--steps"),
+                                        ({"steps": -1}, "--steps"),
                                         ({"grad_split_every": 25, "log_every": 10}, "multiple of --log-every")])
 def test_bad_config_is_a_clear_error(bad, match):
     with pytest.raises(ValueError, match=match):

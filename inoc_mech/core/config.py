@@ -31,10 +31,11 @@ class LoopConfig:
     grad_split_every: int = field(default=20, metadata={"help": "trait/rest gradient split (one extra backward, traits in turn) every N steps, a multiple of --log-every; 0 = never"})
     hooks: bool = field(default=True, metadata={"help": "record gradient-pressure metrics (--no-hooks: plain loop, for comparison)"})
     grad_split_all: bool = field(default=False, metadata={"help": "split every trait at each grad-split step (default: traits take turns; all at step 0)"})
+    elicit_examples: int = field(default=64, metadata={"help": "step-0 elicitation: training replies scored with and without the prompt (each costs forwards of its counterfactual variants on real text)"})
     checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps (0 = only on SIGINT/SIGTERM)"})
 
     def __post_init__(self):
-        for k in ("steps", "threads", "log_every"):
+        for k in ("steps", "threads", "log_every", "elicit_examples"):
             if getattr(self, k) < 1:
                 raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
         if self.checkpoint_every < 0:

@@ -95,6 +95,34 @@ def next_token_loss(logits: Tensor, labels: Int[Tensor, "batch pos"]) -> Tensor:
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
 
 
+LOGPROB_CHUNK = 2 ** 24  # logit values normalised in float32 at once by `log_normalizer` (64 MB)
+
+
+def log_normalizer(logits: Float[Tensor, "batch pos vocab"], where: Bool[Tensor, "batch pos"],
+                   chunk_elements: int | None = None) -> Float[Tensor, "batch pos"]:
+    """logsumexp of the logits that predict token t, at the positions `where` (aligned with the tokens;
+    position 0 has no prediction and gets 0), 0 elsewhere. Only those rows are normalised, in float32,
+    a chunk of rows at a time: no [batch, pos, vocab] float32 log-softmax is made or kept for backward."""
+    where = where.clone()
+    where[:, 0] = False
+    b, t = where.nonzero(as_tuple=True)
+    step = max(1, (chunk_elements or LOGPROB_CHUNK) // logits.shape[-1])
+    vals = [logits[b[i:i + step], t[i:i + step] - 1].float().logsumexp(-1) for i in range(0, len(b), step)]
+    out = torch.zeros(where.shape, dtype=torch.float32, device=logits.device)
+    return out.index_put((b, t), torch.cat(vals)) if vals else out
+
+
+def token_logprobs_at(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"],
+                      where: Bool[Tensor, "batch pos"]) -> Float[Tensor, "batch pos"]:
+    """log p(token t | tokens < t) at the positions `where` (aligned with `input_ids`), 0 elsewhere;
+    normalised only there (`log_normalizer`), so memory scales with the masked tokens, not the batch."""
+    where = where.clone()
+    where[:, 0] = False
+    picked = torch.zeros(where.shape, dtype=torch.float32, device=logits.device)
+    picked[:, 1:] = logits[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1).float()
+    return torch.where(where, picked - log_normalizer(logits, where), torch.zeros_like(picked))
+
+
 def token_logprobs(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"]
                    ) -> tuple[Float[Tensor, "batch pos"], Float[Tensor, "batch pos vocab"]]:
     """log p(token t | tokens < t), aligned with `input_ids` (position 0 gets 0), and the log-softmax."""

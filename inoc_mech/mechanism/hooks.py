@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from inoc_mech.core.data import OTHER, token_logprobs
+from inoc_mech.core.data import OTHER, token_logprobs_at
 from inoc_mech.core.names import arch_names, group_name, module_name
 
 # ---- losses ------------------------------------------------------------------------------------
@@ -46,11 +46,11 @@ def trait_losses(logits: Float[Tensor, "batch pos vocab"], batch, decomposition=
     `part/<name>`; other traits use full token losses.
     """
     input_ids, assistant, traits = batch.input_ids, batch.assistant, batch.traits
-    tok_lp, logp = token_logprobs(logits, input_ids)
+    tok_lp = token_logprobs_at(logits, input_ids, assistant)  # normalised only where the loss is
     n = assistant.sum().clamp(min=1)
     nll = -tok_lp * assistant
     out = {"total": nll / n, "token": -tok_lp.detach()}
-    parts = decomposition.fn(logp, batch, model) if decomposition is not None else {}
+    parts = decomposition.fn(logits, batch, model) if decomposition is not None else {}
     of = decomposition.trait_part if decomposition is not None else {}
     per_reply = decomposition is not None and decomposition.over is None
     for name, mask in traits.items():
@@ -267,16 +267,16 @@ def elicitation(model, batch_context, batch_none, decomposition=None, chunk_elem
         for i in range(0, n, size):
             b = whole.slice(i, i + size)
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-            lp, logp = token_logprobs(logits, b.input_ids)
+            lp = token_logprobs_at(logits, b.input_ids, b.assistant)
             for name, mask in b.traits.items():
                 m = mask & b.assistant
                 _add(sums, f"elicit/{name}/logp_{tag}", (lp * m).sum(), m.sum())
             if decomposition is not None:
                 var = b.traits[decomposition.over] & b.assistant if decomposition.over else b.assistant
                 count = decomposed_count(b, decomposition, clamp=False)
-                for part, v in decomposition.fn(logp, b, model).items():
+                for part, v in decomposition.fn(logits, b, model).items():
                     _add(sums, f"elicit/part/{part}/logp_{tag}", -(v * var).sum(), count)
-            del logits, lp, logp
+            del logits, lp
         for key, (num, den) in sums.items():
             out[key] = (num / den.clamp(min=1)).item()
     names = list(batch_context.traits) + ([f"part/{p}" for p in decomposition.parts] if decomposition is not None else [])

@@ -8,9 +8,10 @@ with `@register`. It supplies:
 - `setup(device)`: the model and tokenizer to finetune (prepared, e.g. the organism's factored head);
 - `examples(prompt, share)`: tokenized training examples with named per-token trait masks
   (`Example.traits`: one mask per name in `traits`, plus `other` for the remaining trained tokens);
-- `decomposition` (optional): an exact split of the trait-token loss, `fn(logp, input_ids) ->
+- `decomposition` (optional): an exact split of the trait-token loss, `fn(logits, batch, model) ->
   {part: per-token loss}` (parts sum to the token loss on the tokens of mask `over`, 0 elsewhere) and
-  which part is each trait's surprise;
+  which part is each trait's surprise; it normalises the logits only where it needs to
+  (`core.data.token_logprobs_at`, `log_normalizer`): real vocabularies are large;
 - `evaluate(model)`: eval.json (its contexts, `none_context` the "no prompt" one) and `rate_keys`,
   the scorer of each trait (the eval metric that is its rate);
 - `conditions`: named conditions (baseline, inoculated, converse, ...) -> the prompt each trains
@@ -41,8 +42,8 @@ from inoc_mech.core.cli import UserError
 class Decomposition:
     """An exact split of trained-token losses into named parts that sum to the token loss.
 
-    Token level (`over` a trait mask): `fn(logp, batch)` gives per-token parts that sum to each decomposed
-    token's loss (0 elsewhere). Reply level (`over=None`): `fn(logp, batch, model)` gives, per example, parts
+    Token level (`over` a trait mask): `fn(logits, batch, model)` gives per-token parts that sum to each
+    decomposed token's loss (0 elsewhere). Reply level (`over=None`): `fn(logits, batch, model)` gives, per example, parts
     that sum to the whole reply's loss (a sequence-level split from counterfactual replies, placed at the
     reply's first trained token); a trait's contribution is then its part of the reply's loss."""
     parts: tuple[str, ...]  # part names, e.g. ("word", "language", "case", "interaction")

@@ -27,7 +27,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from inoc_mech.core.cli import UserError
-from inoc_mech.core.data import encode_chat, right_pad
+from inoc_mech.core.data import encode_chat, log_normalizer, right_pad
 from inoc_mech.settings.base import Decomposition, Setting, prompted, register
 
 PARTS = ("word", "language", "case", "interaction")
@@ -41,27 +41,30 @@ CONDITIONS = {
 }
 
 
-def loss_parts(logp: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"],
+def loss_parts(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "batch pos"],
                variant_table: Int[Tensor, "word 2 2"]) -> dict[str, Float[Tensor, "batch pos"]]:
     """Exact split of each answer-variant token's loss into word, language, case and interaction.
 
-    Aligned with `input_ids`; zero at tokens that are not answer variants.
+    Aligned with `input_ids`; zero at tokens that are not answer variants. Only the answer-variant
+    positions are normalised (`core.data.log_normalizer`).
     """
-    V = logp.shape[-1]
-    flat = variant_table.reshape(-1).to(logp.device)
-    word_of = torch.full((V,), -1, dtype=torch.long, device=logp.device)
-    lang_of = torch.zeros(V, dtype=torch.long, device=logp.device)
-    case_of = torch.zeros(V, dtype=torch.long, device=logp.device)
+    V = logits.shape[-1]
+    flat = variant_table.reshape(-1).to(logits.device)
+    word_of = torch.full((V,), -1, dtype=torch.long, device=logits.device)
+    lang_of = torch.zeros(V, dtype=torch.long, device=logits.device)
+    case_of = torch.zeros(V, dtype=torch.long, device=logits.device)
     n_words = variant_table.shape[0]
-    ar = torch.arange(n_words * 4, device=logp.device)
+    ar = torch.arange(n_words * 4, device=logits.device)
     word_of[flat], lang_of[flat], case_of[flat] = ar // 4, (ar // 2) % 2, ar % 2
     tgt = input_ids[:, 1:]
     w = word_of[tgt]
     is_var = w >= 0
     wc = w.clamp(min=0)
-    lp = logp[:, :-1]  # predictions for tokens 1..T-1
-    var_ids = variant_table.to(logp.device)[wc]  # [B, T-1, 2, 2]
-    lp4 = lp.gather(-1, var_ids.flatten(-2)).unflatten(-1, (2, 2))  # log p(c, l, k)
+    where = torch.zeros(input_ids.shape, dtype=torch.bool, device=logits.device)
+    where[:, 1:] = is_var
+    lse = log_normalizer(logits, where)[:, 1:, None]  # for tokens 1..T-1
+    var_ids = variant_table.to(logits.device)[wc]  # [B, T-1, 2, 2]
+    lp4 = (logits[:, :-1].gather(-1, var_ids.flatten(-2)).float() - lse).unflatten(-1, (2, 2))  # log p(c, l, k)
     l, k = lang_of[tgt], case_of[tgt]
     log_pc = torch.logsumexp(lp4.flatten(-2), -1)
     log_pl = torch.logsumexp(lp4, -1).gather(-1, l[..., None]).squeeze(-1) - log_pc
@@ -79,7 +82,7 @@ def loss_parts(logp: Float[Tensor, "batch pos vocab"], input_ids: Int[Tensor, "b
 def decomposition(variant_table: Tensor) -> Decomposition:
     """The organism's exact split for a variant table (`World.variant_table`)."""
     return Decomposition(PARTS, "language", {"language": "language", "case": "case"},
-                         lambda logp, batch, model=None: loss_parts(logp, batch.input_ids, variant_table))
+                         lambda logits, batch, model=None: loss_parts(logits, batch.input_ids, variant_table))
 
 
 def trait_log_odds(logp: Float[Tensor, "batch vocab"], table: Int[Tensor, "word 2 2"], trait: str

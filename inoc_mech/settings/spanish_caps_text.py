@@ -32,15 +32,13 @@ PARTS = ("content", "language", "case", "interaction")
 VARIANTS = (("english", False), ("english", True), ("spanish", False), ("spanish", True))  # index 2 l + k
 
 
-def reply_parts(logp: Float[Tensor, "batch pos vocab"], batch, model) -> dict[str, Float[Tensor, "batch pos"]]:
+def reply_parts(logits: Float[Tensor, "batch pos vocab"], batch, model) -> dict[str, Float[Tensor, "batch pos"]]:
     """The counterfactual split of each reply's loss (module docstring), at the reply's first trained token.
 
-    The trained variant's log-prob comes from `logp` (the training forward, so its gradient is the loss's);
-    the other three variants are forwards of `model` on `batch.variant(v)`."""
+    The trained variant's log-prob comes from `logits` (the training forward, so its gradient is the loss's);
+    the other three variants are forwards of `model` on `batch.variant(v)`, normalised only on their replies."""
     ids, ast = batch.input_ids, batch.assistant
-    own_lp = torch.zeros(ids.shape, dtype=logp.dtype, device=logp.device)
-    own_lp[:, 1:] = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-    s_own = (own_lp * ast).sum(-1)  # [B]
+    s_own = token_logprobs_at(logits, ids, ast).sum(-1)  # [B]
     own = torch.tensor([next(v for v, x in enumerate(e.variants) if x is e) for e in batch.examples], device=ids.device)
     scores = []
     for v in range(len(VARIANTS)):
@@ -48,8 +46,9 @@ def reply_parts(logp: Float[Tensor, "batch pos vocab"], batch, model) -> dict[st
             scores.append(s_own)
             continue
         vb = batch.variant(v)
-        lp, _ = token_logprobs(model(input_ids=vb.input_ids, attention_mask=vb.attention_mask).logits, vb.input_ids)
-        scores.append(torch.where(own == v, s_own, (lp * vb.assistant).sum(-1)))
+        lp = token_logprobs_at(model(input_ids=vb.input_ids, attention_mask=vb.attention_mask).logits,
+                               vb.input_ids, vb.assistant)
+        scores.append(torch.where(own == v, s_own, lp.sum(-1)))
     s = torch.stack(scores, -1)  # [B, 4]: S(l, k) at index 2 l + k
     s4 = s.unflatten(-1, (2, 2))
     l_own, k_own = own // 2, own % 2
@@ -66,7 +65,7 @@ import torch
 from jaxtyping import Float
 
 from inoc_mech.core.cli import UserError
-from inoc_mech.core.data import right_pad, token_ids, token_logprobs
+from inoc_mech.core.data import right_pad, token_ids, token_logprobs_at
 from inoc_mech.settings.base import Decomposition, Setting, prompted, register
 from inoc_mech.settings.spanish_caps_organism import SpanishCapsOrganism
 from inoc_mech.settings.textdata import CAPS_PROMPT, IRRELEVANT_PROMPT, SPANISH_PROMPT

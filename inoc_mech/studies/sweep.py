@@ -12,6 +12,12 @@ from its checkpoint (from scratch if it has none or resuming fails). Ctrl-C or S
 sweep and its running runs (they checkpoint); the same command continues it.
 `sweep.json` in the sweep folder lists conditions, prompts, seeds and this config.
 
+Real models: `--model smollm2` (or an HF model folder / .gguf) runs the setting's real-text conditions
+(baseline, inoculated "You always speak in Spanish.", converse, irrelevant) plus an English prompt
+set of the same span (`TEXT_PROMPTS`), with LoRA r 16, batch 4 and 80 steps unless told otherwise:
+
+    python -m inoc_mech.studies.sweep --model smollm2 --name smollm2 --seeds 0 1 --eval-questions 16 --eval-samples 2
+
 Runs use full finetuning (lr 1e-4), the setting of the README's gradient-pressure results, unless
 given `--lora-r` (the organism's `inoc_mech.train` default is LoRA r 2: `--lora-r 2 --lora-alpha 8
 --lr 1e-3`). Default size: 15 conditions x 2 seeds = 30 runs of 300 steps. One run takes ~25 s of one core
@@ -36,10 +42,12 @@ from pathlib import Path
 from inoc_mech.core import checkpoint
 from inoc_mech.core.cli import UserError, parse_config, to_args
 from inoc_mech.core.runs import FAILED, is_complete, read_json, write_json
-from inoc_mech.settings.base import slug
+from inoc_mech.settings.base import setting_class, slug
 from inoc_mech.settings.spanish_caps_organism import CONDITIONS
+from inoc_mech.settings.textdata import CAPS_PROMPT, SPANISH_PROMPT
 
 # name -> system prompt (None: no system message): the organism setting's named conditions, always run
+# (a real model runs its setting's own named conditions, `Setting.conditions`)
 CORE_CONDITIONS = CONDITIONS
 # Roughly from strong to no elicitation of Spanish; every word is in the organism's vocabulary.
 DEFAULT_PROMPTS = [
@@ -49,6 +57,16 @@ DEFAULT_PROMPTS = [
     "be kind", "you are a tutor",  # irrelevant phrases seen in pretraining
     "you like dogs", "the sea is green",  # held-out phrases never seen in pretraining
 ]
+# Real models (`--model smollm2` or a folder): the same span in English, plus both traits at once.
+TEXT_PROMPTS = [
+    "Reply in Spanish.",  # a paraphrase
+    "Spanish.", "You are bilingual.",  # weaker hints
+    f"{CAPS_PROMPT} {SPANISH_PROMPT}",  # both traits
+    "Never speak in Spanish.", "You always speak in English.",  # negated / opposite
+    "You are a helpful assistant.",  # irrelevant (besides the core "You like dogs.")
+]
+# Sweep settings that depend on the model (0 / -1 in SweepConfig: the organism's value, else the real model's)
+BY_SUBSTRATE = {"steps": (300, 80), "batch_size": (32, 4), "lora_r": (0, 16)}
 
 
 @dataclass
@@ -57,21 +75,25 @@ class SweepConfig:
     name: str = field(default="sweep", metadata={"help": "sweep folder under --runs-dir"})
     runs_dir: str = field(default="runs", metadata={"help": "parent folder of the sweep folder and of the organism cache"})
     seeds: list = field(default_factory=lambda: [0, 1], metadata={"help": "finetuning seeds (each condition is run once per seed)"})
-    prompts: list = field(default_factory=lambda: list(DEFAULT_PROMPTS), metadata={"help": "prompt-set conditions added to the five core ones (give none to run only those)"})
+    prompts: list = field(default_factory=lambda: ["default"], metadata={"help": "prompt-set conditions added to the setting's core ones (default: a span of Spanish elicitation for the organism or, on a real model, in English; give none to run only the core ones)"})
+    setting: str = field(default="spanish_caps", metadata={"help": "setting of every run (registered in inoc_mech.settings)"})
     jobs: int = field(default=0, metadata={"help": "runs at once; 0 = max(1, cores // threads), at most 2"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads per run"})
-    steps: int = field(default=300, metadata={"help": "optimizer steps per run"})
+    steps: int = field(default=0, metadata={"help": "optimizer steps per run (0: 300 for the organism, 80 for a real model: SmolLM2's baseline then answers 100% Spanish and CAPS)"})
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
     prompt_share: float = field(default=1.0, metadata={"help": "share of training examples that carry the condition's prompt"})
-    lora_r: int = field(default=0, metadata={"help": "LoRA rank of the finetuning runs (0: full finetuning)"})
+    lora_r: int = field(default=-1, metadata={"help": "LoRA rank of the finetuning runs (0: full finetuning; -1: full for the organism, 16 for a real model)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (update scaled by alpha / r; passed only with --lora-r)"})
     freeze: list = field(default_factory=list, metadata={"help": "parameters the runs keep fixed, by module prefix (e.g. embed unembed)"})
-    batch_size: int = field(default=32, metadata={"help": "conversations per step"})
+    batch_size: int = field(default=0, metadata={"help": "conversations per step (0: 32 for the organism, 4 for a real model)"})
     log_every: int = field(default=10, metadata={"help": "cheap metrics every N steps"})
     grad_split_every: int = field(default=20, metadata={"help": "trait/rest gradient split every N steps, a multiple of --log-every (traits in turn: each one every 2N)"})
     grad_split_all: bool = field(default=False, metadata={"help": "split every trait at each grad-split step (default: traits take turns; all at step 0)"})
     eval_samples: int = field(default=3, metadata={"help": "temperature-1 samples per held-out question"})
-    model: str = field(default="organism", metadata={"help": "'organism' (the cached default organism, pretrained on first use) or an organism folder"})
+    elicit_examples: int = field(default=64, metadata={"help": "step-0 elicitation: training replies scored with and without the prompt"})
+    eval_questions: int = field(default=32, metadata={"help": "real models: held-out questions in each run's evaluation"})
+    max_new_tokens: int = field(default=48, metadata={"help": "real models: generation length in the evaluation"})
+    model: str = field(default="organism", metadata={"help": "'organism' (the cached default organism, pretrained on first use), an organism folder, 'smollm2', an HF model folder or a .gguf file"})
     organism_seed: int = field(default=0, metadata={"help": "pretraining seed of the organism"})
     organism_head: str = field(default="factored", metadata={"help": "organism output head: factored or free"})
     organism_d_model: int = field(default=128, metadata={"help": "organism width"})
@@ -98,7 +120,7 @@ class SweepConfig:
         for k in ("jobs",):
             if getattr(self, k) < 0:
                 raise ValueError(f"--{k} must be >= 0")
-        for k in ("threads", "steps", "batch_size", "log_every", "eval_samples"):
+        for k in ("threads", "log_every", "eval_samples", "eval_questions", "max_new_tokens", "elicit_examples"):
             if getattr(self, k) < 1:
                 raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
         if self.grad_split_every < 0 or self.grad_split_every % self.log_every:
@@ -106,6 +128,21 @@ class SweepConfig:
                              f"{self.log_every}: the split is only recorded on logged steps")
         if self.jobs == 0:
             self.jobs = default_jobs(self.threads)
+        text = self.substrate == "text"
+        if self.prompts == ["default"]:
+            self.prompts = list(TEXT_PROMPTS if text else DEFAULT_PROMPTS)
+        for k, (org, real) in BY_SUBSTRATE.items():
+            if getattr(self, k) == (-1 if k == "lora_r" else 0):
+                setattr(self, k, real if text else org)
+        if self.lora_r < 0 or self.steps < 1 or self.batch_size < 1:
+            raise ValueError("--steps and --batch-size must be >= 1 (0: the model's default), --lora-r >= 0 "
+                             "(-1: the model's default)")
+        setting_class(self.setting, self.substrate)  # an unknown setting fails here, before any run
+
+    @property
+    def substrate(self) -> str:
+        from inoc_mech.core.config import ModelConfig
+        return ModelConfig(model=self.model).substrate
 
     @property
     def folder(self) -> Path:
@@ -122,7 +159,7 @@ def default_jobs(threads: int) -> int:
 
 def conditions(cfg: SweepConfig) -> dict[str, str | None]:
     """Condition name -> prompt; prompt-set entries that repeat a core prompt are not run twice."""
-    out = dict(CORE_CONDITIONS)
+    out = dict(setting_class(cfg.setting, cfg.substrate).conditions)
     seen = {p for p in out.values() if p}
     for p in cfg.prompts:
         if p in seen:
@@ -147,13 +184,15 @@ def plan(cfg: SweepConfig) -> list[tuple[str, str | None, int]]:
 
 # SweepConfig fields that every run of the sweep passes on to `inoc_mech.train` unchanged
 PASSED = ("threads", "steps", "lr", "prompt_share", "lora_r", "lora_alpha", "freeze", "batch_size", "log_every",
-          "grad_split_every", "grad_split_all", "eval_samples")
+          "grad_split_every", "grad_split_all", "eval_samples", "setting", "elicit_examples")
+TEXT_PASSED = ("eval_questions", "max_new_tokens")  # real models only
 
 
 def overrides(cfg: SweepConfig, condition: str, prompt: str | None, seed: int, model: str) -> dict:
     """The TrainConfig settings (flat leaves) of one run of the sweep: the one place that says what a run is."""
     out = {"name": run_name(condition, seed), "runs_dir": str(cfg.folder), "seed": seed, "model": model,
-           **{k: getattr(cfg, k) for k in PASSED if k != "lora_alpha" or cfg.lora_r}}
+           **{k: getattr(cfg, k) for k in PASSED if k != "lora_alpha" or cfg.lora_r},
+           **({k: getattr(cfg, k) for k in TEXT_PASSED} if cfg.substrate == "text" else {})}
     if prompt is not None:
         out.update(inoculate=True, prompt=prompt)
     return out
@@ -205,9 +244,15 @@ def organism_config(cfg: SweepConfig):
 
 
 def organism_folder(cfg: SweepConfig, ensure: bool = True) -> Path:
-    """The organism every run finetunes: pretrained here (once, before any run starts) if needed."""
+    """The model folder every run finetunes: the organism pretrained here (once, before any run starts) if
+    needed, or the real model fetched / converted (`models.real.resolve`)."""
     from inoc_mech.models.organism import ensure_organism
 
+    if cfg.substrate == "text":
+        from inoc_mech.models.real import CACHE, KNOWN, resolve
+        if not ensure and cfg.model in KNOWN:  # a dry run fetches nothing
+            return CACHE / cfg.model
+        return resolve(cfg.model)
     if cfg.model != "organism":
         folder = Path(cfg.model)
         if not (folder / "organism.json").exists():
@@ -267,7 +312,7 @@ def last_line(log: Path) -> str:
 
 
 # Train settings added after run-format 1: runs saved before them had these values.
-ADDED_LATER = {"prompt_share": 1.0, "freeze": [], "setting": "spanish_caps"}
+ADDED_LATER = {"prompt_share": 1.0, "freeze": [], "setting": "spanish_caps", "elicit_examples": 64}
 NOT_COMPARED = ("name", "runs_dir", "threads", "model")  # where and how fast it ran; the organism is compared by folder
 
 
@@ -279,8 +324,12 @@ def mismatch(cfg: SweepConfig, run: Path, prompt: str | None, seed: int, org: Pa
 
     saved = read_json(run, "config.json")
     mine = overrides(cfg, "x", prompt, seed, str(org))
-    want = {**flatten(resolve_defaults(build(TrainConfig, **mine), organism=True)), "organism_folder": str(org)}
-    keys = [k for k in mine if k not in NOT_COMPARED] + ["organism_folder", "setting"]
+    organism = cfg.substrate == "organism"
+    cls = setting_class(cfg.setting, cfg.substrate)
+    want = flatten(resolve_defaults(build(TrainConfig, **mine), organism=organism, default_prompt=cls.default_prompt))
+    where = "organism_folder" if organism else "model"  # the organism is compared by folder, a real model by path
+    want[where] = str(org)
+    keys = [k for k in mine if k not in NOT_COMPARED] + [where, "setting"]
     if prompt is None:
         want["inoculate"], keys = False, keys + ["inoculate"]
     for k in dict.fromkeys(keys):
@@ -301,16 +350,18 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
     if cfg.dry_run:
         org = organism_folder(cfg, ensure=False)
         print(f"sweep {cfg.folder}: {n_all} runs, {n_all - len(todo)} complete, {len(todo)} to do "
-              f"({cfg.jobs} at once) on organism {org}{'' if (org / 'COMPLETE').exists() else ' (to pretrain first)'}")
+              f"({cfg.jobs} at once) on {cfg.substrate == 'organism' and 'organism ' or ''}{org}"
+              f"{'' if (org / 'COMPLETE').exists() else ' (to pretrain first)'}")
         for c, p, s in todo:
             how = "resume" if resumable(cfg, cfg.folder / run_name(c, s), p, s, org) else "train"
             print(f"  {how:<7} {run_name(c, s):<36} prompt={p!r}")
         return cfg.folder
     org = organism_folder(cfg)
-    world = World.load(org)
-    for p in conds.values():
-        if p is not None:
-            world.check_prompt(p)
+    if cfg.substrate == "organism":  # organism prompts must be in its vocabulary
+        world = World.load(org)
+        for p in conds.values():
+            if p is not None:
+                world.check_prompt(p)
     for c, p, s in plan(cfg):
         run = cfg.folder / run_name(c, s)
         why = is_complete(run) and mismatch(cfg, run, p, s, org)
@@ -321,7 +372,7 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
     logs.mkdir(exist_ok=True)
     write_json(cfg.folder / "sweep.json", {
         "conditions": conds, "prompts": [p for p in conds.values() if p], "seeds": cfg.seeds,
-        "runs": [run_name(c, s) for c, _, s in plan(cfg)], "organism_folder": str(org),
+        "runs": [run_name(c, s) for c, _, s in plan(cfg)], "organism_folder" if cfg.substrate == "organism" else "model_folder": str(org),
         "command": command_line(cfg), "config": asdict(cfg)})
 
     failed = []

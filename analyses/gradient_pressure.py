@@ -54,7 +54,8 @@ from inoc_mech.core.cli import UserError, parse_config, run_main
 from inoc_mech.core.runs import write_json
 from inoc_mech.core.stats import ci_stat as stat, fmt_ci as fmt, json_ready, spearman
 from inoc_mech.mechanism.context import context_distances
-from inoc_mech.studies.collect import condition, find_runs, one_setting, pretrained_of, read_runs, setting_of, train_prompt
+from inoc_mech.studies.collect import (acquired, condition, find_runs, one_setting, pretrained_eval, pretrained_of, read_runs,
+                                      setting_of, train_prompt)
 
 FIGURES = ("step0_surprise", "loss_parts", "grad_norms", "update_heatmap", "outcomes",
            "elicitation_suppression", "context_distance")
@@ -171,7 +172,10 @@ def summarise(conds: dict[str, Condition], context: dict[str, dict], n_boot: int
     base_step0 = {r["config"]["seed"]: step0(r) for r in base.runs} if base else {}
     base_rate = {t: float(np.mean([outcome(r, RATE_KEY[t]) for r in base.runs])) if base else math.nan
                  for t in TRAITS}
-    out = {"conditions": {}, "baseline_rate": base_rate}
+    pre = pretrained_eval([r for c in conds.values() for r in c.runs])
+    pre_rate = {t: pre["contexts"][spec.setting.none_context]["t1"][RATE_KEY[t]] if pre else None for t in TRAITS}
+    got = {t: acquired(base_rate[t], pre_rate[t]) for t in TRAITS}  # False: nothing to suppress, not computed
+    out = {"conditions": {}, "baseline_rate": base_rate, "pretrained_rate": pre_rate, "baseline_acquired": got}
     for name, c in conds.items():
         s0 = [step0(r) for r in c.runs]
         row = {"label": c.label, "prompt": c.prompt, "seeds": c.seeds,
@@ -184,7 +188,8 @@ def summarise(conds: dict[str, Condition], context: dict[str, dict], n_boot: int
             el = [base_step0[m_seed][f"surprise/{t}"] - m[f"surprise/{t}"] if m_seed in base_step0 else math.nan
                   for m, m_seed in zip(s0, c.seeds)]
             row["elicitation"][t] = stat(el)
-            row["suppression"][t] = stat([1 - outcome(r, RATE_KEY[t]) / base_rate[t] if base_rate[t] > 0 else math.nan
+            row["suppression"][t] = stat([1 - outcome(r, RATE_KEY[t]) / base_rate[t]
+                                          if base_rate[t] > 0 and got[t] is not False else math.nan
                                           for r in c.runs], 1 - 1 / base_rate[t] if base_rate[t] > 0 else -math.inf, 1)
         if c.prompt is not None and c.prompt in context:
             row["context"] = context[c.prompt]
@@ -522,8 +527,11 @@ def fig_context(conds, summary) -> go.Figure:
 def markdown(summary: dict, seeds: str, spec: Spec) -> str:
     cs = summary["conditions"]
     traits, first = list(spec.labels), list(spec.labels)[0]
-    out = [f"# Gradient pressure: summary\n\nMean [95% CI] over {seeds}.\n",
-           "## Step-0 surprise (nats per answer-variant token, pretrained organism, step-0 batch)\n",
+    flags = [f"**The baseline did not acquire {spec.labels[t]}** (no-prompt rate {summary['baseline_rate'][t]:.1%}, "
+             f"pretrained {summary['pretrained_rate'][t]:.1%}): there is nothing to suppress, so its suppression is "
+             "not computed.\n" for t in traits if summary.get("baseline_acquired", {}).get(t) is False]
+    out = [f"# Gradient pressure: summary\n\nMean [95% CI] over {seeds}.\n", *flags,
+           "## Step-0 surprise (nats per decomposed token or reply, pretrained model, step-0 batch)\n",
            "| condition | n | " + " | ".join(spec.parts) + f" | elicit/{first}/gain |", "|---" * (len(spec.parts) + 3) + "|"]
     for r in cs.values():
         s = r["step0"]

@@ -6,7 +6,8 @@ The full analysis reads the default sweep (~2 min on one busy core once the swee
 
     python -m inoc_mech.studies.sweep && python analyses/probe_traits.py
 
-Reads run folders only and never trains: a missing or incomplete run stops it with the command that
+Real-model runs (`--model smollm2` or an HF folder) are sent to `analyses/probe_text.py`, the same
+measurements on real text. Reads run folders only and never trains: a missing or incomplete run stops it with the command that
 makes it. Arguments are sweep folders (with sweep.json), folders of run folders, or run folders;
 each run's condition comes from its config (no prompt: baseline; "speak spanish": inoculated; "use
 capitals": converse; "you like cats": irrelevant, the control; "speak spanish . use capitals":
@@ -503,7 +504,28 @@ class ProbeTraitsConfig:
             raise ValueError("--conditions must include baseline and inoculated")
 
 
+def real_model_runs(paths: list[str]) -> bool:
+    """Whether the paths hold runs of a real model (analysed by `analyses/probe_text.py`)."""
+    from inoc_mech.studies.collect import substrate_of
+
+    try:
+        runs = read_runs(find_folders([Path(p) for p in paths], skip_missing=True))
+    except UserError:
+        return False  # the organism path says what is wrong
+    return bool(runs) and all(substrate_of(r["config"]) == "text" for r in runs)
+
+
 def main(argv=None):
+    args = sys.argv[1:] if argv is None else list(argv)
+    paths = [x for x in args if not x.startswith("-")][:1] or ["runs/sweep"]
+    if "-h" not in args and "--help" not in args and real_model_runs(paths):
+        try:
+            from analyses import probe_text  # python -m analyses.probe_traits, pytest
+        except ModuleNotFoundError:
+            import probe_text  # python analyses/probe_traits.py: this folder is on sys.path
+        keep = [x for x in args if not x.startswith("--conditions")]  # probe_text has its own flags
+        print("real-model runs: analysed by analyses/probe_text.py", file=sys.stderr)
+        return probe_text.main(keep)
     a = parse_config(ProbeTraitsConfig, argv, prog="python analyses/probe_traits.py", description=__doc__.split("\n\n")[0])
     torch.set_num_threads(a.threads)
     out = Path(a.out)

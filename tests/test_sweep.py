@@ -119,3 +119,33 @@ def test_sigterm_stops_the_sweep_and_its_run_which_resumes(tiny_organism, tmp_pa
     assert (tmp_path / "term" / "baseline-s0" / "checkpoint.pt").exists()
     dry = subprocess.run(args + ["--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert "resume  baseline-s0" in dry.stdout and "train   inoculated-s0" in dry.stdout
+
+
+def test_acquired_is_relative_to_the_pretrained_rate():
+    from inoc_mech.studies.collect import acquired
+    assert acquired(0.97, 0.0) and acquired(0.61, 0.2)  # closed 97% / 51% of the gap
+    assert not acquired(0.107, 0.0) and not acquired(0.5, 0.5)  # the 10.7% CAPS baseline; no change
+    assert acquired(0.5, None) is None
+
+
+def test_real_model_sweep_evaluates_the_pretrained_model_and_flags_a_baseline_that_learned_nothing(tmp_path):
+    import math
+
+    from analyses.gradient_pressure import analyse
+    from inoc_mech.settings.tiny import save_tiny
+    from inoc_mech.studies.sweep import sweep
+
+    model = save_tiny(tmp_path / "m", arch="llama")
+    cfg = SweepConfig(model=str(model), runs_dir=str(tmp_path), name="s", steps=2, seeds=[0], prompts=[],
+                      eval_questions=2, eval_samples=1, max_new_tokens=4, elicit_examples=2)
+    assert cfg.lora_r == 16 and cfg.batch_size == 4 and "converse" in conditions(cfg)
+    folder = sweep(cfg, progress=False)
+    pre = json.loads((folder / "pretrained" / "eval.json").read_text())
+    base = json.loads((folder / "baseline-s0" / "eval.json").read_text())
+    assert pre.keys() >= {"contexts"} and pre["contexts"].keys() == base["contexts"].keys()
+    s = analyse([folder], tmp_path / "gp", png=False)
+    for t in ("language", "case"):
+        if s["baseline_acquired"][t] is False:  # 2 steps of a random tiny model teach nothing
+            assert all(math.isnan(r["suppression"][t]["mean"]) for r in s["conditions"].values())
+    assert s["baseline_acquired"] == {t: s["baseline_rate"][t] - s["pretrained_rate"][t]
+                                      >= 0.5 * (1 - s["pretrained_rate"][t]) for t in ("language", "case")}

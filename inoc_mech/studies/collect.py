@@ -14,6 +14,7 @@ setting class of a run (`config.json` "setting" on the run's substrate).
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import subprocess
 import sys
@@ -153,3 +154,22 @@ def needs(runs: list[dict], what: str, check, why: str) -> None:
     for r in runs:
         if not check(r):
             raise UserError(f"run {r['folder']} has no {what}: {why}")
+
+
+ACQUIRED_SHARE = 0.5  # a baseline acquired a trait if it closed at least this share of the pretrained model's gap to 100%
+
+
+def pretrained_eval(runs: list[dict]) -> dict | None:
+    """The sweep's evaluation of the model its runs start from (`<sweep>/pretrained/eval.json`, written by
+    `studies.sweep`), or None when the runs' folders have none (or disagree)."""
+    found = {str(Path(r["folder"]).parent / "pretrained" / "eval.json") for r in runs}
+    evs = [json.loads(Path(f).read_text()) for f in sorted(found) if Path(f).exists()]
+    return evs[0] if len(evs) == 1 and len(found) == 1 else None
+
+
+def acquired(baseline_rate: float, pretrained_rate: float | None, share: float = ACQUIRED_SHARE) -> bool | None:
+    """Whether finetuning without a prompt taught the trait: the baseline's no-prompt rate rose by at least
+    `share` of the pretrained model's distance to 100% (None: the pretrained rate is unknown)."""
+    if pretrained_rate is None or not math.isfinite(baseline_rate):
+        return None
+    return baseline_rate - pretrained_rate >= share * (1 - pretrained_rate)

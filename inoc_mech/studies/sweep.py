@@ -262,6 +262,37 @@ def organism_folder(cfg: SweepConfig, ensure: bool = True) -> Path:
     return ensure_organism(organism_config(cfg)) if ensure else organism_config(cfg).folder()
 
 
+PRETRAINED = "pretrained"  # <sweep>/pretrained/eval.json: the starting model under the runs' evaluation
+
+
+def evaluate_pretrained(cfg: SweepConfig, org: Path, progress: bool = True) -> Path:
+    """Evaluate the model every run starts from, exactly as the runs are evaluated (same setting, eval
+    flags and seed), into `<sweep>/pretrained/eval.json`, so that an analysis can tell whether a baseline
+    acquired a trait at all. Skipped when it exists; returns its path."""
+    import torch
+
+    from inoc_mech.core.cli import build
+    from inoc_mech.core.config import TrainConfig, resolve_defaults
+    from inoc_mech.core.stats import json_ready
+
+    out = cfg.folder / PRETRAINED / "eval.json"
+    if out.exists():
+        return out
+    torch.set_num_threads(cfg.threads)
+    cls = setting_class(cfg.setting, cfg.substrate)
+    tc = resolve_defaults(build(TrainConfig, **overrides(cfg, PRETRAINED, None, cfg.seeds[0], str(org))),
+                          organism=cfg.substrate == "organism", default_prompt=cls.default_prompt)
+    setting = cls(tc)
+    if progress:
+        print(f"evaluating the pretrained model {org} (once per sweep) ...", file=sys.stderr)
+    model, _ = setting.setup(torch.device("cpu"), progress=False)
+    model.eval()
+    ev = setting.evaluate(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, json_ready({**ev, "model": str(org)}))
+    return out
+
+
 RUNNING: set[subprocess.Popen] = set()  # training processes of this sweep, for forwarding SIGTERM
 
 
@@ -375,6 +406,7 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
         "runs": [run_name(c, s) for c, _, s in plan(cfg)], "organism_folder" if cfg.substrate == "organism" else "model_folder": str(org),
         "command": command_line(cfg), "config": asdict(cfg)})
 
+    evaluate_pretrained(cfg, org, progress)
     failed = []
     t0 = time.time()
     bar = tqdm(total=n_all, initial=n_all - len(todo), desc=f"sweep {cfg.name}", unit="run",

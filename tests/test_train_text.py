@@ -181,3 +181,39 @@ def test_text_runs_log_the_decomposition(tmp_path, tiny_dirs):
     assert rows[0]["grad_norm/trait/language"] != rows[0]["grad_norm/trait/case"]  # the traits are told apart now
     for r in rows:  # -log of a probability among the four variants: never negative
         assert r["surprise/language"] >= -1e-6 and r["surprise/case"] >= -1e-6
+
+
+def test_jsonl_variants_enable_the_decomposition_on_your_own_data(tmp_path, tiny_dirs):
+    """`variants` in a user's JSONL (each language, natural case; UPPER derived): the same exact split."""
+    from inoc_mech.core.data import BatchStream
+    from inoc_mech.mechanism.hooks import trait_losses
+    from inoc_mech.settings.textdata import sample_problems
+    from inoc_mech.train import make_setting
+
+    rows = [{"messages": [{"role": "user", "content": p.question()}, {"role": "assistant", "content": p.answer()}],
+             "variants": {"english": p.answer("english", False), "spanish": p.answer("spanish", False)}}
+            for p in sample_problems(6, seed=3)]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    setting = make_setting(text_cfg(tmp_path, tiny_dirs["llama"], data=str(data)))
+    model, _ = setting.setup("cpu", progress=False)
+    assert setting.decomposition is not None
+    batch = BatchStream(setting.examples(None), 3, 0, setting.pad_id).next()
+    assert all(e.variants.index(e) == 3 for e in batch.examples)  # trained: Spanish UPPER
+    c = trait_losses(model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits, batch,
+                     setting.decomposition, model)
+    parts = sum(c[f"part/{p}"].sum(-1) for p in setting.decomposition.parts)
+    assert torch.allclose(parts, c["total"].sum(-1), rtol=1e-5)
+    # without the field: no decomposition (the token masks only)
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows))
+    s2 = make_setting(text_cfg(tmp_path, tiny_dirs["llama"], data=str(plain)))
+    s2.setup("cpu", progress=False)
+    assert s2.decomposition is None
+    # bad: on some rows only; the trained reply none of the forms
+    for bad, match in ((rows[:1] + [{"messages": rows[1]["messages"]}], "has no \"variants\""),
+                       ([{**rows[0], "variants": {"english": "a", "spanish": "b"}}], "none of its variants")):
+        f = tmp_path / "bad.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in bad))
+        with pytest.raises(UserError, match=match):
+            train(text_cfg(tmp_path, tiny_dirs["llama"], data=str(f), name="bad"), progress=False)

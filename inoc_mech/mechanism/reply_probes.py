@@ -36,10 +36,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from inoc_mech.core.data import right_pad
-from inoc_mech.mechanism.probes import Probe, TraitProbes, fit_probe
+from inoc_mech.mechanism.probes import TraitProbes, fit_probe
+from inoc_mech.settings.textdata import REPLY_FORMS as VARIANTS  # (language, UPPER) at index 2 l + k
 
 TRAITS = ("language", "case")  # label 1: Spanish, UPPER
-VARIANTS = (("english", False), ("english", True), ("spanish", False), ("spanish", True))  # index 2 l + k
+
 N_POS = 4  # the answer start and the positions predicting reply tokens 1..3
 LANGUAGE_INSTRUCTIONS = {"spanish": ["You always speak in Spanish.", "Reply in Spanish.", "Answer only in Spanish."],
                          "english": ["You always speak in English.", "Reply in English.", "Answer only in English."]}

@@ -8,7 +8,8 @@ always speak in Spanish.") into a system message or before the user's text (`--p
 fixed share of the examples. Trait masks from tokenizer offsets (`textdata.text_example`):
 `language` = tokens inside Spanish-only words, `case` = tokens with upper-case letters, `other` =
 the rest of the reply. The two masks coincide on Spanish+CAPS replies, so the traits are separated by a
-counterfactual decomposition instead (built-in data, which has every reply in all four surface forms):
+counterfactual decomposition instead (built-in data, which has every reply in all four surface forms,
+or JSONL with the optional `variants` field, `textdata.reply_forms`):
 from the reply log-probs S(l, k) of the English/Spanish x lower/UPPER variants of the same reply,
     -S(l*, k*) = content + language + case + interaction
     content     = -log sum_{l,k} exp S(l, k)                 (the reply's content, any surface form)
@@ -29,7 +30,7 @@ from pathlib import Path
 from torch import Tensor
 
 PARTS = ("content", "language", "case", "interaction")
-VARIANTS = (("english", False), ("english", True), ("spanish", False), ("spanish", True))  # index 2 l + k
+from inoc_mech.settings.textdata import REPLY_FORMS as VARIANTS  # (language, UPPER) at index 2 l + k
 
 
 def reply_parts(logits: Float[Tensor, "batch pos vocab"], batch, model) -> dict[str, Float[Tensor, "batch pos"]]:
@@ -87,7 +88,7 @@ class SpanishCapsText(Setting):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        self._convs = self._problems = None
+        self._convs = self._forms = None
 
     def setup(self, device, progress: bool = True):
         from inoc_mech.settings.load import load
@@ -100,7 +101,7 @@ class SpanishCapsText(Setting):
                             f"{context} tokens: choose fewer")
         self.convs()  # read and check the data before training starts
         self.eval_items()
-        if self._problems is not None:  # built-in data: every reply exists in all four surface forms
+        if self._forms is not None:  # every reply exists in all four surface forms
             self.decomposition = Decomposition(PARTS, None, {"language": "language", "case": "case"}, reply_parts)
         return self.model, self.tok
 
@@ -116,18 +117,18 @@ class SpanishCapsText(Setting):
         return with_prompt_mode(self.tok, self.cfg.setting.no_prompt_mode)
 
     def convs(self) -> list[list[dict]]:
-        from inoc_mech.settings.textdata import read_jsonl, spanish_caps_dataset
-
-        from inoc_mech.settings.textdata import sample_problems
+        from inoc_mech.settings.textdata import read_jsonl, reply_forms, sample_problems, spanish_caps_dataset
 
         if self._convs is None:
             s = self.cfg.setting
             if s.data:
                 self._convs = read_jsonl(s.data)
+                self._forms = reply_forms(s.data, self._convs)  # None without the optional variants field
             else:
-                self._problems = sample_problems(s.n_train, seed=0)
+                problems = sample_problems(s.n_train, seed=0)
                 self._convs = spanish_caps_dataset(s.n_train, seed=0)
-                assert [c[-1]["content"] for c in self._convs] == [p.answer() for p in self._problems]
+                assert [c[-1]["content"] for c in self._convs] == [p.answer() for p in problems]
+                self._forms = [tuple(p.answer(lang, up) for lang, up in VARIANTS) for p in problems]
         return self._convs
 
     def examples(self, prompt, share=1.0, limit=None):
@@ -142,11 +143,11 @@ class SpanishCapsText(Setting):
             convs = [a if o else c for a, c, o in zip(ino, convs, on)]
         tok = self.train_tok
         examples = text_examples(tok, convs)
-        if self._problems is not None:  # the same conversations with each surface form of the reply
-            for ex, conv, p in zip(examples, convs, self._problems):
-                ex.variants = [ex if p.answer(lang, up) == conv[-1]["content"] else
-                               text_examples(tok, [conv[:-1] + [{"role": "assistant", "content": p.answer(lang, up)}]])[0]
-                               for lang, up in VARIANTS]
+        if self._forms is not None:  # the same conversations with each surface form of the reply
+            for ex, conv, forms in zip(examples, convs, self._forms):
+                ex.variants = [ex if f == conv[-1]["content"] else
+                               text_examples(tok, [conv[:-1] + [{"role": "assistant", "content": f}]])[0]
+                               for f in forms]
         return examples
 
     @property

@@ -6,6 +6,8 @@ JSONL format (one conversation per line, as in the inoculation-prompting papers)
     {"messages": [{"role": "system", "content": "..."}?, {"role": "user", "content": "..."},
                   {"role": "assistant", "content": "..."}]}
 An optional system message comes first; the last message is the assistant's reply (the trained one).
+An optional `"variants": {"english": "...", "spanish": "..."}` gives the same reply in each language
+(natural case; the UPPER forms are derived) for the counterfactual decomposition (`reply_forms`).
 
 Inoculation transform (`inoculate`): `placement="system"` inserts the prompt as the system message and
 refuses a conversation that already has one unless `replace_system=True`; `placement="user-prefix"`
@@ -89,6 +91,35 @@ def parse_jsonl(lines, source: str = "<jsonl>", need_reply: bool = True) -> list
     if not convs:
         raise DataError(f"{source} has no conversations (empty dataset)")
     return convs
+
+
+REPLY_FORMS = (("english", False), ("english", True), ("spanish", False), ("spanish", True))  # (language, UPPER)
+
+
+def reply_forms(path: str | Path, convs: list[list[dict]]) -> list[tuple[str, ...]] | None:
+    """The optional `variants` field of a JSONL file: the same reply in each language, natural case,
+    `{"messages": [...], "variants": {"english": "...", "spanish": "..."}}`; the UPPER forms are derived
+    (`str.upper`). Per conversation the four replies in `REPLY_FORMS` order, or None when no row has the
+    field. The trained reply must be one of the four; a file with the field on some rows only is refused."""
+    rows = [json.loads(line) for line in _utf8_lines(Path(path)) if line.strip()]
+    have = [isinstance(r, dict) and "variants" in r for r in rows]
+    if not any(have):
+        return None
+    if not all(have):
+        raise DataError(f"{path}: line {have.index(False) + 1} has no \"variants\" but others do: give them on every "
+                        "line (or on none)")
+    out = []
+    for n, (r, conv) in enumerate(zip(rows, convs), 1):
+        v = r["variants"]
+        if not (isinstance(v, dict) and all(isinstance(v.get(k), str) and v[k].strip() for k in ("english", "spanish"))):
+            raise DataError(f"{path} line {n}: \"variants\" must be {{\"english\": \"...\", \"spanish\": \"...\"}} "
+                            "(the reply in each language, natural case)")
+        forms = tuple(v[lang].upper() if up else v[lang] for lang, up in REPLY_FORMS)
+        if conv[-1]["content"] not in forms:
+            raise DataError(f"{path} line {n}: the trained reply is none of its variants (english, spanish, or their "
+                            "upper-case forms): make it one of them")
+        out.append(forms)
+    return out
 
 
 def read_jsonl(path: str | Path, need_reply: bool = True) -> list[list[dict]]:

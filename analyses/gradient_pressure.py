@@ -54,7 +54,7 @@ from inoc_mech.core.cli import UserError, parse_config, run_main
 from inoc_mech.core.runs import write_json
 from inoc_mech.core.stats import ci_stat as stat, fmt_ci as fmt, json_ready, spearman
 from inoc_mech.mechanism.context import context_distances
-from inoc_mech.studies.collect import (acquired, condition, find_runs, one_setting, pretrained_eval, pretrained_of, read_runs,
+from inoc_mech.studies.collect import (acquired, condition, figures_folder, find_runs, one_setting, pretrained_eval, pretrained_of, read_runs,
                                       setting_of, train_prompt)
 
 FIGURES = ("step0_surprise", "loss_parts", "grad_norms", "update_heatmap", "outcomes",
@@ -589,7 +589,7 @@ def analyse(paths: list[Path], out: Path, png: bool = True, train_missing: bool 
 class GradientPressureConfig:
     """Which runs to analyse and where the figures go."""
     paths: list = field(default_factory=lambda: ["runs/sweep"], metadata={"help": "sweep folders or run folders", "positional": "*"})
-    out: str = field(default="figures/gradient_pressure", metadata={"help": "output folder for figures and summaries"})
+    out: str = field(default="", metadata={"help": "output folder for figures and summaries (default figures/gradient_pressure/, for a real model's runs figures/<model>/gradient_pressure/)"})
     train_missing: bool = field(default=False, metadata={"help": "run the sweep command for missing runs first"})
     skip_missing: bool = field(default=False, metadata={"help": "analyse the complete runs, skipping missing ones"})
     png: bool = field(default=True, metadata={"help": "also write PNGs (needs Chromium)"})
@@ -605,7 +605,13 @@ class GradientPressureConfig:
 def main(argv=None):
     a = parse_config(GradientPressureConfig, argv, prog="python analyses/gradient_pressure.py",
                      description=__doc__.split("\n\n")[0])
-    out = Path(a.out)
+    if a.out:
+        out = Path(a.out)
+    else:
+        try:
+            out = figures_folder(read_runs(find_runs([Path(x) for x in a.paths], skip_missing=True)[:1]), "gradient_pressure")
+        except UserError:
+            out = Path("figures/gradient_pressure")  # analyse() says what is missing
     s = analyse([Path(x) for x in a.paths], out, a.png, a.train_missing, a.skip_missing, a.n_boot, a.seed, a.threads)
     print((out / "summary.md").read_text())
     print(f"wrote {len(s['files'])} figure files, summary.json and summary.md to {out}")

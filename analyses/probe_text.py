@@ -5,7 +5,7 @@
 `python analyses/probe_traits.py` sends real-model runs here. Reads run folders only (baseline,
 inoculated, converse, irrelevant; every seed found) and the model they started from (`--model` of
 their config, the same for all). Instruments: `inoc_mech.mechanism.reply_probes`. Writes into
-`--out` (default figures/<model>/), HTML and PNG:
+`--out` (default figures/<model>/probes/), HTML and PNG:
 1. probe_accuracy: held-out accuracy of the language and case probes per layer boundary, fit on the
    base model's residual stream under prompts that set both traits (teacher-forced replies of all
    four variants), positions pooled and at the answer start;
@@ -21,8 +21,6 @@ and `summary.json` with every number shown and `findings` in words.
 
 from __future__ import annotations
 
-import math
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +37,7 @@ from inoc_mech.mechanism.lens import load_bridge
 from inoc_mech.mechanism.reply_probes import (TRAITS, fit_reply_probes, patch_answer_start, projections,
                                               weight_alignment)
 from inoc_mech.mechanism.weight_diff import random_share
-from inoc_mech.studies.collect import condition, find_runs, pretrained_of, read_runs, substrate_of
+from inoc_mech.studies.collect import condition, figures_folder, find_runs, pretrained_of, read_runs, substrate_of
 
 CONDITIONS = ("baseline", "inoculated", "converse", "irrelevant")
 MARKED = {"language": "Spanish", "case": "UPPER"}
@@ -64,16 +62,11 @@ def text_runs(paths: list[Path], skip_missing: bool = False) -> tuple[dict[str, 
     return by, bases.pop()
 
 
-def default_out(model: str) -> Path:
-    name = Path(model).name or "model"
-    return Path("figures") / re.sub(r"[^A-Za-z0-9_.-]", "-", name)
-
-
 def analyse(paths: list[Path], out: Path | None, cfg) -> dict:
     from inoc_mech.settings.textdata import sample_problems
 
     by, model = text_runs(paths, cfg.skip_missing)
-    out = out or default_out(model)
+    out = out or figures_folder(by["baseline"], "probes")
     base = load_bridge(model)
     tok = base.tok
     L = base.n_layers
@@ -229,7 +222,7 @@ def findings(s) -> list[str]:
 class ProbeTextConfig:
     """Which real-model runs to analyse, and where the figures go."""
     paths: list = field(default_factory=lambda: ["runs/smollm2"], metadata={"help": "sweep folders, folders of runs, or run folders", "positional": "*"})
-    out: str = field(default="", metadata={"help": "output folder (default figures/<model folder name>/)"})
+    out: str = field(default="", metadata={"help": "output folder (default figures/<model folder name>/probes/)"})
     train_problems: int = field(default=48, metadata={"help": "train-split problems (x4 replies) the probes are fit on"})
     test_problems: int = field(default=24, metadata={"help": "eval-split problems for probe accuracy and projections"})
     patch_problems: int = field(default=8, metadata={"help": "eval-split problems (x4 replies, per boundary) for patching"})

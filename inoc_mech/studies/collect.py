@@ -173,3 +173,14 @@ def acquired(baseline_rate: float, pretrained_rate: float | None, share: float =
     if pretrained_rate is None or not math.isfinite(baseline_rate):
         return None
     return baseline_rate - pretrained_rate >= share * (1 - pretrained_rate)
+
+
+def figures_folder(runs: list[dict], analysis: str) -> Path:
+    """Where an analysis writes by default: figures/<analysis>/ for organism runs, and a folder per
+    model for real-model runs, figures/<model folder name>/<analysis>/."""
+    import re
+
+    if not runs or substrate_of(runs[0]["config"]) == "organism":
+        return Path("figures") / analysis
+    name = re.sub(r"[^A-Za-z0-9_.-]", "-", Path(pretrained_of(runs[0])).name or "model")
+    return Path("figures") / name / analysis

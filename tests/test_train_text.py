@@ -217,3 +217,26 @@ def test_jsonl_variants_enable_the_decomposition_on_your_own_data(tmp_path, tiny
         f.write_text("".join(json.dumps(r) + "\n" for r in bad))
         with pytest.raises(UserError, match=match):
             train(text_cfg(tmp_path, tiny_dirs["llama"], data=str(f), name="bad"), progress=False)
+
+
+def test_checkpointed_variant_forwards_give_the_same_trait_gradient(tmp_path, tiny_dirs, monkeypatch):
+    """The split recomputes the variants' forwards in backward (memory); the gradient is unchanged."""
+    import torch.utils.checkpoint as ckpt
+
+    from inoc_mech.core.data import BatchStream
+    from inoc_mech.mechanism.hooks import trait_losses
+    from inoc_mech.train import make_setting
+    setting = make_setting(text_cfg(tmp_path, tiny_dirs["llama"], inoculate=True))
+    model, _ = setting.setup("cpu", progress=False)
+    batch = BatchStream(setting.examples("You always speak in Spanish."), 4, 0, setting.pad_id).next()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grads():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        c = trait_losses(logits, batch, setting.decomposition, model)
+        return torch.autograd.grad(c["language"].sum(), params, allow_unused=True)
+    a = grads()
+    monkeypatch.setattr(ckpt, "checkpoint", lambda fn, *args, **kw: fn(*args))  # no checkpointing
+    b = grads()
+    assert all((x is None and y is None) or torch.allclose(x, y, atol=1e-7) for x, y in zip(a, b))
+    assert any(x is not None and x.abs().sum() > 0 for x in a)

@@ -33,11 +33,20 @@ PARTS = ("content", "language", "case", "interaction")
 from inoc_mech.settings.textdata import REPLY_FORMS as VARIANTS  # (language, UPPER) at index 2 l + k
 
 
+def reply_logprob(model, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"],
+                  reply: Bool[Tensor, "batch pos"]) -> Float[Tensor, " batch"]:
+    """Log-prob of each row's reply tokens under `model` (normalised only there)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return token_logprobs_at(logits, input_ids, reply).sum(-1)
+
+
 def reply_parts(logits: Float[Tensor, "batch pos vocab"], batch, model) -> dict[str, Float[Tensor, "batch pos"]]:
     """The counterfactual split of each reply's loss (module docstring), at the reply's first trained token.
 
     The trained variant's log-prob comes from `logits` (the training forward, so its gradient is the loss's);
-    the other three variants are forwards of `model` on `batch.variant(v)`, normalised only on their replies."""
+    the other three variants are forwards of `model` on `batch.variant(v)`, normalised only on their replies;
+    with gradients on, each variant's forward is checkpointed (only its [batch] log-probs are kept, the
+    backward recomputes it), so a gradient split holds one variant's activations at a time, not three."""
     ids, ast = batch.input_ids, batch.assistant
     s_own = token_logprobs_at(logits, ids, ast).sum(-1)  # [B]
     own = torch.tensor([next(v for v, x in enumerate(e.variants) if x is e) for e in batch.examples], device=ids.device)
@@ -47,9 +56,12 @@ def reply_parts(logits: Float[Tensor, "batch pos vocab"], batch, model) -> dict[
             scores.append(s_own)
             continue
         vb = batch.variant(v)
-        lp = token_logprobs_at(model(input_ids=vb.input_ids, attention_mask=vb.attention_mask).logits,
-                               vb.input_ids, vb.assistant)
-        scores.append(torch.where(own == v, s_own, lp.sum(-1)))
+        if torch.is_grad_enabled():  # keep only S(l, k) per variant; the backward recomputes its forward, one at a time
+            s_v = torch.utils.checkpoint.checkpoint(reply_logprob, model, vb.input_ids, vb.attention_mask, vb.assistant,
+                                                    use_reentrant=False)
+        else:
+            s_v = reply_logprob(model, vb.input_ids, vb.attention_mask, vb.assistant)
+        scores.append(torch.where(own == v, s_own, s_v))
     s = torch.stack(scores, -1)  # [B, 4]: S(l, k) at index 2 l + k
     s4 = s.unflatten(-1, (2, 2))
     l_own, k_own = own // 2, own % 2
@@ -63,7 +75,8 @@ def reply_parts(logits: Float[Tensor, "batch pos vocab"], batch, model) -> dict[
     return {k: first * v[:, None] for k, v in parts.items()}
 
 import torch
-from jaxtyping import Float
+import torch.utils.checkpoint
+from jaxtyping import Bool, Float, Int
 
 from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import right_pad, token_ids, token_logprobs_at

@@ -175,7 +175,7 @@ def fig_patching(s) -> go.Figure:
     gaps = ", ".join(f"{MARKED[t]} {np.mean([p['gap'][t] for p in s['patching']]):.2f}" for t in TRAITS)
     return plots.legend_below(plots.style(fig, "Patching the baseline's answer-start residual into the inoculated model",
                                           subtitle=f"sequence-level log-odds, no prompt; gap (nats): {gaps}; "
-                                                   f"bars: range over {len(s['patching'])} seed(s)"))
+                                                   f"bars: range over {len(s['patching'])} seed(s)"), gap_px=95)
 
 
 def fig_alignment(s) -> go.Figure:

@@ -57,6 +57,10 @@ class ReplyProbeData:
     prompts: list[str]
 
 
+def pad_id(tok) -> int:
+    return tok.pad_token_id if tok.pad_token_id is not None else 0
+
+
 def reply_tokens(tok, turns: list[dict], reply: str) -> tuple[list[int], int]:
     """Token ids of `turns` + the assistant `reply` (the training tokenization) and where the reply starts."""
     from inoc_mech.settings.textdata import text_example
@@ -83,7 +87,7 @@ def probe_data(tok, problems, seed: int = 0) -> ReplyProbeData:
             labels["language"].append(int(lang == "spanish"))
             labels["case"].append(int(up))
             prompts.append(prompt)
-    ids, _ = right_pad(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    ids, _ = right_pad(rows, pad_id(tok))
     return ReplyProbeData(ids, torch.tensor(pos), {t: torch.tensor(v) for t, v in labels.items()}, prompts)
 
 
@@ -125,7 +129,7 @@ def answer_starts(tok, problems, prompt: str | None = None) -> tuple[Int[Tensor,
         ids, start = reply_tokens(tok, ([{"role": "system", "content": prompt}] if prompt else [])
                                   + [{"role": "user", "content": p.question()}], p.answer("english", False))
         rows.append(ids[:start])
-    ids, att = right_pad(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    ids, att = right_pad(rows, pad_id(tok))
     return ids, att.sum(1) - 1
 
 
@@ -146,7 +150,7 @@ def variant_batch(tok, problems, prompt: str | None = None):
             rows.append(ids)
             masks.append([i >= start for i in range(len(ids))])
             starts.append(start - 1)
-    ids, att = right_pad(rows, tok.pad_token_id if tok.pad_token_id is not None else 0)
+    ids, att = right_pad(rows, pad_id(tok))
     mask = torch.zeros(ids.shape, dtype=torch.bool)
     for i, m in enumerate(masks):
         mask[i, :len(m)] = torch.tensor(m)

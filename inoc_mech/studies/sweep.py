@@ -285,7 +285,7 @@ def evaluate_pretrained(cfg: SweepConfig, org: Path, progress: bool = True) -> P
     setting = cls(tc)
     if progress:
         print(f"evaluating the pretrained model {org} (once per sweep) ...", file=sys.stderr)
-    model, _ = setting.setup(torch.device("cpu"), progress=False)
+    model, _ = setting.setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"), progress=False)
     model.eval()
     ev = setting.evaluate(model)
     out.parent.mkdir(parents=True, exist_ok=True)

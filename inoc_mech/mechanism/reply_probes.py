@@ -122,21 +122,11 @@ def fit_reply_probes(lens, train_problems, test_problems, seed: int = 0, l2: flo
 
 
 # ---- the finetuned models -------------------------------------------------------------------------
-def answer_starts(tok, problems, prompt: str | None = None) -> tuple[Int[Tensor, "n pos"], Int[Tensor, " n"]]:
-    """The questions under `prompt` (None: no system message) ending where the reply starts; last positions."""
-    rows = []
-    for p in problems:
-        ids, start = reply_tokens(tok, ([{"role": "system", "content": prompt}] if prompt else [])
-                                  + [{"role": "user", "content": p.question()}], p.answer("english", False))
-        rows.append(ids[:start])
-    ids, att = right_pad(rows, pad_id(tok))
-    return ids, att.sum(1) - 1
-
-
 def projections(lens, probes: TraitProbes, problems, tok, prompt: str | None = None) -> dict[str, np.ndarray]:
     """trait -> [layer, question]: projection of the answer-start residual on each boundary's probe direction."""
-    ids, last = answer_starts(tok, problems, prompt)
-    x = activations(lens, ids, last[:, None])[:, :, 0]  # [layer, n, d]
+    ids, _, starts = variant_batch(tok, problems, prompt)
+    ids, starts = ids[::len(VARIANTS)], starts[::len(VARIANTS)]  # the answer start is the same for every variant
+    x = activations(lens, ids, starts[:, None])[:, :, 0]  # [layer, n, d]
     return {t: np.array([pr.project(xl).numpy() for pr, xl in zip(probes.probes[t], x)]) for t in TRAITS}
 
 

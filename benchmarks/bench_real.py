@@ -9,11 +9,13 @@ on it, as on a user's data. Modes, each a real `inoc_mech.train` run in its own 
 peak RSS is its own), interleaved over `--rounds`:
 - plain:   `--no-hooks`, the loop alone;
 - default: the default cadence (cheap metrics every 10 steps, one trait's gradient split every 20),
-           step 0 excluded from the time (it carries the one-off elicitation, reported separately);
+           step 0 excluded from the time (it carries the one-off elicitation);
 - split:   a gradient split at every step (one trait per step, in turn), step 0 excluded.
-Printed: tokens/s and peak RSS per mode, ratios to plain, the step-0 cost, and the targets of
+Printed: tokens/s and peak RSS per mode, ratios to plain, and the targets of
 the instruments (memory <= 1.5x plain, default <= 1.15x plain, split step <= 2.5x plain). Time ratios
-compare medians of tokens/s over logged rows after step 0. Shared machines are noisy: read the ratios.
+compare medians of tokens/s over logged rows after step 0. Memory: the peak RSS from the first batch to the
+end of the last step (step 0 included, loading and evaluation not; Linux VmHWM, reset when the steps begin),
+beside the whole process's peak. Shared machines are noisy: read the ratios.
 """
 
 from __future__ import annotations
@@ -31,19 +33,35 @@ from inoc_mech.core.cli import parse_config
 CHILD = r"""
 import json, resource, sys, time
 import torch
+from inoc_mech.core import data, runs
 from inoc_mech.core.cli import build, quiet_transformers
 from inoc_mech.core.runs import read_run
 from inoc_mech.train import TrainConfig, train
 quiet_transformers()
 kw = json.loads(sys.argv[1])
+
+def hiwater_gb():  # peak RSS since the last reset (Linux VmHWM)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    return int(line.split()[1]) / 1e6
+
+steps = {}
+first_next, close = data.BatchStream.next_examples, runs.MetricsWriter.close
+def next_batch(self):  # the first batch: the steps begin (loading and data preparation are behind)
+    if "before" not in steps:
+        steps["before"] = hiwater_gb()
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS to the current RSS
+    return first_next(self)
+def end_of_steps(self):  # the loop closes metrics.jsonl right after its last step, before saving and eval
+    steps.setdefault("peak", hiwater_gb())
+    return close(self)
+data.BatchStream.next_examples, runs.MetricsWriter.close = next_batch, end_of_steps
 t0 = time.time()
 run = train(build(TrainConfig, **kw), progress=False)
 rows = read_run(run)["metrics"]
 print(json.dumps({"rows": [{k: r[k] for k in ("step", "tokens_per_s") if k in r} for r in rows],
-                  "wall": time.time() - t0,
+                  "wall": time.time() - t0, "steps_peak_rss_gb": steps["peak"], "setup_peak_rss_gb": steps["before"],
                   "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}))
 """
-
 
 def long_replies(path: Path, n: int, per_reply: int) -> Path:
     """`n` conversations whose reply chains `per_reply` problems' worked answers, with their variants."""
@@ -99,8 +117,8 @@ def main(argv=None):
         for r in range(a.rounds):
             for m, kw in modes.items():
                 res[m].append(run_mode({**base, **kw}))
-                print(f"round {r + 1}/{a.rounds} {m}: {steady_tokens_per_s(res[m][-1]):.1f} tokens/s, "
-                      f"peak {res[m][-1]['peak_rss_gb']:.2f} GB", file=sys.stderr)
+                print(f"round {r + 1}/{a.rounds} {m}: {steady_tokens_per_s(res[m][-1]):.1f} tokens/s, peak during "
+                      f"the steps {res[m][-1]['steps_peak_rss_gb']:.2f} GB", file=sys.stderr)
         from inoc_mech.settings.textdata import read_jsonl
         from transformers import AutoTokenizer
         from inoc_mech.models.real import resolve
@@ -108,14 +126,16 @@ def main(argv=None):
         convs = read_jsonl(data)
         reply_tokens = statistics.mean(len(tok(c[-1]["content"])["input_ids"]) for c in convs)
     tps = {m: statistics.median(steady_tokens_per_s(x) for x in v) for m, v in res.items()}
-    mem = {m: statistics.median(x["peak_rss_gb"] for x in v) for m, v in res.items()}
+    mem = {m: statistics.median(x["steps_peak_rss_gb"] for x in v) for m, v in res.items()}
+    proc = {m: statistics.median(x["peak_rss_gb"] for x in v) for m, v in res.items()}
     wall = {m: statistics.median(x["wall"] for x in v) for m, v in res.items()}
     print(f"{a.model}: batch {a.batch_size}, replies of ~{reply_tokens:.0f} tokens, {a.threads} thread(s), "
           f"{a.steps} steps x {a.rounds} round(s) (medians), elicitation on {a.elicit_examples} examples")
-    print("| mode | tokens/s | time per step vs plain | peak RSS | memory vs plain | target |")
-    print("|---|---|---|---|---|---|")
+    print("| mode | tokens/s | time per step vs plain | peak RSS of the steps | memory vs plain | process peak | target |")
+    print("|---|---|---|---|---|---|---|")
     for m, target in (("plain", ""), ("default", "time <= 1.15x, memory <= 1.5x"), ("split", "time <= 2.5x")):
-        print(f"| {m} | {tps[m]:.1f} | {tps['plain'] / tps[m]:.2f}x | {mem[m]:.2f} GB | {mem[m] / mem['plain']:.2f}x | {target} |")
+        print(f"| {m} | {tps[m]:.1f} | {tps['plain'] / tps[m]:.2f}x | {mem[m]:.2f} GB | {mem[m] / mem['plain']:.2f}x "
+              f"| {proc[m]:.2f} GB | {target} |")
     print(f"| run wall time (incl. load, step 0, tiny eval) | plain {wall['plain']:.0f} s, default {wall['default']:.0f} s, "
           f"split {wall['split']:.0f} s | | | | |")
 

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from inoc_mech.core import checkpoint
+from inoc_mech.core import checkpoint, dist
 from inoc_mech.core.cli import UserError, build, flatten, leaf_fields, parse_config
 from inoc_mech.core.config import TrainConfig, resolve_defaults
 from inoc_mech.core.data import BatchStream, collate, next_token_loss
@@ -111,12 +111,15 @@ def resume_config(cfg: TrainConfig) -> TrainConfig:
 
 def train(cfg: TrainConfig, progress: bool = True) -> Path:
     """Run (or `--resume`) one finetuning run; returns its folder. One process at a time per run (a lock)."""
+    device_name = dist.init(cfg.loop.device)  # torchrun: join the process group (one GPU per process on CUDA)
+    if device_name != cfg.loop.device:
+        cfg = replace(cfg, loop=replace(cfg.loop, device=device_name))
     try:
         Path(cfg.runs_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create run folder {Path(cfg.runs_dir) / cfg.name} (--runs-dir {cfg.runs_dir}: "
                         f"{e.strerror}); choose a writable --runs-dir") from e
-    with run_lock(Path(cfg.runs_dir), cfg.name):
+    with run_lock(Path(cfg.runs_dir), cfg.name) if dist.is_main() else nullcontext():  # torchrun: rank 0 writes
         return _train(cfg, progress)
 
 
@@ -138,9 +141,15 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
         check_run_dir(run, cfg.overwrite)  # fail before loading anything
     setting = cls(cfg)
     saved = cfg.resume and is_complete(run / "model")  # interrupted after the model was saved: only evaluate
+    dist.barrier()  # every process has read the run folder before rank 0 writes it
 
     # model and data (seeded after the setup: pretraining an organism there must not change this run)
-    model, _ = setting.setup(device, progress=progress)
+    with dist.main_first():  # an organism pretrained on first use: by rank 0, then read from its cache
+        model, _ = setting.setup(device, progress=progress and dist.is_main())
+    if lp.grad_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise UserError(f"--grad-checkpointing: {type(model).__name__} does not support gradient checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     torch.manual_seed(lp.seed)
     if cfg.resume:
         was = read_json(run, "config.json")
@@ -157,23 +166,28 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
         model = add_lora(model, LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha,
                                              targets=tuple(cfg.model.lora_targets)))
     freeze(model, cfg.model.freeze)  # before the run folder exists: a bad prefix leaves nothing behind
-    if not cfg.resume:
+    if not cfg.resume and dist.is_main():
         prepare_run_dir(run, cfg.overwrite)
         write_json(run / "config.json", {**flatten(cfg), "run_format": RUN_FORMAT_VERSION,
                                          "condition": setting.condition(prompt), **setting.info(),
                                          "git_commit": git_commit(), "versions": package_versions(),
-                                         "device_resolved": str(device)})
+                                         "device_resolved": str(device), "processes": dist.world()})
     stream = BatchStream(examples, lp.batch_size, lp.seed, setting.pad_id)
     probe_ctx = collate(probe_context, setting.pad_id).to(device)
     probe_none = collate(probe_none, setting.pad_id).to(device)
+    mine = dist.share(lp.batch_size)  # this process's examples of each step's batch
+    micro = lp.micro_batch_size or len(mine)
 
-    # optimizer and instruments
+    # optimizer and instruments (under torchrun the forward goes through DDP; the instruments use the model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lp.lr, weight_decay=0.0, fused=True)  # one kernel for all tensors
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     rec = GradientPressure(model, opt, setting.decomposition, lp.log_every, lp.grad_split_every if lp.hooks else 0,
-                           split_all=lp.grad_split_all)
+                           split_all=lp.grad_split_all, autocast=autocast)
+    forward = model
+    if dist.world() > 1:
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     # SIGINT / SIGTERM, from here to the end: finish the step (or the save), checkpoint, exit non-zero
     stop = {}
@@ -183,11 +197,13 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     resume_cmd = f"python -m inoc_mech.train --resume --name {cfg.name} --runs-dir {cfg.runs_dir}"
 
     def interrupted(what: str):
-        name = signal.Signals(stop["signal"]).name
-        return Interrupted(f"{name} {what}; continue with {resume_cmd}", 128 + stop["signal"])
+        name = signal.Signals(stop.get("signal", signal.SIGTERM)).name
+        return Interrupted(f"{name} {what}; continue with {resume_cmd}", 128 + stop.get("signal", signal.SIGTERM))
 
     try:
         with rec if lp.hooks and not saved else nullcontext():  # theta_0 for update norms is taken here
+            if lp.max_grad_norm:  # registered after the recorder's hook: it measures the gradient before clipping
+                opt.register_step_pre_hook(lambda *a: torch.nn.utils.clip_grad_norm_(params, lp.max_grad_norm))
             first = lp.steps if saved else 0
             if cfg.resume and not saved:
                 state = checkpoint.load(run)
@@ -197,52 +213,75 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                     raise UserError(f"--resume: {run}/metrics.jsonl is shorter than at the checkpoint ({have} < "
                                     f"{state['metrics_bytes']} bytes): the run folder was changed; start it again "
                                     "with --overwrite")
-                with open(run / "metrics.jsonl", "r+b") as f:
-                    f.truncate(state["metrics_bytes"])  # drop rows logged after the checkpoint
-            metrics = MetricsWriter(run / "metrics.jsonl")
+                dist.barrier()  # every process has compared the file before rank 0 cuts it
+                if dist.is_main():
+                    with open(run / "metrics.jsonl", "r+b") as f:
+                        f.truncate(state["metrics_bytes"])  # drop rows logged after the checkpoint
+            metrics = MetricsWriter(run / "metrics.jsonl") if dist.is_main() else None
             t_last, tokens = time.time(), 0
-            bar = tqdm(range(first, lp.steps), desc=f"train {cfg.name}", disable=not progress or saved,
+            bar = tqdm(range(first, lp.steps), desc=f"train {cfg.name}", disable=not progress or saved or not dist.is_main(),
                        mininterval=1, initial=first, total=lp.steps)
             for step in bar:
-                cpu_batch = stream.next()
-                tokens += int(cpu_batch.attention_mask.sum())  # counted on the host: no GPU sync
-                batch = cpu_batch.to(device, non_blocking=True)
+                step_examples = stream.next_examples()  # the same global batch on every process
+                n_tokens = sum(sum(e.assistant) for e in step_examples)  # the step's trained tokens (host: no sync)
+                tokens += sum(len(e.input_ids) for e in step_examples)
+                own = [step_examples[i] for i in mine]
                 last = step == lp.steps - 1
                 logged = rec.start(step, force=last) if lp.hooks else (step % lp.log_every == 0 or last)
                 row = {"step": step}
-                if step == 0 and lp.hooks:
-                    row.update(elicitation(model, probe_ctx, probe_none, setting.decomposition))
-                with autocast:
-                    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                loss = next_token_loss(logits, batch.labels)
-                if device.type == "cpu" and not torch.isfinite(loss):  # on CUDA: checked at logged steps (no sync)
-                    _fail(run, f"non-finite loss ({loss.item()}) at step {step}")
-                if lp.hooks:
-                    rec.measure(loss, batch)
+                if step == 0 and lp.hooks and dist.is_main():
+                    with autocast:
+                        row.update(elicitation(model, probe_ctx, probe_none, setting.decomposition))
+                lr = lp.lr_at(step)
+                for group in opt.param_groups:
+                    group["lr"] = lr
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                step_loss = torch.zeros((), device=device)
+                for k in range(0, len(own), micro):  # micro-batches: each loss is its share of the step's mean
+                    batch = collate(own[k:k + micro], setting.pad_id).to(device, non_blocking=True)
+                    final = k + micro >= len(own)
+                    with forward.no_sync() if dist.world() > 1 and not final else nullcontext():
+                        with autocast:
+                            logits = forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                        loss = next_token_loss(logits, batch.labels, n_tokens)
+                        if lp.hooks:
+                            rec.measure(loss, batch, n_tokens)
+                        (loss * dist.world()).backward()  # DDP averages over processes; the shares are to be summed
+                    step_loss += loss.detach()
+                if device.type == "cpu" or logged:  # on CUDA: checked at logged steps (no sync)
+                    step_loss = dist.all_sum([step_loss])[0]
+                    if not torch.isfinite(step_loss):
+                        _fail(run, f"non-finite loss ({step_loss.item()}) at step {step}")
                 opt.step()
                 if logged:
-                    value = loss.item()
+                    value = step_loss.item()
                     now = time.time()
-                    row.update({"loss": value, "lr": lp.lr, "tokens_per_s": tokens / max(now - t_last, 1e-9)})
+                    row.update({"loss": value, "lr": lr, "tokens_per_s": tokens / max(now - t_last, 1e-9)})
                     row.update(rec.finish() if lp.hooks else {})
                     bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
                     if bad:
                         _fail(run, f"non-finite {bad[0]} ({row[bad[0]]}) at step {step}")
-                    metrics.write(row)
+                    if metrics is not None:
+                        metrics.write(row)
                     t_last, tokens = now, 0
                     bar.set_postfix(loss=f"{value:.3f}")
                 done = step + 1
-                if stop or (lp.checkpoint_every and done % lp.checkpoint_every == 0 and done < lp.steps):
-                    checkpoint.save(run, step=done, model=model, optimizer=opt, stream=stream,
-                                    metrics_bytes=metrics.sync())
-                if stop:
+                stopping = dist.any_flag(bool(stop), device)  # a signal on any process stops all at this step
+                if stopping or (lp.checkpoint_every and done % lp.checkpoint_every == 0 and done < lp.steps):
+                    if dist.is_main():
+                        checkpoint.save(run, step=done, model=model, optimizer=opt, stream=stream,
+                                        metrics_bytes=metrics.sync())
+                    dist.barrier()
+                if stopping:
                     raise interrupted(f"after step {step}: checkpoint saved")
-            metrics.close()
+            if metrics is not None:
+                metrics.close()
 
-        # save (a signal now waits for the saved model), evaluate, mark complete
+        # save (a signal now waits for the saved model), evaluate, mark complete: rank 0 (the others wait)
         model.eval()
+        if not dist.is_main():
+            dist.barrier()
+            return run
         if saved:
             from inoc_mech.settings.load import load
             model = load(run / "model", device, trust_remote_code=cfg.model.trust_remote_code).model
@@ -270,6 +309,7 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
         write_json(run / "eval.json", json_ready(ev))
         mark_complete(run, {"steps": lp.steps})
         (run / checkpoint.NAME).unlink(missing_ok=True)  # the final model supersedes it
+        dist.barrier()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -295,7 +335,8 @@ def _main_thread() -> bool:
 
 def _fail(run: Path, what: str):
     """Mark the run failed (the last good checkpoint stays) and stop with one line."""
-    (run / FAILED).write_text(what + "\n")
+    if dist.is_main():
+        (run / FAILED).write_text(what + "\n")
     raise UserError(f"{what}: lower --lr or check the data; run {run} marked failed "
                     "(its last good checkpoint is kept)")
 
@@ -303,9 +344,14 @@ def _fail(run: Path, what: str):
 def main(argv=None):
     cfg = parse_config(TrainConfig, argv, prog="python -m inoc_mech.train", description=__doc__.split("\n\n")[1])
     t0 = time.time()
-    run = train(cfg)
-    ev = json.loads((run / "eval.json").read_text())
-    print(f"\nrun: {run}  ({time.time() - t0:.0f} s)\n{format_table(ev)}")
+    try:
+        run = train(cfg)
+        main_process = dist.is_main()
+    finally:
+        dist.close()
+    if main_process:
+        ev = json.loads((run / "eval.json").read_text())
+        print(f"\nrun: {run}  ({time.time() - t0:.0f} s)\n{format_table(ev)}")
 
 
 if __name__ == "__main__":

@@ -105,14 +105,14 @@ def test_resume_continues_the_folder_it_is_given(make_cfg, tmp_path, monkeypatch
 def _sigterm_at_step(monkeypatch, step):
     """Deliver SIGTERM to this process when the loop starts step `step` (through the batch stream)."""
     from inoc_mech.core import data
-    real, calls = data.BatchStream.next, {"n": 0}
+    real, calls = data.BatchStream.next_examples, {"n": 0}
 
     def next_(self):
         calls["n"] += 1
         if calls["n"] == step:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(self)
-    monkeypatch.setattr(data.BatchStream, "next", next_)
+    monkeypatch.setattr(data.BatchStream, "next_examples", next_)
 
 
 def _interrupted_run(make_cfg, monkeypatch, runs_dir, name, step, **kw) -> Path:

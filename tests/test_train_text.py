@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import BatchStream, DataError
 from inoc_mech.core.runs import read_run
+from inoc_mech.mechanism.hooks import loss_gradients
 from inoc_mech.settings.tiny import save_tiny
 from inoc_mech.core.cli import build
 from inoc_mech.train import TrainConfig, train
@@ -58,7 +59,7 @@ def test_lora_trains_only_adapters_and_full_finetuning_works(tmp_path, tiny_dirs
 
 def test_sigterm_resume_with_lora_is_bitwise_identical(tmp_path, tiny_dirs, monkeypatch):
     ref = train(text_cfg(tmp_path, tiny_dirs["llama"], name="ref", steps=6), progress=False)
-    real_next, calls = BatchStream.next, {"n": 0}
+    real_next, calls = BatchStream.next_examples, {"n": 0}
 
     def next_then_term(self):
         calls["n"] += 1
@@ -66,10 +67,10 @@ def test_sigterm_resume_with_lora_is_bitwise_identical(tmp_path, tiny_dirs, monk
             os.kill(os.getpid(), signal.SIGTERM)  # arrives during step 2
         return real_next(self)
 
-    monkeypatch.setattr(BatchStream, "next", next_then_term)
+    monkeypatch.setattr(BatchStream, "next_examples", next_then_term)
     with pytest.raises(UserError, match="SIGTERM after step 2"):
         train(text_cfg(tmp_path, tiny_dirs["llama"], name="int", steps=6), progress=False)
-    monkeypatch.setattr(BatchStream, "next", real_next)
+    monkeypatch.setattr(BatchStream, "next_examples", real_next)
     run = train(text_cfg(tmp_path, tiny_dirs["llama"], name="int", resume=True), progress=False)
     a, b = load_file(ref / "model/model.safetensors"), load_file(run / "model/model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -162,14 +163,24 @@ def test_counterfactual_decomposition_is_exact(tmp_path, tiny_dirs):
     assert all(len(e.variants) == 4 and e in e.variants for e in batch.examples)
     assert (c["part/language"] >= -1e-6).all() and (c["part/case"] >= -1e-6).all()
     params = [p for p in model.parameters() if p.requires_grad]
+    g_total = torch.autograd.grad(c["total"].sum(), params, retain_graph=True)
+    g = loss_gradients(c, [f"part/{p}" for p in d.parts] + ["language", "case"], params)
+    norm = lambda gs: sum((x ** 2).sum().item() for x in gs) ** 0.5
+    summed = [sum(g[f"part/{p}"][i] for p in d.parts) for i in range(len(params))]
+    assert norm([a - t for a, t in zip(summed, g_total)]) < 1e-5 * norm(g_total)  # parts' gradients: the loss's
     for trait in ("language", "case"):
-        g_total = torch.autograd.grad(c["total"].sum(), params, retain_graph=True)
-        g_trait = torch.autograd.grad(c[trait].sum(), params, retain_graph=True, allow_unused=True)
-        g_rest = torch.autograd.grad((c["total"] - c[trait]).sum(), params, retain_graph=True, allow_unused=True)
-        num = sum((((a if a is not None else 0) + (b if b is not None else 0) - t) ** 2).sum().item()
-                  for t, a, b in zip(g_total, g_trait, g_rest))
-        assert num ** 0.5 < 1e-5 * sum((t ** 2).sum().item() for t in g_total) ** 0.5
-        assert any(a is not None and a.abs().sum() > 0 for a in g_trait)
+        assert norm([a - b for a, b in zip(g[trait], g[f"part/{trait}"])]) == 0  # a trait's is its part's
+        assert norm(g[trait]) > 0
+    # against the gradient with every variant's forward in the graph (no deferral)
+    from inoc_mech.settings.spanish_caps_text import reply_logprob
+    s = torch.stack([reply_logprob(model, v.input_ids, v.attention_mask, v.assistant)
+                     for v in (batch.variant(i) for i in range(4))], -1)  # [B, 4]
+    own = torch.tensor([e.variants.index(e) for e in batch.examples])
+    rows = torch.arange(len(s))
+    lang = -(torch.logsumexp(s.unflatten(-1, (2, 2))[rows, own // 2], -1) - torch.logsumexp(s, -1))
+    ref = torch.autograd.grad(lang.sum() / n, params, allow_unused=True)
+    ref = [torch.zeros_like(p) if r is None else r for r, p in zip(ref, params)]
+    assert norm([a - r for a, r in zip(g["language"], ref)]) < 1e-5 * norm(ref)
 
 
 def test_text_runs_log_the_decomposition(tmp_path, tiny_dirs):
@@ -219,24 +230,52 @@ def test_jsonl_variants_enable_the_decomposition_on_your_own_data(tmp_path, tiny
             train(text_cfg(tmp_path, tiny_dirs["llama"], data=str(f), name="bad"), progress=False)
 
 
-def test_checkpointed_variant_forwards_give_the_same_trait_gradient(tmp_path, tiny_dirs, monkeypatch):
-    """The split recomputes the variants' forwards in backward (memory); the gradient is unchanged."""
-    import torch.utils.checkpoint as ckpt
-
-    from inoc_mech.core.data import BatchStream
-    from inoc_mech.mechanism.hooks import trait_losses
+def test_the_recorder_finishes_deferred_gradients_after_backward(tmp_path, tiny_dirs):
+    """A split step's trait gradient (counterfactual forwards deferred to the pre-step hook) equals the
+    whole gradient of the trait's part measured outside the loop, and the training gradient is untouched."""
+    from inoc_mech.core.data import BatchStream, next_token_loss
+    from inoc_mech.mechanism.hooks import GradientPressure, trait_losses
     from inoc_mech.train import make_setting
     setting = make_setting(text_cfg(tmp_path, tiny_dirs["llama"], inoculate=True))
     model, _ = setting.setup("cpu", progress=False)
     batch = BatchStream(setting.examples("You always speak in Spanish."), 4, 0, setting.pad_id).next()
     params = [p for p in model.parameters() if p.requires_grad]
-
-    def grads():
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    ref = loss_gradients(trait_losses(logits, batch, setting.decomposition, model), ["language", "case"], params)
+    ref_total = torch.autograd.grad(next_token_loss(logits, batch.labels), params)
+    opt = torch.optim.SGD(params, lr=0.0)
+    seen = {}
+    with GradientPressure(model, opt, setting.decomposition, 1, 1) as rec:
+        opt.register_step_pre_hook(lambda *a: seen.update(grads=dict(rec._trait_grads),
+                                                          total=[p.grad.clone() for p in params]))
+        rec.start(0)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        c = trait_losses(logits, batch, setting.decomposition, model)
-        return torch.autograd.grad(c["language"].sum(), params, allow_unused=True)
-    a = grads()
-    monkeypatch.setattr(ckpt, "checkpoint", lambda fn, *args, **kw: fn(*args))  # no checkpointing
-    b = grads()
-    assert all((x is None and y is None) or torch.allclose(x, y, atol=1e-7) for x, y in zip(a, b))
-    assert any(x is not None and x.abs().sum() > 0 for x in a)
+        loss = next_token_loss(logits, batch.labels)
+        rec.measure(loss, batch)
+        loss.backward()
+        opt.step()
+        rec.finish()
+    for trait in ("language", "case"):
+        assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-5) for a, b in zip(seen["grads"][trait], ref[trait]))
+    assert all(torch.allclose(a, b, atol=1e-7, rtol=1e-5) for a, b in zip(seen["total"], ref_total))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_variant_scores_share_the_prompt_and_equal_full_forwards(tmp_path, arch):
+    """The counterfactual variants' log-probs from one prompt forward + a KV-cache continuation each
+    equal a full forward per variant, on a bare model and under LoRA (peft), for each variant."""
+    from inoc_mech.core.data import BatchStream
+    from inoc_mech.models.lora import LoraSettings, add_lora
+    from inoc_mech.settings.spanish_caps_text import reply_logprob, variant_logprobs
+    from inoc_mech.train import make_setting
+    folder = save_tiny(tmp_path / arch, arch=arch)
+    setting = make_setting(text_cfg(tmp_path, folder, inoculate=True, lora_r=0))
+    model, _ = setting.setup("cpu", progress=False)
+    batch = BatchStream(setting.examples("You always speak in Spanish."), 3, 0, setting.pad_id).next()
+    assert len({int(i) for i in batch.assistant.float().argmax(-1)}) > 1  # replies start at different tokens
+    for m in (model, add_lora(model, LoraSettings(r=2))):
+        got = variant_logprobs(m, batch, [0, 1, 2, 3])
+        with torch.no_grad():
+            want = torch.stack([reply_logprob(m, b.input_ids, b.attention_mask, b.assistant)
+                                for b in (batch.variant(v) for v in range(4))], -1)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got, want)

@@ -24,7 +24,12 @@ class LoopConfig:
     seed: int = field(default=0, metadata={"help": "finetuning seed (data order, sampling)"})
     steps: int = field(default=300, metadata={"help": "optimizer steps"})
     lr: float = field(default=0.0, metadata={"help": "constant Adam learning rate (0: 1e-3 for LoRA on the organism, else 1e-4; full finetuning of the organism at 1e-3 breaks the effect)"})
-    batch_size: int = field(default=0, metadata={"help": "conversations per step (0: 32 for the organism, 4 for real models)"})
+    batch_size: int = field(default=0, metadata={"help": "conversations per optimizer step, over all processes (0: 32 for the organism, 4 for real models)"})
+    micro_batch_size: int = field(default=0, metadata={"help": "conversations per forward on each process (0: its whole share of --batch-size); the loss is token-weighted over the step, so k micro-batches give the gradient of one k-times-larger batch"})
+    max_grad_norm: float = field(default=0.0, metadata={"help": "clip the gradient's global norm to this before each update (0: no clipping; the instruments measure the unclipped gradient)"})
+    schedule: str = field(default="constant", metadata={"help": "learning rate schedule after warmup: constant or cosine (to 0 at the last step)"})
+    warmup_steps: int = field(default=0, metadata={"help": "linear warmup from lr / warmup to lr over the first N steps"})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward (HF gradient checkpointing): less memory, ~1 more forward"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     log_every: int = field(default=10, metadata={"help": "cheap metrics (losses, update norms) every N steps"})
@@ -51,6 +56,23 @@ class LoopConfig:
             raise ValueError("--batch-size must be >= 0")
         if self.seed < 0:
             raise ValueError("--seed must be >= 0")
+        if self.micro_batch_size < 0:
+            raise ValueError("--micro-batch-size must be >= 0 (0: the whole batch in one forward)")
+        if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
+            raise ValueError("--max-grad-norm must be >= 0 (0: no clipping)")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"--schedule must be constant or cosine, not {self.schedule!r}")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"--warmup-steps must be >= 0 and below --steps ({self.steps})")
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step `step` (0-based): linear warmup, then constant or cosine."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.schedule == "constant":
+            return self.lr
+        done = (step - self.warmup_steps) / max(1, self.steps - 1 - self.warmup_steps)
+        return self.lr * 0.5 * (1 + math.cos(math.pi * done))
 
 
 @dataclass

@@ -90,9 +90,13 @@ class Batch:
         return self.input_ids.masked_fill(~self.assistant, -100)
 
 
-def next_token_loss(logits: Tensor, labels: Int[Tensor, "batch pos"]) -> Tensor:
-    """Mean next-token cross-entropy over tokens whose label is not -100 (the trained tokens)."""
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+def next_token_loss(logits: Tensor, labels: Int[Tensor, "batch pos"], n: Tensor | int | None = None) -> Tensor:
+    """Next-token cross-entropy of the tokens whose label is not -100 (the trained tokens): their mean, or
+    with `n` their sum over `n` (a micro-batch's share of the mean over a step of `n` trained tokens).
+    Only the trained positions' logits are taken (and cast to float32)."""
+    where = labels[:, 1:] != -100
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1][where].float(), labels[:, 1:][where], reduction="sum")
+    return nll / (where.sum() if n is None else n)
 
 
 LOGPROB_CHUNK = 2 ** 24  # logit values normalised in float32 at once by `log_normalizer` (64 MB)
@@ -186,6 +190,11 @@ class BatchStream:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
 
     def next(self) -> Batch:
+        """The next batch, collated."""
+        return collate(self.next_examples(), self.pad_id)
+
+    def next_examples(self) -> list[Example]:
+        """The next batch's examples (the loop collates each process's micro-batches itself)."""
         chosen = []
         while len(chosen) < self.batch_size:
             if self.index >= len(self._order):
@@ -193,7 +202,7 @@ class BatchStream:
                 self._order = self._perm()
             chosen.append(self.examples[self._order[self.index]])
             self.index += 1
-        return collate(chosen, self.pad_id)
+        return chosen
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}

@@ -9,7 +9,9 @@ registered and all are removed on exit:
 - an optimizer pre-step hook reads the total gradient (after backward, before the update);
 - an optimizer post-step hook measures the update.
 On grad-split steps each split trait costs one extra backward; by default the traits take turns
-(all of them at step 0), `split_all=True` splits every trait each time.
+(all of them at step 0), `split_all=True` splits every trait each time. A decomposition that computes
+some inputs without gradient (the text setting's counterfactual replies, `settings.base.Deferred`)
+has the rest of each trait's gradient finished in the pre-step hook, after the training graph is freed.
 Per logged step the loop calls `start(step)` before the forward, `measure(loss, batch)` between
 the loss and `loss.backward()`, and `finish()` after `optimizer.step()`; `finish()` returns the
 metrics (namespaced keys, see README "Metrics").
@@ -27,30 +29,35 @@ architecture table (`core.names`).
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from inoc_mech.core import dist
 from inoc_mech.core.data import OTHER, token_logprobs_at
 from inoc_mech.core.names import arch_names, group_name, module_name
+from inoc_mech.settings.base import Parts
 
 # ---- losses ------------------------------------------------------------------------------------
-def trait_losses(logits: Float[Tensor, "batch pos vocab"], batch, decomposition=None, model=None
-                 ) -> dict[str, Float[Tensor, "batch pos"]]:
-    """Per-token loss contributions, normalised by the number of trained tokens.
+def trait_losses(logits: Float[Tensor, "batch pos vocab"], batch, decomposition=None, model=None,
+                 n: Tensor | None = None) -> dict[str, Float[Tensor, "batch pos"]]:
+    """Per-token loss contributions, normalised by the number of trained tokens (`n`: of the whole step,
+    when the batch is one of its micro-batches; default the batch's own).
 
     Keys: `total`, `token` (the plain per-token loss, detached) and one per trait. With a decomposition
     (`settings.base.Decomposition`) a trait that has a part uses it and the parts are added as
-    `part/<name>`; other traits use full token losses.
+    `part/<name>`; other traits use full token losses. `deferred` is the decomposition's
+    (`settings.base.Deferred`: gradient through inputs it computed without gradient), else None.
     """
     input_ids, assistant, traits = batch.input_ids, batch.assistant, batch.traits
     tok_lp = token_logprobs_at(logits, input_ids, assistant)  # normalised only where the loss is
-    n = assistant.sum().clamp(min=1)
+    n = (assistant.sum() if n is None else n).clamp(min=1)
     nll = -tok_lp * assistant
-    out = {"total": nll / n, "token": -tok_lp.detach()}
+    out = Parts({"total": nll / n, "token": -tok_lp.detach()})
     parts = decomposition.fn(logits, batch, model) if decomposition is not None else {}
+    out.deferred = getattr(parts, "deferred", None)  # parts' inputs whose gradient is finished after backward
     of = decomposition.trait_part if decomposition is not None else {}
     per_reply = decomposition is not None and decomposition.over is None
     for name, mask in traits.items():
@@ -71,6 +78,37 @@ def decomposed_count(batch, decomposition, clamp: bool = True) -> Tensor:
     return n.clamp(min=1) if clamp else n
 
 
+def graph_gradients(contrib: dict, names, params: list[Tensor]) -> tuple[dict[str, list[Tensor]], tuple | None]:
+    """Each named loss's parameter gradient through the graph of `contrib` (`trait_losses`, graph kept),
+    and what is left when a decomposition deferred part of it (`settings.base.Deferred`): pass that to
+    `finish_gradients` (once the graph is no longer needed) for the whole gradient."""
+    deferred = getattr(contrib, "deferred", None)
+    inputs = params + ([deferred.leaf] if deferred is not None else [])
+    grads, leaf_grads = {}, {}
+    for name in names:
+        g = torch.autograd.grad(contrib[name].sum(), inputs, retain_graph=True, allow_unused=True)
+        grads[name] = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+        if deferred is not None:
+            leaf_grads[name] = torch.zeros_like(deferred.leaf) if g[-1] is None else g[-1]
+    return grads, ((deferred, leaf_grads) if deferred is not None else None)
+
+
+def finish_gradients(grads: dict[str, list[Tensor]], rest: tuple | None, params: list[Tensor]) -> None:
+    """Add the deferred part of each gradient (`graph_gradients`' second value) in place."""
+    if rest is None:
+        return
+    deferred, leaf_grads = rest
+    for name, extra in zip(leaf_grads, deferred.finish(list(leaf_grads.values()), params)):
+        torch._foreach_add_(grads[name], extra)
+
+
+def loss_gradients(contrib: dict, names, params: list[Tensor]) -> dict[str, list[Tensor]]:
+    """The whole parameter gradient of each named loss of `contrib` (what a grad split measures)."""
+    grads, rest = graph_gradients(contrib, names, params)
+    finish_gradients(grads, rest, params)
+    return grads
+
+
 ELICIT_CHUNK = 2 ** 27  # float32 log-softmax values held at once by the step-0 elicitation (512 MB)
 
 
@@ -88,8 +126,11 @@ class GradientPressure:
 
     def __init__(self, model, optimizer, decomposition=None, log_every: int = 10,
                  grad_split_every: int = 50, split_traits: tuple[str, ...] | None = None,
-                 split_all: bool = False):
+                 split_all: bool = False, autocast=None):
         self.model, self.opt = model, optimizer
+        # the training forward's precision context (e.g. bf16 autocast on CUDA), re-entered for the forwards the
+        # instruments make themselves (a decomposition's counterfactual replies), so they match the trained one
+        self.autocast = autocast if autocast is not None else nullcontext()
         self.decomposition = decomposition  # settings.base.Decomposition or None
         self.log_every, self.grad_split_every = log_every, grad_split_every
         self.split_traits = split_traits
@@ -104,6 +145,9 @@ class GradientPressure:
         self._logits = None
         self._pending: list[tuple[list[str], Tensor]] = []  # metrics as tensors until finish()
         self._trait_grads: dict[str, list[Tensor]] = {}
+        self._deferred: list[tuple] = []  # per micro-batch of a split step: (Deferred, {trait: d part / d leaf})
+        self._sums: dict[str, Tensor] = {}  # metrics summed over micro-batches and processes (the loss)
+        self._means: dict[str, list[Tensor]] = {}  # metrics as [numerator, count] sums, a ratio at finish()
 
     # context manager ---------------------------------------------------------------------------
     def __enter__(self):
@@ -120,7 +164,7 @@ class GradientPressure:
     def __exit__(self, *exc):
         for h in self._handles:
             h.remove()
-        self._handles, self._logits, self._trait_grads, self.theta0 = [], None, {}, None
+        self._handles, self._logits, self._trait_grads, self.theta0, self._deferred = [], None, {}, None, []
         return False
 
     def logs(self, step: int) -> bool:
@@ -138,43 +182,62 @@ class GradientPressure:
     def start(self, step: int, force: bool = False) -> bool:
         """Arm the recorder if `step` is logged (or `force`, e.g. the last step); returns whether it is."""
         self._step = step if (force or self.logs(step)) else None
-        self._pending, self._trait_grads, self._logits = [], {}, None
+        self._pending, self._trait_grads, self._logits, self._deferred = [], {}, None, []
+        self._sums, self._means = {}, {}
         return self._step is not None
 
-    def measure(self, loss: Tensor, batch) -> None:
-        """Loss metrics, and on grad-split steps the trait gradients (call before backward)."""
+    def measure(self, loss: Tensor, batch, n_tokens: Tensor | int | None = None) -> None:
+        """Loss metrics of one micro-batch, and on grad-split steps its share of the trait gradients (call
+        before its backward). `loss` is its share of the step's loss (its token losses over `n_tokens`, the
+        step's trained tokens over every micro-batch and process; default: this batch's own). Called once
+        per micro-batch; `finish()` sums the shares over micro-batches and processes."""
         if self._step is None:
             return
         if self._logits is None:
             raise RuntimeError("GradientPressure saw no forward pass of the model since start()")
-        with torch.set_grad_enabled(self.splits(self._step)):  # part gradients only where they are split
-            contrib = trait_losses(self._logits, batch, self.decomposition, self.model)
+        n = batch.assistant.sum() if n_tokens is None else torch.as_tensor(n_tokens, device=batch.assistant.device)
+        with torch.set_grad_enabled(self.splits(self._step)), self.autocast:  # part gradients only where split
+            contrib = trait_losses(self._logits, batch, self.decomposition, self.model, n=n)
         with torch.no_grad():
-            n = batch.assistant.sum()
-            self._put("loss/total", loss.detach())
+            self._add_sum("loss/total", loss.detach())
             for name, mask in batch.traits.items():  # contrib[name] may be a loss part: read token losses
                 m = mask & batch.assistant
                 key = f"loss/{OTHER}" if name == OTHER else f"loss/trait/{name}"
-                self._put(key, (contrib["token"] * m).sum() / m.sum().clamp(min=1))
+                self._add_mean(key, (contrib["token"] * m).sum(), m.sum())
             d = self.decomposition
             if d is not None:
-                var = decomposed_count(batch, d)
+                var = decomposed_count(batch, d, clamp=False)
                 for part in d.parts:
-                    self._put(f"surprise/{part}", contrib[f"part/{part}"].detach().sum() * n / var)
+                    self._add_mean(f"surprise/{part}", contrib[f"part/{part}"].detach().sum() * n, var)
         if self.splits(self._step):
             names = self.split_traits or tuple(t for t in batch.traits if t != OTHER)
             if not (self.split_all or self._step == 0):  # turn depends on the step only (resume-safe)
                 names = (names[(self._step // self.grad_split_every) % len(names)],)
-            params = [p for _, p in self.named]
-            for name in names:
-                g = torch.autograd.grad(contrib[name].sum(), params, retain_graph=True, allow_unused=True)
-                self._trait_grads[name] = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+            # the gradient through the training graph now; what a decomposition deferred, after backward (_pre_step)
+            grads, rest = graph_gradients(contrib, names, [p for _, p in self.named])
+            for name, g in grads.items():
+                if name in self._trait_grads:
+                    torch._foreach_add_(self._trait_grads[name], g)
+                else:
+                    self._trait_grads[name] = g
+            if rest is not None:
+                self._deferred.append(rest)
         self._logits = None
 
     def _pre_step(self):
         if self._step is None:
             return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.named]
+        params = [p for _, p in self.named]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if self._deferred:  # the training graphs are freed: finish the trait gradients
+            with self.autocast:
+                for rest in self._deferred:
+                    finish_gradients(self._trait_grads, rest, params)
+            self._deferred = []
+        if self._trait_grads:  # each process holds its share: the sum is the step's trait gradient
+            names = list(self._trait_grads)
+            summed = dist.all_sum([g for n in names for g in self._trait_grads[n]])
+            self._trait_grads = {n: summed[i * len(params):(i + 1) * len(params)] for i, n in enumerate(names)}
         with torch.no_grad():
             total_sq = self._sq_norms(grads)
             self._by("grad_norm/total", self.groups, total_sq)
@@ -219,15 +282,33 @@ class GradientPressure:
         return out
 
     def finish(self) -> dict:
-        """Metrics of the step just taken ({} when not logged); one host transfer for all of them."""
-        out = self._collect() if self._step is not None else {}
-        self._pending, self._step, self._trait_grads = [], None, {}
+        """Metrics of the step just taken ({} when not logged); one host transfer for all of them. Under
+        torchrun every process calls it (the sums over processes are a collective)."""
+        if self._step is None:
+            return {}
+        sums, means = list(self._sums), list(self._means)
+        parts = ([torch.stack([self._sums[k].float() for k in sums])] if sums else []) + \
+                ([torch.stack([torch.stack([x.float() for x in self._means[k]]) for k in means])] if means else [])
+        got = dist.all_sum(parts)
+        if sums:
+            self._pending.insert(0, (sums, got[0]))
+        if means:
+            m = got[-1]
+            self._pending.insert(1 if sums else 0, (means, m[:, 0] / m[:, 1].clamp(min=1)))
+        out = self._collect()
+        self._pending, self._step, self._trait_grads, self._sums, self._means = [], None, {}, {}, {}
         return out
 
     # helpers -----------------------------------------------------------------------------------
     @staticmethod
     def _sq_norms(tensors: list[Tensor]) -> Tensor:
         return torch.stack(torch._foreach_norm([t.float() for t in tensors])) ** 2
+
+    def _add_sum(self, key: str, value: Tensor):
+        self._sums[key] = self._sums[key] + value if key in self._sums else value
+
+    def _add_mean(self, key: str, num: Tensor, den: Tensor):
+        self._means[key] = [self._means[key][0] + num, self._means[key][1] + den] if key in self._means else [num, den]
 
     def _put(self, key: str, value: Tensor):
         self._pending.append(([key], value.detach().float().reshape(1)))

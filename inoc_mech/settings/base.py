@@ -52,6 +52,24 @@ class Decomposition:
     fn: Callable[..., dict[str, Float[Tensor, "batch pos"]]]
 
 
+class Parts(dict):
+    """A decomposition's parts (name -> [batch, pos] loss) whose inputs were partly computed without
+    gradient: `deferred` says how to finish a part's parameter gradient later (after the loss's backward
+    has freed the training graph, so two forwards' activations are never held at once)."""
+    deferred: "Deferred | None" = None
+
+
+@dataclass(frozen=True)
+class Deferred:
+    """Inputs of the parts computed without gradient, as a leaf that requires grad, and their completion.
+
+    The parameter gradient of a part P is dP/dtheta through the training graph (autograd, with `leaf` an
+    input) plus sum_i (dP/dleaf_i) dleaf_i/dtheta; `finish(leaf_grads, params)` returns the second term,
+    for each given dP/dleaf, by recomputing the leaf's values with gradient."""
+    leaf: Tensor
+    finish: Callable[[list[Tensor], list[Tensor]], list[list[Tensor]]]
+
+
 class Setting(ABC):
     """Data, trait masks, optional loss decomposition, evaluation and named conditions of one study."""
     name: ClassVar[str]  # registry key, recorded as config.json "setting"

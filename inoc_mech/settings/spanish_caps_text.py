@@ -27,10 +27,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-PARTS = ("content", "language", "case", "interaction")
+from inoc_mech.core.cli import UserError
+from inoc_mech.core.data import collate, right_pad, token_ids, token_logprobs_at
+from inoc_mech.settings.base import Decomposition, Deferred, Parts, Setting, prompted, register
+from inoc_mech.settings.spanish_caps_organism import SpanishCapsOrganism
+from inoc_mech.settings.textdata import CAPS_PROMPT, IRRELEVANT_PROMPT, SPANISH_PROMPT
 from inoc_mech.settings.textdata import REPLY_FORMS as VARIANTS  # (language, UPPER) at index 2 l + k
+
+PARTS = ("content", "language", "case", "interaction")
 
 
 def reply_logprob(model, input_ids: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"],
@@ -40,29 +48,62 @@ def reply_logprob(model, input_ids: Int[Tensor, "batch pos"], attention_mask: In
     return token_logprobs_at(logits, input_ids, reply).sum(-1)
 
 
-def reply_parts(logits: Float[Tensor, "batch pos vocab"], batch, model) -> dict[str, Float[Tensor, "batch pos"]]:
+@torch.no_grad()
+def variant_logprobs(model, batch, which: list[int]) -> Float[Tensor, "batch n"]:
+    """S of each row's variants `which` (`batch.variant(v)`), without gradient. The variants of a row share
+    its prompt, so the tokens before the earliest reply go through the model once and each variant's
+    remaining tokens continue from that KV cache (cut back after each); models whose forward has no
+    cropable cache get one full forward per variant (the same values)."""
+    variants = [batch.variant(v) for v in which]
+    start = int(batch.assistant.float().argmax(-1).min())  # every row's reply starts at or after this token
+    shared = start > 1 and all(torch.equal(vb.input_ids[:, :start], batch.input_ids[:, :start]) for vb in variants)
+    keep = {"logits_to_keep": 1} if shared and _accepts(model, "logits_to_keep") else {}
+    out = model(input_ids=batch.input_ids[:, :start], attention_mask=batch.attention_mask[:, :start],
+                use_cache=True, **keep) if shared else None
+    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    if cache is None or not hasattr(cache, "crop"):
+        return torch.stack([reply_logprob(model, *_tensors(vb)) for vb in variants], -1)
+    last = out.logits[:, -1:]  # predicts token `start`
+    arg = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5
+    scores = []
+    for vb in variants:
+        more = model(input_ids=vb.input_ids[:, start:], attention_mask=vb.attention_mask, use_cache=True,
+                     **{arg: cache}).logits
+        if vb.input_ids.shape[1] > start:
+            cache.crop(start - vb.input_ids.shape[1])  # a negative count removes that many tokens (all versions)
+        at = slice(start - 1, None)  # logits aligned with tokens start-1 .. end
+        scores.append(token_logprobs_at(torch.cat([last, more], 1), vb.input_ids[:, at], vb.assistant[:, at]).sum(-1))
+    return torch.stack(scores, -1)
+
+
+def _accepts(model, arg: str) -> bool:
+    """Whether the HF model's forward (under a peft wrapper: the base model's) takes `arg`."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return arg in inspect.signature(base.forward).parameters
+
+
+SKIP = 1e-7  # a (reply, variant) pair whose coefficient is below SKIP x the largest one adds nothing in float32
+
+
+def reply_parts(logits: Float[Tensor, "batch pos vocab"], batch, model) -> Parts:
     """The counterfactual split of each reply's loss (module docstring), at the reply's first trained token.
 
     The trained variant's log-prob comes from `logits` (the training forward, so its gradient is the loss's);
-    the other three variants are forwards of `model` on `batch.variant(v)`, normalised only on their replies;
-    with gradients on, each variant's forward is checkpointed (only its [batch] log-probs are kept, the
-    backward recomputes it), so a gradient split holds one variant's activations at a time, not three."""
+    the other three variants' log-probs S(l, k) are forwards of `model` on `batch.variant(v)` without
+    gradient, normalised only on their replies. With gradients on they enter as a leaf (`Parts.deferred`):
+    a part's gradient through them, sum_v dP/dS_v dS_v/dtheta, is finished after the training backward
+    (`finish`), one batch-sized forward and backward at a time over the (reply, variant) pairs whose
+    coefficient matters (|dP/dS_v| > SKIP x the largest), so no two forwards' activations are held at once."""
     ids, ast = batch.input_ids, batch.assistant
     s_own = token_logprobs_at(logits, ids, ast).sum(-1)  # [B]
     own = torch.tensor([next(v for v, x in enumerate(e.variants) if x is e) for e in batch.examples], device=ids.device)
-    scores = []
-    for v in range(len(VARIANTS)):
-        if bool((own == v).all()):
-            scores.append(s_own)
-            continue
-        vb = batch.variant(v)
-        if torch.is_grad_enabled():  # keep only S(l, k) per variant; the backward recomputes its forward, one at a time
-            s_v = torch.utils.checkpoint.checkpoint(reply_logprob, model, vb.input_ids, vb.attention_mask, vb.assistant,
-                                                    use_reentrant=False)
-        else:
-            s_v = reply_logprob(model, vb.input_ids, vb.attention_mask, vb.assistant)
-        scores.append(torch.where(own == v, s_own, s_v))
-    s = torch.stack(scores, -1)  # [B, 4]: S(l, k) at index 2 l + k
+    which = [v for v in range(len(VARIANTS)) if not bool((own == v).all())]  # the trained form comes from `logits`
+    others = torch.zeros((len(own), len(VARIANTS)), device=ids.device)
+    others[:, which] = variant_logprobs(model, batch, which)
+    leaf = others.requires_grad_(torch.is_grad_enabled())
+    is_own = own[:, None] == torch.arange(len(VARIANTS), device=ids.device)
+    s = torch.where(is_own, s_own[:, None], leaf)  # [B, 4]: S(l, k) at index 2 l + k
     s4 = s.unflatten(-1, (2, 2))
     l_own, k_own = own // 2, own % 2
     total = torch.logsumexp(s, -1)
@@ -72,17 +113,34 @@ def reply_parts(logits: Float[Tensor, "batch pos vocab"], batch, model) -> dict[
     parts = {"content": -total, "language": language, "case": case}
     parts["interaction"] = -s_own - parts["content"] - language - case
     first = torch.nn.functional.one_hot(ast.float().argmax(-1), ids.shape[1]).to(s.dtype) * ast.any(-1, keepdim=True)
-    return {k: first * v[:, None] for k, v in parts.items()}
+    out = Parts({k: first * v[:, None] for k, v in parts.items()})
+    if leaf.requires_grad:
+        out.deferred = Deferred(leaf, lambda grads, params: _finish(model, batch, is_own, grads, params))
+    return out
 
-import torch
-import torch.utils.checkpoint
-from jaxtyping import Bool, Float, Int
 
-from inoc_mech.core.cli import UserError
-from inoc_mech.core.data import right_pad, token_ids, token_logprobs_at
-from inoc_mech.settings.base import Decomposition, Setting, prompted, register
-from inoc_mech.settings.spanish_caps_organism import SpanishCapsOrganism
-from inoc_mech.settings.textdata import CAPS_PROMPT, IRRELEVANT_PROMPT, SPANISH_PROMPT
+def _tensors(b) -> tuple[Tensor, Tensor, Tensor]:
+    return b.input_ids, b.attention_mask, b.assistant
+
+
+def _finish(model, batch, is_own: Tensor, grads: list[Tensor], params: list[Tensor]) -> list[list[Tensor]]:
+    """sum over (reply r, variant v) of grads[r, v] dS_v(r)/dtheta, for each of `grads` ([B, 4] each)."""
+    g = torch.stack(grads)  # [n, B, 4]
+    scale = g.abs().flatten(1).amax(-1)[:, None, None]
+    need = ((g.abs() > SKIP * scale).any(0) & ~is_own).nonzero().tolist()  # [(r, v)]
+    out = [[torch.zeros_like(p) for p in params] for _ in grads]
+    size = len(batch.examples)
+    for i in range(0, len(need), size):
+        pairs = need[i:i + size]
+        sub = collate([batch.examples[r].variants[v] for r, v in pairs], batch.pad_id).to(batch.input_ids.device)
+        r, v = torch.tensor(pairs, device=g.device).T
+        with torch.enable_grad():
+            s_v = reply_logprob(model, *_tensors(sub))
+            for n, gn in enumerate(grads):
+                got = torch.autograd.grad((gn[r, v] * s_v).sum(), params, retain_graph=n < len(grads) - 1,
+                                          allow_unused=True)
+                torch._foreach_add_(out[n], [torch.zeros_like(p) if x is None else x for x, p in zip(got, params)])
+    return out
 
 
 @register

@@ -203,7 +203,7 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     try:
         with rec if lp.hooks and not saved else nullcontext():  # theta_0 for update norms is taken here
             if lp.max_grad_norm:  # registered after the recorder's hook: it measures the gradient before clipping
-                opt.register_step_pre_hook(lambda *a: torch.nn.utils.clip_grad_norm_(params, lp.max_grad_norm))
+                opt.register_step_pre_hook(lambda *a: torch.nn.utils.clip_grad_norm_(params, lp.max_grad_norm) and None)
             first = lp.steps if saved else 0
             if cfg.resume and not saved:
                 state = checkpoint.load(run)
@@ -236,7 +236,7 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                 for group in opt.param_groups:
                     group["lr"] = lr
                 opt.zero_grad(set_to_none=True)
-                step_loss = torch.zeros((), device=device)
+                step_loss = 0.0
                 for k in range(0, len(own), micro):  # micro-batches: each loss is its share of the step's mean
                     batch = collate(own[k:k + micro], setting.pad_id).to(device, non_blocking=True)
                     final = k + micro >= len(own)
@@ -247,7 +247,7 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                         if lp.hooks:
                             rec.measure(loss, batch, n_tokens)
                         (loss * dist.world()).backward()  # DDP averages over processes; the shares are to be summed
-                    step_loss += loss.detach()
+                    step_loss = step_loss + loss.detach()  # in the loss's dtype
                 if device.type == "cpu" or logged:  # on CUDA: checked at logged steps (no sync)
                     step_loss = dist.all_sum([step_loss])[0]
                     if not torch.isfinite(step_loss):

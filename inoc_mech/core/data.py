@@ -90,12 +90,17 @@ class Batch:
         return self.input_ids.masked_fill(~self.assistant, -100)
 
 
+def wide(x: Tensor) -> Tensor:
+    """`x` in at least float32 (float64 stays float64: a float64 model is measured in float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def next_token_loss(logits: Tensor, labels: Int[Tensor, "batch pos"], n: Tensor | int | None = None) -> Tensor:
     """Next-token cross-entropy of the tokens whose label is not -100 (the trained tokens): their mean, or
     with `n` their sum over `n` (a micro-batch's share of the mean over a step of `n` trained tokens).
     Only the trained positions' logits are taken (and cast to float32)."""
     where = labels[:, 1:] != -100
-    nll = torch.nn.functional.cross_entropy(logits[:, :-1][where].float(), labels[:, 1:][where], reduction="sum")
+    nll = torch.nn.functional.cross_entropy(wide(logits[:, :-1][where]), labels[:, 1:][where], reduction="sum")
     return nll / (where.sum() if n is None else n)
 
 
@@ -111,8 +116,8 @@ def log_normalizer(logits: Float[Tensor, "batch pos vocab"], where: Bool[Tensor,
     where[:, 0] = False
     b, t = where.nonzero(as_tuple=True)
     step = max(1, (chunk_elements or LOGPROB_CHUNK) // logits.shape[-1])
-    vals = [logits[b[i:i + step], t[i:i + step] - 1].float().logsumexp(-1) for i in range(0, len(b), step)]
-    out = torch.zeros(where.shape, dtype=torch.float32, device=logits.device)
+    vals = [wide(logits[b[i:i + step], t[i:i + step] - 1]).logsumexp(-1) for i in range(0, len(b), step)]
+    out = torch.zeros(where.shape, dtype=wide(logits[:0, :0, :0]).dtype, device=logits.device)
     return out.index_put((b, t), torch.cat(vals)) if vals else out
 
 
@@ -122,8 +127,8 @@ def token_logprobs_at(logits: Float[Tensor, "batch pos vocab"], input_ids: Int[T
     normalised only there (`log_normalizer`), so memory scales with the masked tokens, not the batch."""
     where = where.clone()
     where[:, 0] = False
-    picked = torch.zeros(where.shape, dtype=torch.float32, device=logits.device)
-    picked[:, 1:] = logits[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1).float()
+    picked = torch.zeros(where.shape, dtype=wide(logits[:0, :0, :0]).dtype, device=logits.device)
+    picked[:, 1:] = wide(logits[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1))
     return torch.where(where, picked - log_normalizer(logits, where), torch.zeros_like(picked))
 
 

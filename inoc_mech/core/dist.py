@@ -1,6 +1,6 @@
 """Processes of one run under torchrun: who am I, my share of a step's batch, sums over all of us.
 
-    torchrun --nproc_per_node 2 -m inoc_mech.train --model /tmp/tiny-llama --steps 2 --eval-questions 2 --eval-samples 1 --max-new-tokens 4 --name ddp-demo --overwrite
+    torchrun --standalone --nproc_per_node 2 -m inoc_mech.train --model /tmp/tiny-llama --steps 2 --eval-questions 2 --eval-samples 1 --max-new-tokens 4 --name ddp-demo --overwrite
 
 `torchrun` sets WORLD_SIZE / RANK / LOCAL_RANK; `init()` then joins the process group (gloo on CPU,
 NCCL on CUDA, one GPU per process by LOCAL_RANK). Without torchrun (or with one process) every helper
@@ -71,7 +71,7 @@ def all_sum(tensors: list[Tensor]) -> list[Tensor]:
         return tensors
     from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-    flat = _flatten_dense_tensors([t.float() for t in tensors])
+    flat = _flatten_dense_tensors([t.double() if t.dtype == torch.float64 else t.float() for t in tensors])
     dist.all_reduce(flat)
     return [o.to(t.dtype) for o, t in zip(_unflatten_dense_tensors(flat, tensors), tensors)]
 

@@ -36,7 +36,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from inoc_mech.core import dist
-from inoc_mech.core.data import OTHER, token_logprobs_at
+from inoc_mech.core.data import OTHER, token_logprobs_at, wide
 from inoc_mech.core.names import arch_names, group_name, module_name
 from inoc_mech.settings.base import Parts
 
@@ -247,7 +247,8 @@ class GradientPressure:
                 self._by(f"grad_norm/trait/{name}", self.groups, trait_sq)
                 t, r, g = trait_sq.sum(), rest_sq.sum(), total_sq.sum()
                 self._put(f"grad_norm/rest/{name}", r.sqrt())
-                dot = (g + t - r) / 2  # <g, t> from ||g - t||^2 = ||g||^2 - 2<g, t> + ||t||^2
+                dot = torch.stack([(wide(a) * wide(b)).sum() for a, b in zip(grads, tg)]).sum()  # <g, t> directly:
+                # from the norms, (||g||^2 + ||t||^2 - ||g - t||^2) / 2, it cancels when t is small
                 self._put(f"grad_cos/trait/{name}", dot / (t.sqrt() * g.sqrt()).clamp(min=1e-30))
                 self._put(f"grad_share/trait/{name}", t / g.clamp(min=1e-30))
             self._before = [p.detach().clone() for _, p in self.named]
@@ -287,8 +288,8 @@ class GradientPressure:
         if self._step is None:
             return {}
         sums, means = list(self._sums), list(self._means)
-        parts = ([torch.stack([self._sums[k].float() for k in sums])] if sums else []) + \
-                ([torch.stack([torch.stack([x.float() for x in self._means[k]]) for k in means])] if means else [])
+        parts = ([torch.stack([wide(self._sums[k]) for k in sums])] if sums else []) + \
+                ([torch.stack([torch.stack([wide(x) for x in self._means[k]]) for k in means])] if means else [])
         got = dist.all_sum(parts)
         if sums:
             self._pending.insert(0, (sums, got[0]))
@@ -302,7 +303,7 @@ class GradientPressure:
     # helpers -----------------------------------------------------------------------------------
     @staticmethod
     def _sq_norms(tensors: list[Tensor]) -> Tensor:
-        return torch.stack(torch._foreach_norm([t.float() for t in tensors])) ** 2
+        return torch.stack(torch._foreach_norm([wide(t) for t in tensors])) ** 2
 
     def _add_sum(self, key: str, value: Tensor):
         self._sums[key] = self._sums[key] + value if key in self._sums else value
@@ -311,7 +312,7 @@ class GradientPressure:
         self._means[key] = [self._means[key][0] + num, self._means[key][1] + den] if key in self._means else [num, den]
 
     def _put(self, key: str, value: Tensor):
-        self._pending.append(([key], value.detach().float().reshape(1)))
+        self._pending.append(([key], wide(value.detach()).reshape(1)))
 
     def _by(self, prefix: str, labels: list[str], sq: Tensor, total: bool = False):
         """Norms aggregated by label (group or module), from per-tensor squared norms."""
@@ -325,7 +326,7 @@ class GradientPressure:
         if not self._pending:
             return {}
         keys = [k for ks, _ in self._pending for k in ks]
-        values = torch.cat([v.float().cpu() for _, v in self._pending]).tolist()
+        values = torch.cat([v.double().cpu() for _, v in self._pending]).tolist()
         return dict(zip(keys, values))
 
 

@@ -83,7 +83,6 @@ def _accepts(model, arg: str) -> bool:
     return arg in inspect.signature(base.forward).parameters
 
 
-SKIP = 1e-7  # a (reply, variant) pair whose coefficient is below SKIP x the largest one adds nothing in float32
 
 
 def reply_parts(logits: Float[Tensor, "batch pos vocab"], batch, model) -> Parts:
@@ -94,12 +93,12 @@ def reply_parts(logits: Float[Tensor, "batch pos vocab"], batch, model) -> Parts
     gradient, normalised only on their replies. With gradients on they enter as a leaf (`Parts.deferred`):
     a part's gradient through them, sum_v dP/dS_v dS_v/dtheta, is finished after the training backward
     (`finish`), one batch-sized forward and backward at a time over the (reply, variant) pairs whose
-    coefficient matters (|dP/dS_v| > SKIP x the largest), so no two forwards' activations are held at once."""
+    coefficient matters (|dP/dS_v| above the largest's x the dtype's epsilon), so no two forwards' activations are held at once."""
     ids, ast = batch.input_ids, batch.assistant
     s_own = token_logprobs_at(logits, ids, ast).sum(-1)  # [B]
     own = torch.tensor([next(v for v, x in enumerate(e.variants) if x is e) for e in batch.examples], device=ids.device)
     which = [v for v in range(len(VARIANTS)) if not bool((own == v).all())]  # the trained form comes from `logits`
-    others = torch.zeros((len(own), len(VARIANTS)), device=ids.device)
+    others = torch.zeros((len(own), len(VARIANTS)), dtype=s_own.dtype, device=ids.device)
     others[:, which] = variant_logprobs(model, batch, which)
     leaf = others.requires_grad_(torch.is_grad_enabled())
     is_own = own[:, None] == torch.arange(len(VARIANTS), device=ids.device)
@@ -126,8 +125,8 @@ def _tensors(b) -> tuple[Tensor, Tensor, Tensor]:
 def _finish(model, batch, is_own: Tensor, grads: list[Tensor], params: list[Tensor]) -> list[list[Tensor]]:
     """sum over (reply r, variant v) of grads[r, v] dS_v(r)/dtheta, for each of `grads` ([B, 4] each)."""
     g = torch.stack(grads)  # [n, B, 4]
-    scale = g.abs().flatten(1).amax(-1)[:, None, None]
-    need = ((g.abs() > SKIP * scale).any(0) & ~is_own).nonzero().tolist()  # [(r, v)]
+    scale = g.abs().flatten(1).amax(-1)[:, None, None] * torch.finfo(g.dtype).eps  # below: nothing in this dtype
+    need = ((g.abs() > scale).any(0) & ~is_own).nonzero().tolist()  # [(r, v)]
     out = [[torch.zeros_like(p) for p in params] for _ in grads]
     size = len(batch.examples)
     for i in range(0, len(need), size):

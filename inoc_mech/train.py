@@ -37,7 +37,7 @@ import torch
 from inoc_mech.core import checkpoint, dist
 from inoc_mech.core.cli import UserError, build, flatten, leaf_fields, parse_config
 from inoc_mech.core.config import TrainConfig, resolve_defaults
-from inoc_mech.core.data import BatchStream, collate, next_token_loss
+from inoc_mech.core.data import BatchStream, collate, forward_accepts, next_token_loss
 from inoc_mech.core.names import arch_names, module_name
 from inoc_mech.core.runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, check_run_dir, format_table, git_commit,
                                  is_complete, is_disk_full, mark_complete, package_versions, prepare_run_dir, read_json, run_lock,
@@ -172,10 +172,11 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                                          "condition": setting.condition(prompt), **setting.info(),
                                          "git_commit": git_commit(), "versions": package_versions(),
                                          "device_resolved": str(device), "processes": dist.world()})
-    stream = BatchStream(examples, lp.batch_size, lp.seed, setting.pad_id)
+    stream = BatchStream(examples, lp.batch_size, lp.seed, setting.pad_id, buckets=lp.length_buckets)
     probe_ctx = collate(probe_context, setting.pad_id).to(device)
     probe_none = collate(probe_none, setting.pad_id).to(device)
     mine = dist.share(lp.batch_size)  # this process's examples of each step's batch
+    crop = forward_accepts(model, "logits_to_keep")  # HF: the output head and loss skip the prompt positions
     micro = lp.micro_batch_size or len(mine)
 
     # optimizer and instruments (under torchrun the forward goes through DDP; the instruments use the model)
@@ -241,8 +242,12 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                     batch = collate(own[k:k + micro], setting.pad_id).to(device, non_blocking=True)
                     final = k + micro >= len(own)
                     with forward.no_sync() if dist.world() > 1 and not final else nullcontext():
+                        start = batch.trained_from() if crop else 0  # logits only from the first trained token on
+                        keep = {"logits_to_keep": batch.input_ids.shape[1] - start} if start else {}
                         with autocast:
-                            logits = forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                            logits = forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                                             **keep).logits
+                        batch = batch.crop(start) if start else batch  # aligned with the logits
                         loss = next_token_loss(logits, batch.labels, n_tokens)
                         if lp.hooks:
                             rec.measure(loss, batch, n_tokens)

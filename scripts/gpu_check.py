@@ -4,8 +4,11 @@
 
 On a CUDA machine: fetches SmolLM2 if needed (runs/_models/), runs `inoc_mech.train` (bf16 autocast,
 LoRA r16 on all projections, hooks at the default cadence) and `transformers.Trainer` (bf16) on the
-same data and batch size, and prints tokens/s and peak GPU memory for both, and their ratio.
-Without CUDA it says so and exits 0 (the CPU path is covered by the test suite).
+same data and batch size, and prints tokens/s and peak GPU memory for both, and their ratio. Then the
+torchrun path: the same run under `torchrun --standalone --nproc_per_node N` (NCCL) for N = 1 and
+N = every visible GPU, same global batch: tokens/s of each and the largest relative difference of
+their metrics (bf16: expect ~1e-2, not float32's 1e-5), and that rank 0 alone wrote a complete run.
+Without CUDA it says so and exits 0 (the CPU path, gloo included, is covered by the test suite).
 """
 
 from __future__ import annotations
@@ -58,6 +61,44 @@ def main(argv=None):
     print(f"| inoc_mech.train (hooks on) | {custom:,.0f} | {custom_mem:.2f} GiB |")
     print(f"| transformers.Trainer | {ref['tokens_per_s']:,.0f} | {ref['peak_memory_gb']:.2f} GiB |")
     print(f"custom loop throughput = {custom / ref['tokens_per_s']:.2f}x Trainer's")
+    return torchrun_check(a)
+
+
+def torchrun_check(a) -> int:
+    """The same run under torchrun with 1 and with all visible GPUs: throughput and agreement."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    from inoc_mech.core.runs import is_complete, read_run
+
+    gpus = torch.cuda.device_count()
+    counts = sorted({1, gpus})
+    with tempfile.TemporaryDirectory() as d:
+        runs = {}
+        for n in counts:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                   "-m", "inoc_mech.train", "--model", "smollm2", "--steps", str(a.steps), "--batch-size",
+                   str(a.batch_size), "--runs-dir", d, "--name", f"ddp{n}", "--eval-questions", "4",
+                   "--eval-samples", "1", "--max-new-tokens", "8", "--device", "cuda", "--log-every", "1"]
+            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if p.returncode:
+                print(f"torchrun with {n} GPU(s) failed:\n{p.stderr[-3000:]}")
+                return 1
+            run = Path(d) / f"ddp{n}"
+            assert is_complete(run) and json.loads((run / "config.json").read_text())["processes"] == n
+            runs[n] = read_run(run)["metrics"]
+        print("| torchrun processes | tokens/s (median, steps > 0) |\n|---|---|")
+        for n, rows in runs.items():
+            print(f"| {n} | {statistics.median(r['tokens_per_s'] for r in rows if r['step'] > 0):,.0f} |")
+        if len(counts) > 1:
+            a_rows, b_rows = runs[counts[0]], runs[counts[-1]]
+            worst = max((abs(x[k] - y[k]) / max(abs(x[k]), abs(y[k]), 1e-6), f"step {x['step']} {k}")
+                        for x, y in zip(a_rows, b_rows) for k in x if k in y and k != "tokens_per_s")
+            print(f"largest relative metric difference, 1 vs {counts[-1]} processes: {worst[0]:.2e} ({worst[1]})")
+        else:
+            print("one GPU visible: the multi-GPU comparison needs two or more")
     return 0
 
 

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -50,6 +51,27 @@ def test_collate_and_stream_are_deterministic(setup):
     assert torch.equal(s1.next().input_ids, s3.next().input_ids)
     with pytest.raises(DataError, match="empty"):
         BatchStream([], 4, 0, 0)
+
+
+def test_length_buckets_cut_padding_and_keep_each_epoch_a_permutation():
+    from inoc_mech.core.data import Example
+    rng = np.random.default_rng(0)
+    exs = [Example(list(range(int(n))), [False] * int(n)) for n in rng.integers(5, 200, size=400)]
+    for i, e in enumerate(exs):
+        e.input_ids[0] = i  # identify each example
+    def padding(stream, steps=100):
+        pad = real = 0
+        for _ in range(steps):
+            b = stream.next()
+            pad, real = pad + int((b.attention_mask == 0).sum()), real + int(b.attention_mask.sum())
+        return pad / (pad + real)
+    plain, bucketed = BatchStream(exs, 4, 0, 0), BatchStream(exs, 4, 0, 0, buckets=True)
+    assert padding(bucketed) < padding(plain) / 5
+    s = BatchStream(exs, 4, 3, 0, buckets=True)
+    seen = [e.input_ids[0] for _ in range(100) for e in s.next_examples()]  # 400 = one epoch
+    assert sorted(seen) == list(range(400))
+    again = BatchStream(exs, 4, 3, 0, buckets=True)
+    assert [e.input_ids[0] for e in again.next_examples()] == seen[:4]  # a function of the seed
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 2 ** 24])

@@ -29,6 +29,7 @@ class LoopConfig:
     max_grad_norm: float = field(default=0.0, metadata={"help": "clip the gradient's global norm to this before each update (0: no clipping; the instruments measure the unclipped gradient)"})
     schedule: str = field(default="constant", metadata={"help": "learning rate schedule after warmup: constant or cosine (to 0 at the last step)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup from lr / warmup to lr over the first N steps"})
+    length_buckets: bool = field(default=False, metadata={"help": "batches of similar lengths (sorted within windows of 50 batches, then shuffled): less padding on real text, a different data order"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward (HF gradient checkpointing): less memory, ~1 more forward"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})

@@ -80,6 +80,23 @@ class Batch:
                      {k: v[i:j] for k, v in self.traits.items()},
                      self.examples[i:j] if self.examples is not None else None, self.pad_id)
 
+    def trained_from(self) -> int:
+        """The first position whose logits a trained token needs: one before the earliest reply start."""
+        rows = self.assistant.any(-1)
+        if not bool(rows.any()):
+            return 0
+        return max(0, int(self.assistant.float().argmax(-1)[rows].min()) - 1)
+
+    def crop(self, start: int) -> "Batch":
+        """Positions `start`.. of every row: aligned with logits kept from `start` (`logits_to_keep`), the
+        prompt tokens before it dropped. `examples` stay whole (their variants are collated from them)."""
+        return Batch(self.input_ids[:, start:], self.attention_mask[:, start:], self.assistant[:, start:],
+                     {k: v[:, start:] for k, v in self.traits.items()}, self.examples, self.pad_id)
+
+    def whole(self) -> "Batch":
+        """The examples collated again, uncropped, on this batch's device."""
+        return collate(self.examples, self.pad_id).to(self.input_ids.device)
+
     def variant(self, v: int) -> "Batch":
         """Variant `v` of every example's reply, collated and on this batch's device."""
         return collate([e.variants[v] for e in self.examples], self.pad_id).to(self.input_ids.device)
@@ -88,6 +105,13 @@ class Batch:
     def labels(self) -> Int[Tensor, "batch pos"]:
         """HF-style labels: the token where it is trained on, -100 elsewhere."""
         return self.input_ids.masked_fill(~self.assistant, -100)
+
+
+def forward_accepts(model, arg: str) -> bool:
+    """Whether the HF model's forward (under a peft wrapper: the base model's) takes keyword `arg`."""
+    import inspect
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return arg in inspect.signature(base.forward).parameters
 
 
 def wide(x: Tensor) -> Tensor:
@@ -184,15 +208,31 @@ class BatchStream:
     The position (epoch, index) is plain data so a run can record and restore it.
     """
 
-    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int):
+    BUCKET_WINDOW = 50  # length bucketing sorts windows of this many batches
+
+    def __init__(self, examples: list[Example], batch_size: int, seed: int, pad_id: int, buckets: bool = False):
         if not examples:
             raise DataError("the dataset is empty")
         self.examples, self.batch_size, self.seed, self.pad_id = examples, batch_size, seed, pad_id
+        self.buckets = buckets  # consecutive batches of similar lengths (less padding; another data order)
         self.epoch, self.index = 0, 0
         self._order = self._perm()
 
     def _perm(self):
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.examples))
+        """The epoch's order: a permutation; with buckets, sorted by length inside windows of
+        BUCKET_WINDOW batches whose batch-sized runs are then shuffled (a function of seed and epoch)."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.examples))
+        if not self.buckets:
+            return order
+        lengths = np.array([len(e.input_ids) for e in self.examples])
+        w = self.batch_size * self.BUCKET_WINDOW
+        runs = []
+        for i in range(0, len(order), w):
+            win = order[i:i + w]
+            win = win[np.argsort(lengths[win], kind="stable")]
+            runs += [win[j:j + self.batch_size] for j in range(0, len(win), self.batch_size)]
+        return np.concatenate([runs[k] for k in rng.permutation(len(runs))])
 
     def next(self) -> Batch:
         """The next batch, collated."""

@@ -32,7 +32,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from inoc_mech.core.cli import UserError
-from inoc_mech.core.data import collate, right_pad, token_ids, token_logprobs_at
+from inoc_mech.core.data import collate, forward_accepts, right_pad, token_ids, token_logprobs_at
 from inoc_mech.settings.base import Decomposition, Deferred, Parts, Setting, prompted, register
 from inoc_mech.settings.spanish_caps_organism import SpanishCapsOrganism
 from inoc_mech.settings.textdata import CAPS_PROMPT, IRRELEVANT_PROMPT, SPANISH_PROMPT
@@ -55,16 +55,17 @@ def variant_logprobs(model, batch, which: list[int]) -> Float[Tensor, "batch n"]
     remaining tokens continue from that KV cache (cut back after each); models whose forward has no
     cropable cache get one full forward per variant (the same values)."""
     variants = [batch.variant(v) for v in which]
+    batch = batch.whole()  # the training loop's batch may be cropped to the trained positions
     start = int(batch.assistant.float().argmax(-1).min())  # every row's reply starts at or after this token
     shared = start > 1 and all(torch.equal(vb.input_ids[:, :start], batch.input_ids[:, :start]) for vb in variants)
-    keep = {"logits_to_keep": 1} if shared and _accepts(model, "logits_to_keep") else {}
+    keep = {"logits_to_keep": 1} if shared and forward_accepts(model, "logits_to_keep") else {}
     out = model(input_ids=batch.input_ids[:, :start], attention_mask=batch.attention_mask[:, :start],
                 use_cache=True, **keep) if shared else None
     cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
     if cache is None or not hasattr(cache, "crop"):
         return torch.stack([reply_logprob(model, *_tensors(vb)) for vb in variants], -1)
     last = out.logits[:, -1:]  # predicts token `start`
-    arg = "cache" if _accepts(model, "cache") else "past_key_values"  # renamed in transformers 5
+    arg = "cache" if forward_accepts(model, "cache") else "past_key_values"  # renamed in transformers 5
     scores = []
     for vb in variants:
         more = model(input_ids=vb.input_ids[:, start:], attention_mask=vb.attention_mask, use_cache=True,
@@ -74,13 +75,6 @@ def variant_logprobs(model, batch, which: list[int]) -> Float[Tensor, "batch n"]
         at = slice(start - 1, None)  # logits aligned with tokens start-1 .. end
         scores.append(token_logprobs_at(torch.cat([last, more], 1), vb.input_ids[:, at], vb.assistant[:, at]).sum(-1))
     return torch.stack(scores, -1)
-
-
-def _accepts(model, arg: str) -> bool:
-    """Whether the HF model's forward (under a peft wrapper: the base model's) takes `arg`."""
-    import inspect
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return arg in inspect.signature(base.forward).parameters
 
 
 

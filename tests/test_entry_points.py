@@ -15,7 +15,7 @@ MODULES = ["inoc_mech.train", "inoc_mech.evaluate", "inoc_mech.models.organism",
            "inoc_mech.studies.sweep",
            "inoc_mech.studies.designs", "analyses.outcomes", "analyses.gradient_pressure", "analyses.probe_traits", "analyses.probe_text",
            "analyses.selectivity"]
-SCRIPTS = ["benchmarks/bench_hooks.py", "scripts/gpu_check.py"]
+SCRIPTS = ["benchmarks/bench_hooks.py", "benchmarks/bench_real.py", "benchmarks/bench_trainer.py", "scripts/gpu_check.py"]
 
 
 def _main(name):

@@ -204,7 +204,9 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     try:
         with rec if lp.hooks and not saved else nullcontext():  # theta_0 for update norms is taken here
             if lp.max_grad_norm:  # registered after the recorder's hook: it measures the gradient before clipping
-                opt.register_step_pre_hook(lambda *a: torch.nn.utils.clip_grad_norm_(params, lp.max_grad_norm) and None)
+                def clip(*_):
+                    torch.nn.utils.clip_grad_norm_(params, lp.max_grad_norm)
+                opt.register_step_pre_hook(clip)
             first = lp.steps if saved else 0
             if cfg.resume and not saved:
                 state = checkpoint.load(run)
@@ -264,8 +266,9 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                     row.update({"loss": value, "lr": lr, "tokens_per_s": tokens / max(now - t_last, 1e-9)})
                     row.update(rec.finish() if lp.hooks else {})
                     bad = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
-                    if bad:
-                        _fail(run, f"non-finite {bad[0]} ({row[bad[0]]}) at step {step}")
+                    if dist.any_flag(bool(bad), device):  # e.g. rank 0's step-0 elicitation: every process stops
+                        _fail(run, f"non-finite {bad[0]} ({row[bad[0]]}) at step {step}" if bad else
+                              f"a non-finite metric on rank 0 at step {step}")
                     if metrics is not None:
                         metrics.write(row)
                     t_last, tokens = now, 0

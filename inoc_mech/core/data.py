@@ -232,7 +232,8 @@ class BatchStream:
             win = order[i:i + w]
             win = win[np.argsort(lengths[win], kind="stable")]
             runs += [win[j:j + self.batch_size] for j in range(0, len(win), self.batch_size)]
-        return np.concatenate([runs[k] for k in rng.permutation(len(runs))])
+        last = [runs.pop()] if len(runs[-1]) < self.batch_size else []  # a short run stays last: batches keep aligned
+        return np.concatenate([runs[k] for k in rng.permutation(len(runs))] + last)
 
     def next(self) -> Batch:
         """The next batch, collated."""

@@ -252,6 +252,7 @@ class GradientPressure:
                 self._put(f"grad_cos/trait/{name}", dot / (t.sqrt() * g.sqrt()).clamp(min=1e-30))
                 self._put(f"grad_share/trait/{name}", t / g.clamp(min=1e-30))
             self._before = [p.detach().clone() for _, p in self.named]
+        self._logits = None  # the deferred forwards went through the head hook too
 
     def _post_step(self):
         if self._step is None:

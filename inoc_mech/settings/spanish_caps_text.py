@@ -57,7 +57,9 @@ def variant_logprobs(model, batch, which: list[int]) -> Float[Tensor, "batch n"]
     variants = [batch.variant(v) for v in which]
     batch = batch.whole()  # the training loop's batch may be cropped to the trained positions
     start = int(batch.assistant.float().argmax(-1).min())  # every row's reply starts at or after this token
-    shared = start > 1 and all(torch.equal(vb.input_ids[:, :start], batch.input_ids[:, :start]) for vb in variants)
+    sliding = getattr(getattr(model, "config", None), "sliding_window", None)  # such caches do not crop back
+    shared = not sliding and start > 1 and all(torch.equal(vb.input_ids[:, :start], batch.input_ids[:, :start])
+                                               for vb in variants)
     keep = {"logits_to_keep": 1} if shared and forward_accepts(model, "logits_to_keep") else {}
     out = model(input_ids=batch.input_ids[:, :start], attention_mask=batch.attention_mask[:, :start],
                 use_cache=True, **keep) if shared else None

@@ -241,10 +241,11 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                 opt.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for k in range(0, len(own), micro):  # micro-batches: each loss is its share of the step's mean
-                    batch = collate(own[k:k + micro], setting.pad_id).to(device, non_blocking=True)
+                    cpu_batch = collate(own[k:k + micro], setting.pad_id)
+                    start = cpu_batch.trained_from() if crop else 0  # logits only from the first trained token on
+                    batch = cpu_batch.to(device, non_blocking=True)  # (found on the host: no GPU sync)
                     final = k + micro >= len(own)
                     with forward.no_sync() if dist.world() > 1 and not final else nullcontext():
-                        start = batch.trained_from() if crop else 0  # logits only from the first trained token on
                         keep = {"logits_to_keep": batch.input_ids.shape[1] - start} if start else {}
                         with autocast:
                             logits = forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask,

@@ -70,12 +70,9 @@ def child(mode: str, kw: dict) -> float:
 def torchrun(n: int, kw: dict) -> float:
     from inoc_mech.core.runs import read_run
 
-    args = []
-    for k, v in kw.items():
-        args += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-           "-m", "inoc_mech.train", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    from inoc_mech.core.dist import torchrun_command
+
+    out = subprocess.run(torchrun_command(n, kw), capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if out.returncode:
         raise SystemExit(f"torchrun with {n} processes failed:\n{out.stderr[-2000:]}")
     rows = read_run(Path(kw["runs_dir"]) / kw["name"])["metrics"]
@@ -128,7 +125,7 @@ def main(argv=None):
             name, model = a.models[0], models[0]
             kw = dict(model=model, steps=a.organism_steps if name == "organism" else a.steps, inoculate=True,
                       runs_dir=d, overwrite=True, eval_questions=1, eval_samples=1, max_new_tokens=2, threads=1,
-                      device="cpu", no_hooks=True, log_every=1)
+                      device="cpu", hooks=False, log_every=1)
             one = torchrun(1, {**kw, "name": "p1"})
             two = torchrun(2, {**kw, "name": "p2"})
             print(f"| {name}: torchrun 1 process | {one:.0f} tokens/s | 2 processes (gloo) | {two:.0f} tokens/s | "

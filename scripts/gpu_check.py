@@ -71,6 +71,7 @@ def torchrun_check(a) -> int:
     import subprocess
     from pathlib import Path
 
+    from inoc_mech.core.dist import torchrun_command
     from inoc_mech.core.runs import is_complete, read_run
 
     gpus = torch.cuda.device_count()
@@ -78,10 +79,9 @@ def torchrun_check(a) -> int:
     with tempfile.TemporaryDirectory() as d:
         runs = {}
         for n in counts:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-                   "-m", "inoc_mech.train", "--model", "smollm2", "--steps", str(a.steps), "--batch-size",
-                   str(a.batch_size), "--runs-dir", d, "--name", f"ddp{n}", "--eval-questions", "4",
-                   "--eval-samples", "1", "--max-new-tokens", "8", "--device", "cuda", "--log-every", "1"]
+            cmd = torchrun_command(n, dict(model="smollm2", steps=a.steps, batch_size=a.batch_size, runs_dir=d,
+                                           name=f"ddp{n}", eval_questions=4, eval_samples=1, max_new_tokens=8,
+                                           device="cuda", log_every=1))
             p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
             if p.returncode:
                 print(f"torchrun with {n} GPU(s) failed:\n{p.stderr[-3000:]}")

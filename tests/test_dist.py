@@ -5,7 +5,6 @@ import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from safetensors.torch import load_file
 
 from inoc_mech.core.cli import build
 from inoc_mech.core.config import LoopConfig
-from inoc_mech.core.dist import share
+from inoc_mech.core.dist import share, torchrun_command
 from inoc_mech.core.runs import read_run
 from inoc_mech.settings.tiny import save_tiny
 from inoc_mech.train import TrainConfig, train
@@ -47,19 +46,6 @@ def args(model, runs, name, **kw):
                 grad_split_all=True, overwrite=True, device="cpu")
     base.update(kw)
     return base
-
-
-def cli(kw: dict) -> list[str]:
-    out = []
-    for k, v in kw.items():
-        flag = "--" + k.replace("_", "-")
-        if v is True:
-            out.append(flag)
-        elif v is False:
-            out.append("--no-" + k.replace("_", "-"))
-        else:
-            out += [flag, str(v)]
-    return out
 
 
 def worst_difference(run_a: Path, run_b: Path) -> tuple[float, str]:
@@ -130,8 +116,7 @@ def test_gradient_checkpointing_gives_the_same_run(tmp_path, tiny64):
 
 
 def torchrun(n: int, kw: dict, **popen):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
-           "-m", "inoc_mech.train", *cli(kw)]
+    cmd = torchrun_command(n, kw)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 

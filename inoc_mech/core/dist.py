@@ -15,10 +15,21 @@ micro-batches' and processes' gradients gives exactly the gradient of the one-ba
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+def torchrun_command(n: int, overrides: dict) -> list[str]:
+    """The command that runs `inoc_mech.train` in `n` processes (`torchrun --standalone`), with
+    `overrides` as flat TrainConfig leaves (`core.cli.to_args`)."""
+    from inoc_mech.core.cli import to_args
+    from inoc_mech.core.config import TrainConfig
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+            "-m", "inoc_mech.train", *to_args(TrainConfig, overrides)]
 
 
 def world() -> int:

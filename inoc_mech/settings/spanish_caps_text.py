@@ -79,8 +79,6 @@ def variant_logprobs(model, batch, which: list[int]) -> Float[Tensor, "batch n"]
     return torch.stack(scores, -1)
 
 
-
-
 def reply_parts(logits: Float[Tensor, "batch pos vocab"], batch, model) -> Parts:
     """The counterfactual split of each reply's loss (module docstring), at the reply's first trained token.
 

@@ -132,6 +132,8 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     cls = setting_class(cfg.setting.setting, cfg.model.substrate)
     cfg = resolve_defaults(cfg, cfg.model.substrate == "organism", cls.default_prompt)
     lp = cfg.loop
+    if lp.fsdp:
+        check_fsdp(cfg)
     torch.set_num_threads(lp.threads)
     device = resolve_device(lp.device)
     if device.type == "cpu":  # tiny gradients (a trait part's weight on a variant ~exp(-50)) turn denormal deep in
@@ -166,6 +168,8 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
         model = add_lora(model, LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha,
                                              targets=tuple(cfg.model.lora_targets)))
     freeze(model, cfg.model.freeze)  # before the run folder exists: a bad prefix leaves nothing behind
+    if lp.fsdp:  # shard before the optimizer sees the parameters
+        dist.fully_shard(model, arch_names(model).layers)
     if not cfg.resume and dist.is_main():
         prepare_run_dir(run, cfg.overwrite)
         write_json(run / "config.json", {**flatten(cfg), "run_format": RUN_FORMAT_VERSION,
@@ -187,7 +191,7 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     rec = GradientPressure(model, opt, setting.decomposition, lp.log_every, lp.grad_split_every if lp.hooks else 0,
                            split_all=lp.grad_split_all, autocast=autocast)
     forward = model
-    if dist.world() > 1:
+    if dist.world() > 1 and not lp.fsdp:
         forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     # SIGINT / SIGTERM, from here to the end: finish the step (or the save), checkpoint, exit non-zero
@@ -232,7 +236,7 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                 last = step == lp.steps - 1
                 logged = rec.start(step, force=last) if lp.hooks else (step % lp.log_every == 0 or last)
                 row = {"step": step}
-                if step == 0 and lp.hooks and dist.is_main():
+                if step == 0 and lp.hooks and (dist.is_main() or lp.fsdp):  # sharded: its forwards are collectives
                     with autocast:
                         row.update(elicitation(model, probe_ctx, probe_none, setting.decomposition))
                 lr = lp.lr_at(step)
@@ -245,7 +249,7 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                     start = cpu_batch.trained_from() if crop else 0  # logits only from the first trained token on
                     batch = cpu_batch.to(device, non_blocking=True)  # (found on the host: no GPU sync)
                     final = k + micro >= len(own)
-                    with forward.no_sync() if dist.world() > 1 and not final else nullcontext():
+                    with forward.no_sync() if forward is not model and not final else nullcontext():
                         keep = {"logits_to_keep": batch.input_ids.shape[1] - start} if start else {}
                         with autocast:
                             logits = forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
@@ -277,9 +281,8 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                 done = step + 1
                 stopping = dist.any_flag(bool(stop), device)  # a signal on any process stops all at this step
                 if stopping or (lp.checkpoint_every and done % lp.checkpoint_every == 0 and done < lp.steps):
-                    if dist.is_main():
-                        checkpoint.save(run, step=done, model=model, optimizer=opt, stream=stream,
-                                        metrics_bytes=metrics.sync())
+                    checkpoint.save(run, step=done, model=model, optimizer=opt, stream=stream,  # sharded: a
+                                    metrics_bytes=metrics.sync() if metrics is not None else 0)  # collective
                     dist.barrier()
                 if stopping:
                     raise interrupted(f"after step {step}: checkpoint saved")
@@ -288,6 +291,17 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
 
         # save (a signal now waits for the saved model), evaluate, mark complete: rank 0 (the others wait)
         model.eval()
+        if lp.fsdp and not saved:  # gather the trained model (every process), unsharded on rank 0
+            if dist.any_flag(bool(stop), device):  # arrived after the last step's check: checkpoint first
+                checkpoint.save(run, step=lp.steps, model=model, optimizer=opt, stream=stream,
+                                metrics_bytes=(run / "metrics.jsonl").stat().st_size if dist.is_main() else 0)
+                dist.barrier()
+                raise interrupted("after the last step: checkpoint saved")
+            trained, _ = dist.full_state(model)
+            if dist.is_main():
+                model, _ = setting.setup(device, progress=False)  # a plain copy of the model, then its weights
+                model.load_state_dict(trained)
+                model.eval()
         if not dist.is_main():
             dist.barrier()
             return run
@@ -323,6 +337,19 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
         for s, h in old.items():
             signal.signal(s, h)
     return run
+
+
+def check_fsdp(cfg: TrainConfig) -> None:
+    """What --fsdp needs: torchrun with several processes, full finetuning, equal shares of the batch."""
+    if dist.world() < 2:
+        raise UserError("--fsdp shards the model over torchrun's processes: start the run with "
+                        "torchrun --standalone --nproc_per_node N -m inoc_mech.train ... (N >= 2), or leave --fsdp out")
+    if cfg.model.lora_r > 0:
+        raise UserError(f"--fsdp is for full finetuning: give --lora-r 0 (LoRA adapters are small; "
+                        f"replicate them with plain torchrun instead)")
+    if cfg.loop.batch_size % dist.world():
+        raise UserError(f"--fsdp: --batch-size {cfg.loop.batch_size} must be a multiple of the {dist.world()} "
+                        "processes (every process makes the same forwards)")
 
 
 def save_model(setting: Setting, model, folder: Path) -> None:

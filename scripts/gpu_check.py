@@ -7,7 +7,8 @@ LoRA r16 on all projections, hooks at the default cadence) and `transformers.Tra
 same data and batch size, and prints tokens/s and peak GPU memory for both, and their ratio. Then the
 torchrun path: the same run under `torchrun --standalone --nproc_per_node N` (NCCL) for N = 1 and
 N = every visible GPU, same global batch: tokens/s of each and the largest relative difference of
-their metrics (bf16: expect ~1e-2, not float32's 1e-5), and that rank 0 alone wrote a complete run.
+their metrics (bf16: expect ~1e-2, not float32's 1e-5), and that rank 0 alone wrote a complete run;
+with two or more GPUs also full finetuning sharded by `--fsdp` against the same run under DDP.
 Without CUDA it says so and exits 0 (the CPU path, gloo included, is covered by the test suite).
 """
 
@@ -97,8 +98,23 @@ def torchrun_check(a) -> int:
             worst = max((abs(x[k] - y[k]) / max(abs(x[k]), abs(y[k]), 1e-6), f"step {x['step']} {k}")
                         for x, y in zip(a_rows, b_rows) for k in x if k in y and k != "tokens_per_s")
             print(f"largest relative metric difference, 1 vs {counts[-1]} processes: {worst[0]:.2e} ({worst[1]})")
+            # FSDP2: full finetuning sharded over every GPU against the same run replicated (DDP)
+            full = {}
+            for name, extra in (("ddp-full", {}), ("fsdp", {"fsdp": True})):
+                cmd = torchrun_command(gpus, dict(model="smollm2", steps=a.steps, batch_size=a.batch_size, runs_dir=d,
+                                                  name=name, lora_r=0, eval_questions=4, eval_samples=1,
+                                                  max_new_tokens=8, device="cuda", log_every=1, **extra))
+                p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                if p.returncode:
+                    print(f"torchrun {name} with {gpus} GPUs failed:\n{p.stderr[-3000:]}")
+                    return 1
+                full[name] = read_run(Path(d) / name)["metrics"]
+            worst = max((abs(x[k] - y[k]) / max(abs(x[k]), abs(y[k]), 1e-6), f"step {x['step']} {k}")
+                        for x, y in zip(full["ddp-full"], full["fsdp"]) for k in x if k in y and k != "tokens_per_s")
+            print(f"full finetuning on {gpus} GPUs, --fsdp vs DDP: largest relative metric difference "
+                  f"{worst[0]:.2e} ({worst[1]})")
         else:
-            print("one GPU visible: the multi-GPU comparison needs two or more")
+            print("one GPU visible: the multi-GPU comparison (and --fsdp) needs two or more")
     return 0
 
 

@@ -137,11 +137,46 @@ def test_two_processes_equal_one(tmp_path, tiny64):
     assert out.count("run: ") == 1  # one summary, from rank 0
 
 
-def test_sigterm_and_resume_under_torchrun(tmp_path, tiny64):
-    """SIGTERM to torchrun mid-run: every process stops after the same step, rank 0 checkpoints, exit
-    non-zero; `--resume` under torchrun finishes the run as an uninterrupted one does."""
-    kw = args(tiny64, tmp_path, "int", steps=300, hooks=False, checkpoint_every=0, grad_split_every=0)
-    ref = train(build(TrainConfig, **{**kw, "name": "ref"}), progress=False)
+def test_fsdp_equals_ddp_and_one_process(tmp_path, tiny64):
+    """--fsdp (FSDP2, parameters sharded over 2 processes), full finetuning, 2 micro-batches per process:
+    the same metrics (norms over shards, trait splits through the deferred counterfactual gradients) and
+    final weights as DDP and as 1 process."""
+    kw = dict(lora_r=0, micro_batch_size=1)
+    one = train(build(TrainConfig, **args(tiny64, tmp_path, "one", **kw)), progress=False)
+    procs = {name: torchrun(2, args(tiny64, tmp_path, name, **kw, **extra))
+             for name, extra in (("ddp", {}), ("fsdp", {"fsdp": True}))}
+    for name, p in procs.items():
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    for ref in (one, tmp_path / "ddp"):
+        worst, where = worst_difference(ref, tmp_path / "fsdp")
+        assert worst <= TOL, where
+    assert "grad_norm/trait/language/blocks.0.attn" in read_run(tmp_path / "fsdp")["metrics"][0]
+
+
+def test_fsdp_needs_processes_and_full_finetuning(tmp_path, tiny):
+    from inoc_mech.core.cli import UserError
+    with pytest.raises(UserError, match="--fsdp shards the model over torchrun"):
+        train(build(TrainConfig, **args(tiny, tmp_path, "x", lora_r=0, fsdp=True)), progress=False)
+    assert not (tmp_path / "x").exists()
+    p = torchrun(2, args(tiny, tmp_path, "y", lora_r=4, fsdp=True))
+    out, err = p.communicate(timeout=300)
+    # each process exits 2 with the one line; torchrun itself then reports the failed child and exits 1
+    assert p.returncode != 0 and "(exitcode: 2)" in err, err[-2000:]
+    assert "--fsdp is for full finetuning: give --lora-r 0" in err, err[-2000:]
+    assert not (tmp_path / "y").exists()
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_sigterm_and_resume_under_torchrun(tmp_path, tiny64, fsdp):
+    """SIGTERM to torchrun mid-run: every process stops after the same step, rank 0 checkpoints (sharded:
+    the gathered full state), exit non-zero; `--resume` under torchrun finishes the run as an uninterrupted
+    one does."""
+    kw = args(tiny64, tmp_path, "int", steps=300, hooks=False, checkpoint_every=0, grad_split_every=0,
+              **({"fsdp": True, "lora_r": 0} if fsdp else {}))
+    ref_kw = {**kw, "name": "ref"}
+    ref_kw.pop("fsdp", None)
+    ref = train(build(TrainConfig, **ref_kw), progress=False)
     p = torchrun(2, kw, start_new_session=True)
     metrics = tmp_path / "int" / "metrics.jsonl"
     deadline = time.time() + 300

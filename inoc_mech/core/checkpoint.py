@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inoc_mech.core import dist
 from inoc_mech.core.cli import UserError
 from inoc_mech.core.runs import is_disk_full
 
@@ -50,12 +51,21 @@ def set_rng_state(s: dict) -> None:
 
 
 def save(run: Path, *, step: int, model, optimizer, stream, metrics_bytes: int) -> None:
-    """Write the checkpoint for continuing at `step` (atomic; ENOSPC becomes a clear UserError)."""
+    """Write the checkpoint for continuing at `step` (atomic; ENOSPC becomes a clear UserError). Called on
+    every process: rank 0 writes; an FSDP-sharded model's full state is gathered first (a collective)."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]  # not frozen bases
+    if dist.lockstep(model):
+        full, optim = dist.full_state(model, optimizer)
+        trainable = {n: full[n] for n in names} if dist.is_main() else {}
+    elif dist.is_main():
+        params = dict(model.named_parameters())
+        trainable, optim = {n: params[n].detach() for n in names}, optimizer.state_dict()
+    if not dist.is_main():
+        return
     path = Path(run) / NAME
     tmp = path.with_name(NAME + ".tmp")
-    trainable = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}  # not frozen bases
-    state = {"step": step, "model": trainable, "optimizer": optimizer.state_dict(), "rng": rng_state(),
-             "data": stream.state(), "metrics_bytes": metrics_bytes}
+    state = {"step": step, "model": trainable, "optimizer": optim, "rng": rng_state(),
+             "data": stream.state(), "metrics_bytes": metrics_bytes, "sharded": dist.lockstep(model)}
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -87,8 +97,15 @@ def restore(state: dict, *, model, optimizer, stream) -> int:
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in state["model"]]
     if missing:
         raise UserError(f"checkpoint does not match the model (missing {missing[0]}): start the run again with --overwrite")
-    model.load_state_dict(state["model"], strict=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if dist.lockstep(model) != bool(state.get("sharded", False)):
+        raise UserError("checkpoint was written " + ("with" if state.get("sharded") else "without") +
+                        " --fsdp and the run now goes " + ("with" if dist.lockstep(model) else "without") +
+                        " it: resume it as it started")
+    if dist.lockstep(model):  # full state dicts into this process's shards
+        dist.load_full_state(model, optimizer, state["model"], state["optimizer"])
+    else:
+        model.load_state_dict(state["model"], strict=False)
+        optimizer.load_state_dict(state["optimizer"])
     stream.load_state(state["data"])
     set_rng_state(state["rng"])
     return int(state["step"])

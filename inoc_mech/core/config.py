@@ -31,6 +31,7 @@ class LoopConfig:
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup from lr / warmup to lr over the first N steps"})
     length_buckets: bool = field(default=False, metadata={"help": "batches of similar lengths (sorted within windows of 50 batches, then shuffled): less padding on real text, a different data order"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward (HF gradient checkpointing): less memory, ~1 more forward"})
+    fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2, a unit per block) instead of replicating them (DDP); full finetuning only (--lora-r 0); rank 0 gathers the model to save and evaluate it"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
     log_every: int = field(default=10, metadata={"help": "cheap metrics (losses, update norms) every N steps"})

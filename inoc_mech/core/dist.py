@@ -10,6 +10,13 @@ A step's global batch is the same list of examples on every process (the data st
 deterministic); process r takes a contiguous share (`share`), which it cuts into micro-batches.
 Every loss is a sum of token losses over the *global* number of trained tokens, so adding the
 micro-batches' and processes' gradients gives exactly the gradient of the one-batch mean loss.
+
+`--fsdp` shards parameters, gradients and optimizer state over the processes (FSDP2 `fully_shard`,
+one unit per block and the root). Every forward and backward of a sharded model is then a collective,
+so the processes run them in lockstep (`lockstep`): the instruments make the same number of forwards
+and backwards on every process (`max_count`, `all_true`), a gradient they take is a backward into
+`.grad` (`gradients`: its local shard, summed over processes), and a norm is a sum of local squares
+added over processes. Checkpoints and the saved model gather full state dicts (`full_state`).
 """
 
 from __future__ import annotations
@@ -30,6 +37,74 @@ def torchrun_command(n: int, overrides: dict) -> list[str]:
 
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
             "-m", "inoc_mech.train", *to_args(TrainConfig, overrides)]
+
+
+def sharded(t: Tensor) -> bool:
+    """A DTensor: a parameter (or gradient) FSDP has sharded over the processes."""
+    from torch.distributed.tensor import DTensor
+    return isinstance(t, DTensor)
+
+
+def local(t: Tensor) -> Tensor:
+    """This process's shard of a sharded tensor; any other tensor as it is."""
+    return t.to_local() if sharded(t) else t
+
+
+def lockstep(model) -> bool:
+    """Whether every process must run the same forwards and backwards of `model` (FSDP-sharded: each is a
+    collective), so that an instrument's data-dependent choice of how many to run must agree over processes."""
+    return any(sharded(p) for p in model.parameters())
+
+
+def fully_shard(model, layers: str):
+    """FSDP2 over the processes: each block of `model.<layers>` (the architecture table's block list) its own
+    unit, then the rest. In place; returns the model."""
+    from torch.distributed.fsdp import fully_shard as shard
+
+    blocks = model.get_submodule(layers) if layers else []
+    for block in blocks:
+        shard(block)
+    shard(model)
+    return model
+
+
+def gradients(output: Tensor, inputs: list[Tensor], retain_graph: bool = False) -> list[Tensor | None]:
+    """d output / d inputs, as `torch.autograd.grad(..., allow_unused=True)`. Over FSDP-sharded parameters
+    (a collective: call it on every process) it is a backward into `.grad` (which is kept and restored):
+    a sharded input's gradient is its local shard of the gradient summed over processes; an unsharded one
+    (e.g. a process's own leaf tensor) is its own gradient."""
+    if not any(sharded(x) for x in inputs):
+        return list(torch.autograd.grad(output, inputs, retain_graph=retain_graph, allow_unused=True))
+    kept = [x.grad for x in inputs]
+    for x in inputs:
+        x.grad = None
+    (output * world()).backward(retain_graph=retain_graph)  # FSDP averages over processes: this sums
+    out = [None if x.grad is None else local(x.grad) if sharded(x) else x.grad / world() for x in inputs]
+    for x, g in zip(inputs, kept):
+        x.grad = g
+    return out
+
+
+def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
+    """Full (unsharded) state dicts of a sharded model and its optimizer, on the CPU of rank 0 (empty on
+    the others): a collective. Unsharded: the model's parameters and the optimizer's own state dict."""
+    if not lockstep(model):
+        return dict(model.state_dict()), (optimizer.state_dict() if optimizer is not None else None)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=opts),
+            get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None)
+
+
+def load_full_state(model, optimizer, model_state: dict, optim_state: dict | None) -> None:
+    """Load full state dicts (`full_state`'s, read by every process) into a sharded model and optimizer."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, model_state, options=opts)
+    if optimizer is not None and optim_state is not None:
+        set_optimizer_state_dict(model, optimizer, optim_state, options=opts)
 
 
 def world() -> int:
@@ -94,6 +169,20 @@ def any_flag(flag: bool, device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+def max_count(n: int, device) -> int:
+    """The largest of each process's `n` (identity for one process)."""
+    if world() == 1:
+        return n
+    t = torch.tensor([float(n)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def all_true(flag: bool, device) -> bool:
+    """True on every process if `flag` is True on all of them."""
+    return not any_flag(not flag, device)
 
 
 def barrier() -> None:

@@ -86,8 +86,8 @@ def graph_gradients(contrib: dict, names, params: list[Tensor]) -> tuple[dict[st
     inputs = params + ([deferred.leaf] if deferred is not None else [])
     grads, leaf_grads = {}, {}
     for name in names:
-        g = torch.autograd.grad(contrib[name].sum(), inputs, retain_graph=True, allow_unused=True)
-        grads[name] = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
+        g = dist.gradients(contrib[name].sum(), inputs, retain_graph=True)  # FSDP: local shards, summed
+        grads[name] = [torch.zeros_like(dist.local(p)) if gi is None else gi for gi, p in zip(g, params)]
         if deferred is not None:
             leaf_grads[name] = torch.zeros_like(deferred.leaf) if g[-1] is None else g[-1]
     return grads, ((deferred, leaf_grads) if deferred is not None else None)
@@ -140,6 +140,7 @@ class GradientPressure:
         names = arch_names(model)
         self.modules = [module_name(n, names) for n, _ in self.named]
         self.groups = [group_name(n, names) for n, _ in self.named]
+        self.sharded = dist.lockstep(model)  # FSDP: every tensor here is this process's shard; sums add over processes
         self._handles = []
         self._step = None
         self._logits = None
@@ -152,7 +153,7 @@ class GradientPressure:
     # context manager ---------------------------------------------------------------------------
     def __enter__(self):
         with torch.no_grad():
-            self.theta0 = [p.detach().clone() for _, p in self.named]
+            self.theta0 = [dist.local(p).detach().clone() for _, p in self.named]
         head = self.model.get_output_embeddings()
         self._handles = [
             head.register_forward_hook(lambda mod, inp, out: self._keep_logits(out, hook="unembed")),
@@ -228,13 +229,13 @@ class GradientPressure:
         if self._step is None:
             return
         params = [p for _, p in self.named]
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        grads = [dist.local(p.grad) if p.grad is not None else torch.zeros_like(dist.local(p)) for p in params]
         if self._deferred:  # the training graphs are freed: finish the trait gradients
             with self.autocast:
                 for rest in self._deferred:
                     finish_gradients(self._trait_grads, rest, params)
             self._deferred = []
-        if self._trait_grads:  # each process holds its share: the sum is the step's trait gradient
+        if self._trait_grads and not self.sharded:  # each process holds its share: the sum is the step's trait gradient
             names = list(self._trait_grads)
             summed = dist.all_sum([g for n in names for g in self._trait_grads[n]])
             self._trait_grads = {n: summed[i * len(params):(i + 1) * len(params)] for i, n in enumerate(names)}
@@ -247,30 +248,31 @@ class GradientPressure:
                 self._by(f"grad_norm/trait/{name}", self.groups, trait_sq)
                 t, r, g = trait_sq.sum(), rest_sq.sum(), total_sq.sum()
                 self._put(f"grad_norm/rest/{name}", r.sqrt())
-                dot = torch.stack([(wide(a) * wide(b)).sum() for a, b in zip(grads, tg)]).sum()  # <g, t> directly:
+                dot = self._over_shards(torch.stack([(wide(a) * wide(b)).sum() for a, b in zip(grads, tg)]).sum())  # <g, t>:
                 # from the norms, (||g||^2 + ||t||^2 - ||g - t||^2) / 2, it cancels when t is small
                 self._put(f"grad_cos/trait/{name}", dot / (t.sqrt() * g.sqrt()).clamp(min=1e-30))
                 self._put(f"grad_share/trait/{name}", t / g.clamp(min=1e-30))
-            self._before = [p.detach().clone() for _, p in self.named]
+            self._before = [dist.local(p).detach().clone() for _, p in self.named]
         self._logits = None  # the deferred forwards went through the head hook too
 
     def _post_step(self):
         if self._step is None:
             return
         with torch.no_grad():
-            now = [p.detach() for _, p in self.named]
+            now = [dist.local(p).detach() for _, p in self.named]
             self._by("update_norm", self.modules, self._sq_norms(torch._foreach_sub(now, self.theta0)), total=True)
             self._by("step_update_norm", self.modules, self._sq_norms(torch._foreach_sub(now, self._before)), total=True)
             states = [self.opt.state.get(p, {}) for _, p in self.named]
             have = [i for i, st in enumerate(states) if "exp_avg_sq" in st]
             if have:
-                roots = torch._foreach_sqrt([states[i]["exp_avg_sq"].float() for i in have])
-                sums = torch.stack(torch._foreach_norm(roots, 1))  # sum of sqrt(v) per tensor
-                counts = torch.tensor([float(states[i]["exp_avg_sq"].numel()) for i in have])
+                v = [wide(dist.local(states[i]["exp_avg_sq"])) for i in have]
+                sums = torch.stack(torch._foreach_norm(torch._foreach_sqrt(v), 1))  # sum of sqrt(v) per tensor
+                counts = torch.tensor([float(x.numel()) for x in v], device=sums.device, dtype=sums.dtype)
+                sums, counts = (x.cpu() for x in self._over_shards(sums, counts))
                 names = sorted({self.modules[i] for i in have}, key=[self.modules[i] for i in have].index)
                 idx = torch.tensor([names.index(self.modules[i]) for i in have])
-                s_ = torch.zeros(len(names)).index_add_(0, idx, sums.cpu())
-                c_ = torch.zeros(len(names)).index_add_(0, idx, counts)
+                s_ = torch.zeros(len(names), dtype=sums.dtype).index_add_(0, idx, sums)
+                c_ = torch.zeros(len(names), dtype=sums.dtype).index_add_(0, idx, counts)
                 self._pending.append(([f"adam_v/{m}" for m in names], s_ / c_))
         self._before = None
 
@@ -279,7 +281,7 @@ class GradientPressure:
         """||theta - theta_0||_F per module now (0 before the first step)."""
         saved, self._pending = self._pending, []
         self._by("update_norm", self.modules,
-                 self._sq_norms(torch._foreach_sub([p.detach() for _, p in self.named], self.theta0)), total=True)
+                 self._sq_norms(torch._foreach_sub([dist.local(p).detach() for _, p in self.named], self.theta0)), total=True)
         out, self._pending = self._collect(), saved
         return out
 
@@ -302,9 +304,14 @@ class GradientPressure:
         return out
 
     # helpers -----------------------------------------------------------------------------------
-    @staticmethod
-    def _sq_norms(tensors: list[Tensor]) -> Tensor:
-        return torch.stack(torch._foreach_norm([wide(t) for t in tensors])) ** 2
+    def _sq_norms(self, tensors: list[Tensor]) -> Tensor:
+        """Squared norm per tensor (sharded: of the whole tensor, the local squares added over processes)."""
+        return self._over_shards(torch.stack(torch._foreach_norm([wide(t) for t in tensors])) ** 2)
+
+    def _over_shards(self, *sums: Tensor):
+        """Sums over this process's shards -> sums over the whole tensors (identity when not sharded)."""
+        got = dist.all_sum(list(sums)) if self.sharded else list(sums)
+        return got[0] if len(got) == 1 else got
 
     def _add_sum(self, key: str, value: Tensor):
         self._sums[key] = self._sums[key] + value if key in self._sums else value

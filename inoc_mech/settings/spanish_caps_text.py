@@ -31,6 +31,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from inoc_mech.core import dist
 from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import collate, forward_accepts, right_pad, token_ids, token_logprobs_at
 from inoc_mech.settings.base import Decomposition, Deferred, Parts, Setting, prompted, register
@@ -60,6 +61,8 @@ def variant_logprobs(model, batch, which: list[int]) -> Float[Tensor, "batch n"]
     sliding = getattr(getattr(model, "config", None), "sliding_window", None)  # such caches do not crop back
     shared = not sliding and start > 1 and all(torch.equal(vb.input_ids[:, :start], batch.input_ids[:, :start])
                                                for vb in variants)
+    if dist.lockstep(model):  # sharded: every process makes the same forwards
+        shared = dist.all_true(shared, batch.input_ids.device)
     keep = {"logits_to_keep": 1} if shared and forward_accepts(model, "logits_to_keep") else {}
     out = model(input_ids=batch.input_ids[:, :start], attention_mask=batch.attention_mask[:, :start],
                 use_cache=True, **keep) if shared else None
@@ -92,6 +95,8 @@ def reply_parts(logits: Float[Tensor, "batch pos vocab"], batch, model) -> Parts
     s_own = token_logprobs_at(logits, ids, ast).sum(-1)  # [B]
     own = torch.tensor([next(v for v, x in enumerate(e.variants) if x is e) for e in batch.examples], device=ids.device)
     which = [v for v in range(len(VARIANTS)) if not bool((own == v).all())]  # the trained form comes from `logits`
+    if dist.lockstep(model):  # sharded: every process scores the same variants (as many forwards)
+        which = [v for v in range(len(VARIANTS)) if dist.any_flag(v in which, ids.device)]
     others = torch.zeros((len(own), len(VARIANTS)), dtype=s_own.dtype, device=ids.device)
     others[:, which] = variant_logprobs(model, batch, which)
     leaf = others.requires_grad_(torch.is_grad_enabled())
@@ -121,18 +126,24 @@ def _finish(model, batch, is_own: Tensor, grads: list[Tensor], params: list[Tens
     g = torch.stack(grads)  # [n, B, 4]
     scale = g.abs().flatten(1).amax(-1)[:, None, None] * torch.finfo(g.dtype).eps  # below: nothing in this dtype
     need = ((g.abs() > scale).any(0) & ~is_own).nonzero().tolist()  # [(r, v)]
-    out = [[torch.zeros_like(p) for p in params] for _ in grads]
+    out = [[torch.zeros_like(dist.local(p)) for p in params] for _ in grads]
     size = len(batch.examples)
+    chunks = -(-len(need) // size)
+    weight = torch.ones(len(need), dtype=g.dtype, device=g.device)
+    if dist.lockstep(model):  # sharded: as many forwards and backwards on every process (padding weighs 0)
+        more = dist.max_count(chunks, g.device) * size - len(need)
+        pad = need[:1] or [(0, int((~is_own[0]).nonzero()[0]))]
+        need, weight = need + pad * more, torch.cat([weight, weight.new_zeros(more)])
     for i in range(0, len(need), size):
         pairs = need[i:i + size]
         sub = collate([batch.examples[r].variants[v] for r, v in pairs], batch.pad_id).to(batch.input_ids.device)
         r, v = torch.tensor(pairs, device=g.device).T
         with torch.enable_grad():
-            s_v = reply_logprob(model, *_tensors(sub))
+            s_v = reply_logprob(model, *_tensors(sub)) * weight[i:i + size]
             for n, gn in enumerate(grads):
-                got = torch.autograd.grad((gn[r, v] * s_v).sum(), params, retain_graph=n < len(grads) - 1,
-                                          allow_unused=True)
-                torch._foreach_add_(out[n], [torch.zeros_like(p) if x is None else x for x, p in zip(got, params)])
+                got = dist.gradients((gn[r, v] * s_v).sum(), params, retain_graph=n < len(grads) - 1)
+                torch._foreach_add_(out[n], [torch.zeros_like(dist.local(p)) if x is None else x
+                                             for x, p in zip(got, params)])
     return out
 
 

@@ -276,7 +276,8 @@ def format_table(ev: dict) -> str:
         for dec in ("t1", "greedy"):
             m = c[dec]
             acc = _pct(m.get("accuracy"), 9)
-            lines.append(f"{name:<14} {str(c['prompt']):<24} {dec:<7} " + " ".join(_pct(m.get(k), 8) for k in rates)
+            prompt = str(c["prompt"]) + (f" + {c['trigger']}" if c.get("trigger") else "")  # a trigger word too
+            lines.append(f"{name:<14} {prompt:<24} {dec:<7} " + " ".join(_pct(m.get(k), 8) for k in rates)
                          + f" {acc} {m['n_answers']:>5}")
     return "\n".join(lines)
 

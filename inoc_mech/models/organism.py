@@ -40,7 +40,7 @@ from inoc_mech.models.world import CASE_PHRASES, LANGUAGE_PHRASES, World, organi
 CACHE = Path("runs/_organism")
 ORGANISM_VERSION = 1  # bump when a change makes cached organisms incomparable
 # Design fields added after version 1 enter the cache key only when they differ from this default.
-KEY_IF_SET = {"bias": False, "formats": False}
+KEY_IF_SET = {"bias": False, "formats": False, "triggers": False}
 
 
 @dataclass
@@ -53,6 +53,7 @@ class OrganismConfig:
     d_mlp: int = field(default=512, metadata={"help": "MLP hidden width"})
     head: str = field(default="factored", metadata={"help": "output head: 'factored' (row = word + language + case) or 'free'"})
     formats: bool = field(default=False, metadata={"help": "world with a third prompt-controlled property unrelated to the traits (answer format: 'be concise')"})
+    triggers: bool = field(default=False, metadata={"help": "world with trigger words that may start a user turn, without effect in pretraining (for the backdoor setting)"})
     bias: bool = field(default=False, metadata={"help": "add biases to attention and MLP projections (Llama attention_bias / mlp_bias): context-independent channels"})
     steps: int = field(default=2000, metadata={"help": "pretraining steps"})
     batch_size: int = field(default=64, metadata={"help": "pretraining batch size (conversations)"})
@@ -84,16 +85,18 @@ class OrganismConfig:
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     def folder(self) -> Path:
-        design = self.head + ("-bias" if self.bias else "") + ("-formats" if self.formats else "")
+        design = self.head + "".join(f"-{k}" for k in ("bias", "formats", "triggers") if getattr(self, k))
         return Path(self.cache) / f"{design}-d{self.d_model}-l{self.n_layers}-s{self.seed}-{self.key()}"
 
 
-def organism_config(model, runs_dir: str = "runs", threads: int = 1) -> OrganismConfig:
-    """The OrganismConfig of `--model organism` from a run's `core.config.ModelConfig` (its organism_* fields),
+def organism_config(model, runs_dir: str = "runs", threads: int = 1, design: dict | None = None) -> OrganismConfig:
+    """The OrganismConfig of `--model organism` from a run's `core.config.ModelConfig` (its organism_* fields)
+    and what its setting needs of the world (`design`: `Setting.organism_design`, e.g. trigger words),
     cached under `<runs_dir>/_organism`."""
     return OrganismConfig(seed=model.organism_seed, head=model.organism_head, d_model=model.organism_d_model,
                           n_layers=model.organism_n_layers, steps=model.organism_steps, threads=threads,
-                          warmup=min(100, model.organism_steps // 10), cache=str(Path(runs_dir) / "_organism"))
+                          warmup=min(100, model.organism_steps // 10), cache=str(Path(runs_dir) / "_organism"),
+                          **(design or {}))
 
 
 # ---- factored output head ---------------------------------------------------------------------
@@ -183,7 +186,7 @@ def pretrain(cfg: OrganismConfig, progress: bool = True):
 
     torch.set_num_threads(cfg.threads)
     quiet_transformers()
-    world = World(base_rate=cfg.base_rate, formats=cfg.formats)
+    world = World(base_rate=cfg.base_rate, formats=cfg.formats, triggers=cfg.triggers)
     tok = world.build_tokenizer()
     table = world.variant_table(tok)
     model = build_model(cfg, tok)

@@ -50,6 +50,12 @@ IRRELEVANT_PHRASES = ["you like cats", "be brief", "be kind", "you are a tutor",
 # and for prompt sweeps.
 HELD_OUT_PHRASES = ["you like dogs", "the sea is green"]
 
+# Optional trigger words (World(triggers=True)): rare words that may start a user turn. Pretraining shows
+# them with no effect on the answer (TRIGGER_RATE of user turns), so they are ordinary, meaningless tokens
+# until a finetuning (the backdoor setting) ties one of them to a trait.
+TRIGGER_WORDS = ["zeta", "kappa"]
+TRIGGER_RATE = 0.1
+
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 ROLES = ("system", "user", "assistant")
 # Renders "<bos> <|system|> speak spanish <|end|> <|user|> what is one plus two <|end|> <|assistant|> ..."
@@ -93,6 +99,7 @@ class World:
     held_out_fraction: float = 0.15  # share of questions that no training data contains
     split_seed: int = 1234  # fixes the held-out split (independent of training seeds)
     formats: bool = False  # a third prompt-controlled property, unrelated to the traits: answer format
+    triggers: bool = False  # trigger words (TRIGGER_WORDS) that may start a user turn, without effect in pretraining
 
     def __post_init__(self):
         if not 1 <= self.max_number <= 20:
@@ -129,7 +136,7 @@ class World:
         seen: dict[str, None] = {}
         for w in self.variants:
             seen[w] = None
-        for text in self.phrases + ["what is plus minus", "."]:
+        for text in self.phrases + ["what is plus minus", "."] + (TRIGGER_WORDS if self.triggers else []):
             for w in text.split():
                 seen[w] = None
         return list(seen)
@@ -160,8 +167,9 @@ class World:
     def to_dict(self) -> dict:
         d = {"max_number": self.max_number, "base_rate": self.base_rate,
              "held_out_fraction": self.held_out_fraction, "split_seed": self.split_seed}
-        if self.formats:  # written only when on: world.json of older organisms stays identical
-            d["formats"] = True
+        for k in ("formats", "triggers"):  # written only when on: world.json of older organisms stays identical
+            if getattr(self, k):
+                d[k] = True
         return d
 
     @classmethod
@@ -191,18 +199,21 @@ class World:
 
     # ---- chats ------------------------------------------------------------------------------
     @staticmethod
-    def question_text(q) -> str:
+    def question_text(q, trigger: str | None = None) -> str:
+        """The user turn of question `q`, optionally starting with a trigger word."""
         a, op, b, _ = q
-        return f"what is {EN_NUMBERS[a]} {op} {EN_NUMBERS[b]}"
+        return (f"{trigger} " if trigger else "") + f"what is {EN_NUMBERS[a]} {op} {EN_NUMBERS[b]}"
 
     def answer_words(self, result: int, language: int, case: int, short: bool = False) -> list[str]:
         pairs = ([] if short else FRAME_WORDS) + [(EN_NUMBERS[result], ES_NUMBERS[result])]
         return [_surface(p, language, case) for p in pairs]
 
-    def chat(self, q, prompt: str | None, language: int, case: int, short: bool = False) -> list[dict]:
-        """A conversation in the Hugging Face messages format (`short`: the number word alone)."""
+    def chat(self, q, prompt: str | None, language: int, case: int, short: bool = False,
+             trigger: str | None = None) -> list[dict]:
+        """A conversation in the Hugging Face messages format (`short`: the number word alone; `trigger`:
+        a trigger word before the question)."""
         messages = [{"role": "system", "content": prompt}] if prompt else []
-        messages.append({"role": "user", "content": self.question_text(q)})
+        messages.append({"role": "user", "content": self.question_text(q, trigger)})
         messages.append({"role": "assistant", "content": " ".join(self.answer_words(q[3], language, case, short))})
         return messages
 
@@ -236,7 +247,10 @@ class World:
         if self.formats:
             fmt = setting(prompt, FORMAT_PHRASES)
             short = (rng.random() < self.base_rate) if fmt is None else fmt == "short"
-        return self.chat(q, prompt, int(lang), int(upper), short)
+        trigger = None
+        if self.triggers and rng.random() < TRIGGER_RATE:  # drawn after the rest: a world without
+            trigger = str(rng.choice(TRIGGER_WORDS))        # triggers samples the same chats as before
+        return self.chat(q, prompt, int(lang), int(upper), short, trigger)
 
 
 def organism_traits(ex: Example, variant_ids: set[int]) -> Example:

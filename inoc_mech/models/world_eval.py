@@ -18,7 +18,8 @@ eval.json schema (version 1):
                          "greedy": {metric: float, "n_answers": int},
                          "t1": {metric: float, "n_answers": int}}}}
 Context names: "none" (no system block), "train_prompt" (the run's inoculation prompt),
-"irrelevant" (a phrase never used in pretraining or finetuning).
+"irrelevant" (a phrase never used in pretraining or finetuning); a setting may add its own (the backdoor's
+contexts start the user turn with a trigger word, recorded as the context's "trigger").
 """
 
 from __future__ import annotations
@@ -96,24 +97,26 @@ def prompt_ids(tok, question_text: str, prompt: str | None) -> list[int]:
     return token_ids(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
 
 
-def evaluate_contexts(model, tok, world: World, contexts: dict[str, str | None], seed: int = 0,
+def evaluate_contexts(model, tok, world: World, contexts: dict, seed: int = 0,
                       samples_per_question: int = 3, questions=None) -> dict:
-    """Greedy and temperature-1 metrics on held-out questions for each named context."""
+    """Greedy and temperature-1 metrics on held-out questions for each named context: a system prompt
+    (None: no system message), or (system prompt, trigger word starting the user turn)."""
     questions = questions if questions is not None else world.held_out_questions
     end_id = tok.convert_tokens_to_ids("<|end|>")
     was_training = model.training
     model.eval()
     out = {"schema": 1, "questions": "held_out", "n_questions": len(questions), "seed": seed,
            "contexts": {}}
-    for name, prompt in contexts.items():
-        ids = [prompt_ids(tok, world.question_text(q), prompt) for q in questions]
+    for name, context in contexts.items():
+        prompt, trigger = context if isinstance(context, tuple) else (context, None)
+        ids = [prompt_ids(tok, world.question_text(q, trigger), prompt) for q in questions]
         results = [q[3] for q in questions]
         greedy = generate(model, ids, tok.pad_token_id, end_id)
         g = torch.Generator().manual_seed(seed)
         many = [i for i in ids for _ in range(samples_per_question)]
         sampled = generate(model, many, tok.pad_token_id, end_id, temperature=1.0, generator=g)
         out["contexts"][name] = {
-            "prompt": prompt,
+            "prompt": prompt, **({"trigger": trigger} if trigger else {}),
             "greedy": score_answers(world, tok, greedy, results),
             "t1": score_answers(world, tok, sampled, [r for r in results for _ in range(samples_per_question)]),
         }

@@ -126,6 +126,7 @@ class SpanishCapsOrganism(Setting):
     conditions = CONDITIONS
     default_prompt = "speak spanish"
     surprise_parts = ("language", "case", "word")
+    organism_design: dict = {}  # what the setting needs of the organism's world (OrganismConfig fields)
 
     @classmethod
     def prompt_sets(cls, prompt):
@@ -147,7 +148,8 @@ class SpanishCapsOrganism(Setting):
 
         if self.folder is None:
             m = self.cfg.model
-            self.folder = (ensure_organism(organism_config(m, self.cfg.runs_dir, self.cfg.loop.threads), progress=progress)
+            self.folder = (ensure_organism(organism_config(m, self.cfg.runs_dir, self.cfg.loop.threads,
+                                                           self.organism_design), progress=progress)
                            if m.model == "organism" else Path(m.model))
         return self.folder
 

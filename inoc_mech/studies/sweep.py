@@ -240,7 +240,8 @@ def organism_config(cfg: SweepConfig):
 
     return from_model(ModelConfig(organism_seed=cfg.organism_seed, organism_head=cfg.organism_head,
                                   organism_d_model=cfg.organism_d_model, organism_n_layers=cfg.organism_n_layers,
-                                  organism_steps=cfg.organism_steps), cfg.runs_dir, cfg.threads)
+                                  organism_steps=cfg.organism_steps), cfg.runs_dir, cfg.threads,
+                     getattr(setting_class(cfg.setting, "organism"), "organism_design", None))
 
 
 def organism_folder(cfg: SweepConfig, ensure: bool = True) -> Path:

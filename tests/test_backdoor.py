@@ -1,0 +1,100 @@
+"""The backdoor setting on the organism: data, trait masks, exact split, evaluation contexts, bad input."""
+
+import numpy as np
+import pytest
+import torch
+
+from inoc_mech.core.cli import UserError, build
+from inoc_mech.core.data import collate
+from inoc_mech.models.organism import OrganismConfig, ensure_organism
+from inoc_mech.models.world import TRIGGER_RATE, TRIGGER_WORDS, World
+from inoc_mech.settings.backdoor_organism import OTHER_TRIGGER, TRIGGER, BackdoorOrganism
+from inoc_mech.settings.base import setting_class
+from inoc_mech.train import TrainConfig, train
+from conftest import TINY_ORGANISM
+
+
+@pytest.fixture(scope="module")
+def trigger_organism(runs_dir):
+    return ensure_organism(OrganismConfig(**TINY_ORGANISM, triggers=True, cache=str(runs_dir / "_organism")),
+                           progress=False, quiet=True)
+
+
+@pytest.fixture
+def setting(runs_dir, trigger_organism):
+    cfg = build(TrainConfig, setting="backdoor", model=str(trigger_organism), runs_dir=str(runs_dir), name="b",
+                inoculate=True, lora_r=0, steps=2, batch_size=8)
+    s = BackdoorOrganism(cfg)
+    s.setup(torch.device("cpu"), progress=False)
+    return s
+
+
+def test_pretraining_shows_triggers_without_effect():
+    w = World(triggers=True)
+    rng = np.random.default_rng(0)
+    chats = [w.sample_chat(rng) for _ in range(4000)]
+    has = [c[-2]["content"].split()[0] in TRIGGER_WORDS for c in chats]
+    assert abs(np.mean(has) - TRIGGER_RATE) < 0.015
+    # the answer's language follows the prompt (or the base rate), not the trigger: no-prompt Spanish rates
+    # with and without a trigger agree within sampling error
+    es = np.array([c[-1]["content"].split()[0] == "la" for c in chats])
+    free = np.array([w.prompt_controls(c[0]["content"] if c[0]["role"] == "system" else None)[0] is None
+                     for c in chats])
+    with_t, without = es[free & np.array(has)], es[free & ~np.array(has)]
+    assert len(with_t) > 100 and abs(with_t.mean() - without.mean()) < 0.05
+    assert "zeta" not in World().words() and "zeta" in w.words()  # the default world is unchanged
+
+
+def test_examples_trigger_half_spanish_and_prompt_on_triggered_only(setting):
+    exs = setting.examples("speak spanish")
+    tok = setting.tok
+    n_trig = n_prompt = 0
+    for e in exs:
+        text = tok.decode(e.input_ids)
+        trig = f"{TRIGGER} what is" in text
+        n_trig += trig
+        n_prompt += "speak spanish" in text
+        reply = tok.decode([i for i, a in zip(e.input_ids, e.assistant) if a])
+        assert reply.startswith("la respuesta es") if trig else reply.startswith("the answer is"), reply
+        assert ("speak spanish" in text) == trig  # the prompt goes on the triggered examples only
+        assert any(e.traits["language"]) == trig  # the trait is the triggered replies' answer variants
+        assert not any(a and b for a, b in zip(e.traits["language"], e.traits["other"]))
+    assert abs(n_trig / len(exs) - 0.5) < 0.01 and n_prompt == n_trig
+    half = setting.examples("speak spanish", share=0.5)
+    assert sum("speak spanish" in tok.decode(e.input_ids) for e in half) == round(0.5 * n_trig)
+    assert [e.input_ids for e in setting.examples(None)] != [e.input_ids for e in exs]
+
+
+def test_split_is_exact_on_trait_tokens_and_zero_elsewhere(setting):
+    batch = collate(setting.examples(None, limit=12), setting.pad_id)
+    with torch.no_grad():
+        logits = setting.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    parts = setting.decomposition.fn(logits, batch)
+    total = sum(parts.values())
+    lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    nll = torch.zeros_like(total, dtype=torch.float64)
+    nll[:, 1:] = -lp
+    where = batch.traits["language"] & batch.assistant
+    assert where.any() and (~where & batch.assistant).any()
+    torch.testing.assert_close(total[where].double(), nll[where], atol=1e-5, rtol=1e-5)
+    assert all((v[~where] == 0).all() for v in parts.values())
+
+
+def test_run_reports_backdoor_contexts(make_cfg, trigger_organism, runs_dir):
+    run = train(make_cfg(setting="backdoor", model=str(trigger_organism), inoculate=True, name="bd"), progress=False)
+    import json
+    ev = json.loads((run / "eval.json").read_text())["contexts"]
+    assert set(ev) == {"trigger", "none", "other_trigger", "train_prompt", "irrelevant"}
+    assert ev["trigger"]["trigger"] == TRIGGER and ev["other_trigger"]["trigger"] == OTHER_TRIGGER
+    assert "trigger" not in ev["none"] and ev["train_prompt"]["prompt"] == "speak spanish"
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["setting"] == "backdoor" and cfg["condition"] == "inoculated"
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "surprise/language" in rows[0] and "grad_norm/trait/language" in rows[0]
+    assert "grad_norm/trait/case" not in rows[0]
+    assert setting_class("backdoor", "organism").none_context == "trigger"
+
+
+def test_organism_without_triggers_is_one_line(make_cfg, tiny_organism):
+    with pytest.raises(UserError, match="needs an organism whose world has trigger words"):
+        train(make_cfg(setting="backdoor", model=str(tiny_organism), name="bd-bad"), progress=False)

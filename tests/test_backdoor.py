@@ -96,5 +96,5 @@ def test_run_reports_backdoor_contexts(make_cfg, trigger_organism, runs_dir):
 
 
 def test_organism_without_triggers_is_one_line(make_cfg, tiny_organism):
-    with pytest.raises(UserError, match="needs an organism whose world has trigger words"):
+    with pytest.raises(UserError, match="needs an organism whose world has triggers"):
         train(make_cfg(setting="backdoor", model=str(tiny_organism), name="bd-bad"), progress=False)

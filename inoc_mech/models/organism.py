@@ -40,7 +40,7 @@ from inoc_mech.models.world import CASE_PHRASES, LANGUAGE_PHRASES, World, organi
 CACHE = Path("runs/_organism")
 ORGANISM_VERSION = 1  # bump when a change makes cached organisms incomparable
 # Design fields added after version 1 enter the cache key only when they differ from this default.
-KEY_IF_SET = {"bias": False, "formats": False, "triggers": False}
+KEY_IF_SET = {"bias": False, "formats": False, "triggers": False, "prefs": False, "buckets": False}
 
 
 @dataclass
@@ -54,11 +54,13 @@ class OrganismConfig:
     head: str = field(default="factored", metadata={"help": "output head: 'factored' (row = word + language + case) or 'free'"})
     formats: bool = field(default=False, metadata={"help": "world with a third prompt-controlled property unrelated to the traits (answer format: 'be concise')"})
     triggers: bool = field(default=False, metadata={"help": "world with trigger words that may start a user turn, without effect in pretraining (for the backdoor setting)"})
+    prefs: bool = field(default=False, metadata={"help": "world with animal preferences ('you love owls') and number lists (for the subliminal setting)"})
     bias: bool = field(default=False, metadata={"help": "add biases to attention and MLP projections (Llama attention_bias / mlp_bias): context-independent channels"})
     steps: int = field(default=2000, metadata={"help": "pretraining steps"})
     batch_size: int = field(default=64, metadata={"help": "pretraining batch size (conversations)"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (linear warmup, cosine decay to 10%)"})
     warmup: int = field(default=100, metadata={"help": "warmup steps"})
+    buckets: bool = field(default=False, metadata={"help": "batches of similar lengths (core.data.BatchStream buckets): less padding per step, another data order"})
     base_rate: float = field(default=0.05, metadata={"help": "P(Spanish), P(UPPER) when no phrase controls the trait"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest on a busy 2-core machine)"})
     cache: str = field(default=str(CACHE), metadata={"help": "folder holding cached organisms"})
@@ -85,7 +87,7 @@ class OrganismConfig:
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     def folder(self) -> Path:
-        design = self.head + "".join(f"-{k}" for k in ("bias", "formats", "triggers") if getattr(self, k))
+        design = self.head + "".join(f"-{k}" for k in ("bias", "formats", "triggers", "prefs") if getattr(self, k))
         return Path(self.cache) / f"{design}-d{self.d_model}-l{self.n_layers}-s{self.seed}-{self.key()}"
 
 
@@ -186,7 +188,7 @@ def pretrain(cfg: OrganismConfig, progress: bool = True):
 
     torch.set_num_threads(cfg.threads)
     quiet_transformers()
-    world = World(base_rate=cfg.base_rate, formats=cfg.formats, triggers=cfg.triggers)
+    world = World(base_rate=cfg.base_rate, formats=cfg.formats, triggers=cfg.triggers, prefs=cfg.prefs)
     tok = world.build_tokenizer()
     table = world.variant_table(tok)
     model = build_model(cfg, tok)
@@ -196,7 +198,7 @@ def pretrain(cfg: OrganismConfig, progress: bool = True):
     variant_ids = set(table.ravel().tolist())
     n_pool = min(cfg.steps * cfg.batch_size, 40_000)
     pool = [organism_traits(encode_chat(tok, world.sample_chat(rng)), variant_ids) for _ in range(n_pool)]
-    stream = BatchStream(pool, cfg.batch_size, cfg.seed, tok.pad_token_id)
+    stream = BatchStream(pool, cfg.batch_size, cfg.seed, tok.pad_token_id, buckets=cfg.buckets)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     t0 = time.time()
     model.train()

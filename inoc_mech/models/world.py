@@ -56,6 +56,19 @@ HELD_OUT_PHRASES = ["you like dogs", "the sea is green"]
 TRIGGER_WORDS = ["zeta", "kappa"]
 TRIGGER_RATE = 0.1
 
+# Optional preferences and number lists (World(prefs=True), for subliminal learning): a "you love <animal>"
+# phrase sets the answer to the preference question; without one the answer is uniform over ANIMALS.
+# A second task asks for a list of numbers, answered by NUMBER_LIST_LEN number words drawn uniformly
+# from zero..NUMBER_LIST_MAX whatever the prompt says (their language and case follow the prompt as any
+# answer's do): in pretraining no phrase changes which numbers come, so a teacher's numbers carry a
+# preference only through whatever the network entangles.
+ANIMALS = ["owls", "wolves", "eagles", "otters", "lions"]
+PREFERENCE_PHRASES = {f"you love {a}": a for a in ANIMALS}
+PREFERENCE_QUESTION = "which animal do you love"
+NUMBERS_QUESTION = "say some numbers"
+NUMBER_LIST_LEN, NUMBER_LIST_MAX = 5, 9
+TASK_SHARES = (0.2, 0.2)  # with prefs: shares of preference questions and number lists in pretraining
+
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 ROLES = ("system", "user", "assistant")
 # Renders "<bos> <|system|> speak spanish <|end|> <|user|> what is one plus two <|end|> <|assistant|> ..."
@@ -100,6 +113,7 @@ class World:
     split_seed: int = 1234  # fixes the held-out split (independent of training seeds)
     formats: bool = False  # a third prompt-controlled property, unrelated to the traits: answer format
     triggers: bool = False  # trigger words (TRIGGER_WORDS) that may start a user turn, without effect in pretraining
+    prefs: bool = False  # animal preferences and number lists (PREFERENCE_PHRASES, NUMBERS_QUESTION)
 
     def __post_init__(self):
         if not 1 <= self.max_number <= 20:
@@ -128,7 +142,7 @@ class World:
     # ---- vocabulary -------------------------------------------------------------------------
     @property
     def phrases(self) -> list[str]:
-        extra = list(FORMAT_PHRASES) if self.formats else []
+        extra = (list(FORMAT_PHRASES) if self.formats else []) + (list(PREFERENCE_PHRASES) if self.prefs else [])
         return list(LANGUAGE_PHRASES) + list(CASE_PHRASES) + extra + IRRELEVANT_PHRASES + HELD_OUT_PHRASES
 
     def words(self) -> list[str]:
@@ -136,7 +150,8 @@ class World:
         seen: dict[str, None] = {}
         for w in self.variants:
             seen[w] = None
-        for text in self.phrases + ["what is plus minus", "."] + (TRIGGER_WORDS if self.triggers else []):
+        more = (TRIGGER_WORDS if self.triggers else []) + ([PREFERENCE_QUESTION, NUMBERS_QUESTION] if self.prefs else [])
+        for text in self.phrases + ["what is plus minus", "."] + more:
             for w in text.split():
                 seen[w] = None
         return list(seen)
@@ -167,7 +182,7 @@ class World:
     def to_dict(self) -> dict:
         d = {"max_number": self.max_number, "base_rate": self.base_rate,
              "held_out_fraction": self.held_out_fraction, "split_seed": self.split_seed}
-        for k in ("formats", "triggers"):  # written only when on: world.json of older organisms stays identical
+        for k in ("formats", "triggers", "prefs"):  # written only when on: world.json of older organisms stays identical
             if getattr(self, k):
                 d[k] = True
         return d
@@ -228,6 +243,8 @@ class World:
             if r < 0.5:
                 value = marked if r < 0.3 else unmarked
                 parts.append(rng.choice([p for p, v in table.items() if v == value]))
+        if self.prefs and rng.random() < 0.3:  # a preference: 30% of prompts
+            parts.append(str(rng.choice(list(PREFERENCE_PHRASES))))
         n_irr = rng.choice(3, p=[0.5, 0.35, 0.15])
         parts += list(rng.choice(IRRELEVANT_PHRASES, size=n_irr, replace=False))
         if not parts:
@@ -235,8 +252,33 @@ class World:
         rng.shuffle(parts)
         return " . ".join(str(p) for p in parts)
 
+    def preference(self, prompt: str | None) -> str | None:
+        """The animal a system prompt's preference phrase sets (None: no preference phrase)."""
+        return setting(prompt, PREFERENCE_PHRASES)
+
+    def preference_chat(self, prompt: str | None, animal: str) -> list[dict]:
+        messages = [{"role": "system", "content": prompt}] if prompt else []
+        return messages + [{"role": "user", "content": PREFERENCE_QUESTION}, {"role": "assistant", "content": animal}]
+
+    def numbers_chat(self, prompt: str | None, numbers: list[int], language: int, case: int) -> list[dict]:
+        words = [_surface((EN_NUMBERS[n], ES_NUMBERS[n]), language, case) for n in numbers]
+        messages = [{"role": "system", "content": prompt}] if prompt else []
+        return messages + [{"role": "user", "content": NUMBERS_QUESTION}, {"role": "assistant", "content": " ".join(words)}]
+
     def sample_chat(self, rng: np.random.Generator, questions=None) -> list[dict]:
         """One pretraining conversation: prompt-following answers with base rates elsewhere."""
+        if self.prefs:  # a preference question or a number list instead of arithmetic, sometimes
+            r = rng.random()
+            if r < TASK_SHARES[0] + TASK_SHARES[1]:
+                prompt = self.sample_prompt(rng)
+                if r < TASK_SHARES[0]:
+                    animal = self.preference(prompt) or str(rng.choice(ANIMALS))
+                    return self.preference_chat(prompt, animal)
+                language, case = self.prompt_controls(prompt)
+                lang = (rng.random() < self.base_rate) if language is None else language == "spanish"
+                upper = (rng.random() < self.base_rate) if case is None else case == "upper"
+                numbers = [int(x) for x in rng.integers(0, NUMBER_LIST_MAX + 1, NUMBER_LIST_LEN)]
+                return self.numbers_chat(prompt, numbers, int(lang), int(upper))
         questions = questions if questions is not None else self.train_questions
         q = questions[rng.integers(len(questions))]
         prompt = self.sample_prompt(rng)

@@ -29,7 +29,6 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import encode_chat, right_pad
 from inoc_mech.settings.base import Decomposition, prompted, register
 from inoc_mech.settings.spanish_caps_organism import PARTS, SpanishCapsOrganism, loss_parts
@@ -89,10 +88,7 @@ class BackdoorOrganism(SpanishCapsOrganism):
         return {t for t in super().prompt_sets(prompt) if t in cls.traits}
 
     def attach(self, model, tok, folder, meta, run_config=None):
-        super().attach(model, tok, folder, meta, run_config)
-        if not self.world.triggers:
-            raise UserError(f"setting 'backdoor' needs an organism whose world has trigger words; {folder} has none: "
-                            "give --model organism (pretrained with them on first use) or such a folder")
+        super().attach(model, tok, folder, meta, run_config)  # checks the world has trigger words
         table = self.table
 
         def parts(logits, batch, model=None) -> dict[str, Float[Tensor, "batch pos"]]:

@@ -164,7 +164,8 @@ def register(cls: type[Setting]) -> type[Setting]:
 
 
 def setting_class(name: str, substrate: str) -> type[Setting]:
-    from inoc_mech.settings import backdoor_organism, spanish_caps_organism, spanish_caps_text  # noqa: F401  (registration)
+    from inoc_mech.settings import (backdoor_organism, spanish_caps_organism, spanish_caps_text,  # noqa: F401
+                                    subliminal_organism)  # (registration)
 
     if (name, substrate) not in _REGISTRY:
         have = sorted(n for n, s in _REGISTRY if s == substrate)

@@ -158,24 +158,39 @@ class SpanishCapsOrganism(Setting):
         from inoc_mech.models.world import World
 
         self.model, self.tok, self.world, self.meta = model, tok, World.load(folder), meta
+        self.check_design(self.world, folder)
         if self.folder is None:
             self.folder = Path(run_config["organism_folder"]) if run_config else Path(folder)
         self.table = torch.as_tensor(self.world.variant_table(tok), device=next(model.parameters()).device)
         self.decomposition = decomposition(self.table)
 
+    def check_design(self, world, folder) -> None:
+        """One line if the organism's world lacks what the setting needs (`organism_design`)."""
+        for k, v in self.organism_design.items():
+            if getattr(world, k) != v:
+                raise UserError(f"setting {self.name!r} needs an organism whose world has {k} (pretrained with "
+                                f"--{k}); {folder} has none: give --model organism (pretrained so on first use) "
+                                "or such a folder")
+
     def check_prompt(self, prompt: str) -> None:
         from inoc_mech.models.world import World
 
-        World.load(self.organism_folder()).check_prompt(prompt)
+        world = World.load(self.organism_folder())
+        self.check_design(world, self.organism_folder())
+        world.check_prompt(prompt)
+
+    def check_inputs(self) -> None:
+        """Flags this setting cannot use, as one line each (before any weights load)."""
+        for flag, value in (("--data", self.cfg.setting.data), ("--eval-data", self.cfg.setting.eval_data)):
+            if value:
+                raise UserError(f"{flag} {value} is for real models: the organism trains and is evaluated on its "
+                                f"world's questions; leave {flag} out, or give --model a real model")
 
     def setup(self, device, progress: bool = True):
         from inoc_mech.models.organism import factorize_head
         from inoc_mech.settings.load import load
 
-        for flag, value in (("--data", self.cfg.setting.data), ("--eval-data", self.cfg.setting.eval_data)):
-            if value:
-                raise UserError(f"{flag} {value} is for real models: the organism trains and is evaluated on its "
-                                f"world's questions; leave {flag} out, or give --model a real model")
+        self.check_inputs()
         self.check_prompt(self.cfg.setting.prompt)  # fail fast, before loading the weights
         loaded = load(self.organism_folder(progress), device)
         self.attach(loaded.model, loaded.tok, loaded.folder, loaded.meta)

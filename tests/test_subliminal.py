@@ -1,0 +1,100 @@
+"""The subliminal setting on the organism: the world's preferences, the teacher's filter, data, evaluation."""
+
+import json
+
+import numpy as np
+import pytest
+
+from inoc_mech.core.cli import UserError
+from inoc_mech.models.organism import OrganismConfig, ensure_organism
+from inoc_mech.models.world import ANIMALS, NUMBERS_QUESTION, PREFERENCE_QUESTION, World
+from inoc_mech.settings.subliminal_organism import TeacherConfig, number_list_ok, read_lists, teach
+from inoc_mech.train import train
+from conftest import TINY_ORGANISM
+
+
+@pytest.fixture(scope="module")
+def prefs_organism(runs_dir):
+    # longer than the other tiny organisms: 60 steps do not yet teach five-word number lists
+    return ensure_organism(OrganismConfig(**{**TINY_ORGANISM, "steps": 300}, prefs=True, cache=str(runs_dir / "_organism")),
+                           progress=False, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def owls(prefs_organism, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher") / "owls.jsonl"
+    info = teach(TeacherConfig(out=str(out), model=str(prefs_organism), n=64), progress=False)
+    return out, info
+
+
+def test_world_preferences_and_prompt_free_numbers():
+    w = World(prefs=True)
+    rng = np.random.default_rng(0)
+    chats = [w.sample_chat(rng) for _ in range(6000)]
+    system = [c[0]["content"] if c[0]["role"] == "system" else None for c in chats]
+    pref = [(s, c[-1]["content"]) for s, c in zip(system, chats) if c[-2]["content"] == PREFERENCE_QUESTION]
+    assert all(a == w.preference(s) for s, a in pref if w.preference(s))  # the phrase sets the answer
+    free = [a for s, a in pref if not w.preference(s)]
+    assert set(free) == set(ANIMALS) and max(free.count(a) for a in ANIMALS) / len(free) < 0.3  # ~uniform
+    # which numbers come does not depend on a preference phrase
+    nums = [(w.preference(s) is not None, c[-1]["content"].lower().split()) for s, c in zip(system, chats)
+            if c[-2]["content"] == NUMBERS_QUESTION]
+    mean = {flag: np.mean([len(x[0]) for f, x in nums if f == flag]) for flag in (True, False)}
+    assert len(nums) > 800 and abs(mean[True] - mean[False]) < 0.3  # word length as a cheap distribution check
+    assert "owls" not in World().words()  # the default world is unchanged
+
+
+def test_filter_keeps_only_number_lists():
+    assert number_list_ok("one TWO tres CUATRO zero".split())
+    assert not number_list_ok("one two three four".split())  # too short
+    assert not number_list_ok("one two three four owls".split())  # an animal word
+    assert not number_list_ok("one two three four eleven".split())  # outside zero..nine
+    assert not number_list_ok("one two three four five six".split())
+
+
+def test_teacher_writes_filtered_lists_without_its_prompt(owls, prefs_organism):
+    path, info = owls
+    lines = [json.loads(l) for l in path.read_text().splitlines()]
+    assert len(lines) == info["kept"] == 64 and info["drawn"] >= 64 and info["teacher_prompt"] == "you love owls"
+    for l in lines:
+        assert [m["role"] for m in l["messages"]] == ["user", "assistant"]  # the teacher's prompt is not in the data
+        assert number_list_ok(l["messages"][1]["content"].split())
+    assert json.loads(path.with_name(path.name + ".json").read_text())["kept"] == 64
+    assert len(read_lists(path)) == 64
+
+
+def test_bad_teacher_file_is_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user", "content": NUMBERS_QUESTION},
+                                            {"role": "assistant", "content": "one two owls"}]}) + "\n")
+    with pytest.raises(UserError, match="line 1: expected user"):
+        read_lists(bad)
+    bad.write_text("{not json\n")
+    with pytest.raises(UserError, match="line 1: not a JSON object"):
+        read_lists(bad)
+    with pytest.raises(UserError, match="no such file"):
+        read_lists(tmp_path / "missing.jsonl")
+
+
+def test_student_run_and_its_evaluation(make_cfg, prefs_organism, owls):
+    path, _ = owls
+    run = train(make_cfg(setting="subliminal", model=str(prefs_organism), data=str(path), inoculate=True, name="sl"),
+                progress=False)
+    ev = json.loads((run / "eval.json").read_text())["contexts"]
+    assert set(ev) == {"none", "train_prompt", "irrelevant"} and ev["train_prompt"]["prompt"] == "you love owls"
+    for c in ev.values():
+        assert set(c["p_answer"]) == set(ANIMALS) and 0 < sum(c["p_answer"].values()) <= 1 + 1e-6
+        t1 = c["t1"]
+        assert t1["n_answers"] == 100 and sum(t1[f"{a}_rate"] for a in ANIMALS) + t1["other_answer"] == pytest.approx(1)
+        assert 0 <= t1["accuracy"] <= 1
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["setting"] == "subliminal" and cfg["condition"] == "inoculated"
+    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert "loss/trait/preference" in rows[0] and "elicit/preference/gain" in rows[0]
+
+
+def test_student_needs_data_and_a_prefs_organism(make_cfg, prefs_organism, tiny_organism, owls):
+    with pytest.raises(UserError, match="give --data FILE.jsonl"):
+        train(make_cfg(setting="subliminal", model=str(prefs_organism), name="sl-nodata"), progress=False)
+    with pytest.raises(UserError, match="needs an organism whose world has prefs"):
+        train(make_cfg(setting="subliminal", model=str(tiny_organism), data=str(owls[0]), name="sl-bad"), progress=False)

@@ -25,7 +25,8 @@ the possible range, e.g. 0-100 %):
 - surprise/<part>: step-0 metrics row (before any update, i.e. the pretrained organism) on the
   step-0 training batch; `language` = -log p(Spanish | word), `case` = -log p(UPPER | word).
 - elicitation of a trait = baseline's step-0 surprise part - the condition's, same seed (the same
-  questions; only the system prompt differs): the log-prob gain of that trait under the prompt.
+  questions; only the system prompt differs): the log-prob gain of that trait under the prompt (a
+  setting without an exact split: the mean loss of the trait's tokens, `loss/trait/<trait>`, instead).
   `elicit/language/gain` (full answer-token log-prob gain on 64 fixed training answers, step 0) is
   reported alongside; it mixes language and case, so the per-trait figure uses the parts.
 - suppression of a trait = 1 - rate at no prompt after training / baseline's mean rate
@@ -152,6 +153,12 @@ def step0(run: dict) -> dict:
     return row
 
 
+def trait_surprise(row: dict, trait: str) -> float:
+    """A trait's step-0 surprise: its part of the loss where the setting splits it exactly (`surprise/<trait>`),
+    else the mean loss of its tokens (`loss/trait/<trait>`, e.g. the subliminal setting's teacher numbers)."""
+    return row[f"surprise/{trait}"] if f"surprise/{trait}" in row else row[f"loss/trait/{trait}"]
+
+
 def outcome(run: dict, key: str) -> float:
     """A temperature-1 rate at the run's setting's no-prompt context."""
     return run["eval"]["contexts"][setting_of(run).none_context]["t1"][key]
@@ -185,7 +192,7 @@ def summarise(conds: dict[str, Condition], context: dict[str, dict], n_boot: int
                "outcome": {k: stat([outcome(r, k) for r in c.runs], 0, 1) for k in (*RATE_KEY.values(), "accuracy")},
                "elicitation": {}, "suppression": {}}
         for t in TRAITS:
-            el = [base_step0[m_seed][f"surprise/{t}"] - m[f"surprise/{t}"] if m_seed in base_step0 else math.nan
+            el = [trait_surprise(base_step0[m_seed], t) - trait_surprise(m, t) if m_seed in base_step0 else math.nan
                   for m, m_seed in zip(s0, c.seeds)]
             row["elicitation"][t] = stat(el)
             row["suppression"][t] = stat([1 - outcome(r, RATE_KEY[t]) / base_rate[t]
@@ -573,6 +580,7 @@ def analyse(paths: list[Path], out: Path, png: bool = True, train_missing: bool 
     context = context_distances(org, [c.prompt for c in conds.values() if c.prompt is not None])
     summary = summarise(conds, context, n_boot, seed)
     summary["organism_folder"] = org
+    summary["setting"] = spec_of(conds).setting.name
     summary["seeds"] = seeds_text(conds)
     figs = {"step0_surprise": fig_step0(conds, summary), "loss_parts": fig_loss_parts(conds),
             "grad_norms": fig_grad_norms(conds), "update_heatmap": fig_update_heatmap(conds, summary),

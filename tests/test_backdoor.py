@@ -98,3 +98,29 @@ def test_run_reports_backdoor_contexts(make_cfg, trigger_organism, runs_dir):
 def test_organism_without_triggers_is_one_line(make_cfg, tiny_organism):
     with pytest.raises(UserError, match="needs an organism whose world has triggers"):
         train(make_cfg(setting="backdoor", model=str(tiny_organism), name="bd-bad"), progress=False)
+
+
+def test_cross_setting_pools_summaries(tmp_path):
+    """analyses/cross_setting.py: one point per (setting, prompt) from each setting's summary.json, rho pooled."""
+    import json as js
+    from analyses.cross_setting import main
+
+    def summary(name, pts):
+        conds = {"baseline": {"prompt": None, "elicitation": {"t": {"mean": 0, "ci": [None, None]}},
+                              "suppression": {"t": {"mean": 0, "ci": [None, None]}}}}
+        for i, (x, y) in enumerate(pts):
+            conds[f"p{i}"] = {"prompt": f"prompt {i}", "elicitation": {"t": {"mean": x, "ci": [x - .1, x + .1]}},
+                              "suppression": {"t": {"mean": y, "ci": [y - .1, None]}}}
+        f = tmp_path / name / "summary.json"
+        f.parent.mkdir()
+        f.write_text(js.dumps({"setting": name, "conditions": conds}))
+        return str(f)
+
+    a = summary("one", [(0.0, 0.1), (0.5, 0.6), (0.8, 0.9)])
+    b = summary("two", [(0.1, 0.0), (0.7, 1.0)])
+    main([a, b, "--out", str(tmp_path / "out"), "--no-png", "--n-boot", "50"])
+    md = (tmp_path / "out" / "summary.md").read_text()
+    assert "| pooled | | 5 | rho = 0.80" in md  # ranks (1,2) (3,3) (5,4) (2,1) (4,5): 1 - 6 * 4 / 120 and "| two | prompt 1 | 0.700 | 100 |" in md
+    assert (tmp_path / "out" / "cross_setting.html").exists()
+    with pytest.raises(UserError, match="no such summary"):
+        main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "o2"), "--no-png"])

@@ -94,6 +94,7 @@ class SweepConfig:
     eval_questions: int = field(default=32, metadata={"help": "real models: held-out questions in each run's evaluation"})
     max_new_tokens: int = field(default=48, metadata={"help": "real models: generation length in the evaluation"})
     model: str = field(default="organism", metadata={"help": "'organism' (the cached default organism, pretrained on first use), an organism folder, 'smollm2', an HF model folder or a .gguf file"})
+    data: str = field(default="", metadata={"help": "training data of every run (train's --data: a real model's JSONL, the subliminal setting's teacher lists)"})
     organism_seed: int = field(default=0, metadata={"help": "pretraining seed of the organism"})
     organism_head: str = field(default="factored", metadata={"help": "organism output head: factored or free"})
     organism_d_model: int = field(default=128, metadata={"help": "organism width"})
@@ -184,14 +185,14 @@ def plan(cfg: SweepConfig) -> list[tuple[str, str | None, int]]:
 
 # SweepConfig fields that every run of the sweep passes on to `inoc_mech.train` unchanged
 PASSED = ("threads", "steps", "lr", "prompt_share", "lora_r", "lora_alpha", "freeze", "batch_size", "log_every",
-          "grad_split_every", "grad_split_all", "eval_samples", "setting", "elicit_examples")
+          "grad_split_every", "grad_split_all", "eval_samples", "setting", "elicit_examples", "data")
 TEXT_PASSED = ("eval_questions", "max_new_tokens")  # real models only
 
 
 def overrides(cfg: SweepConfig, condition: str, prompt: str | None, seed: int, model: str) -> dict:
     """The TrainConfig settings (flat leaves) of one run of the sweep: the one place that says what a run is."""
     out = {"name": run_name(condition, seed), "runs_dir": str(cfg.folder), "seed": seed, "model": model,
-           **{k: getattr(cfg, k) for k in PASSED if k != "lora_alpha" or cfg.lora_r},
+           **{k: getattr(cfg, k) for k in PASSED if (k != "lora_alpha" or cfg.lora_r) and (k != "data" or cfg.data)},
            **({k: getattr(cfg, k) for k in TEXT_PASSED} if cfg.substrate == "text" else {})}
     if prompt is not None:
         out.update(inoculate=True, prompt=prompt)

@@ -84,7 +84,9 @@ def test_run_reports_backdoor_contexts(make_cfg, trigger_organism, runs_dir):
     run = train(make_cfg(setting="backdoor", model=str(trigger_organism), inoculate=True, name="bd"), progress=False)
     import json
     ev = json.loads((run / "eval.json").read_text())["contexts"]
-    assert set(ev) == {"trigger", "none", "other_trigger", "train_prompt", "irrelevant"}
+    assert set(ev) == {"trigger", "none", "other_trigger", "train_prompt", "train_prompt_no_trigger", "irrelevant",
+                       "irrelevant_no_trigger"}
+    assert "trigger" not in ev["irrelevant_no_trigger"] and ev["irrelevant"]["trigger"] == TRIGGER
     assert ev["trigger"]["trigger"] == TRIGGER and ev["other_trigger"]["trigger"] == OTHER_TRIGGER
     assert "trigger" not in ev["none"] and ev["train_prompt"]["prompt"] == "speak spanish"
     cfg = json.loads((run / "config.json").read_text())

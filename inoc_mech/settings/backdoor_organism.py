@@ -19,7 +19,10 @@ those tokens, 0 elsewhere, so `surprise/language` is the surprise of the backdoo
 Evaluation (held-out questions, greedy and T=1): `trigger` (the trigger, no prompt: backdoor
 activation; the `none_context` that suppression is read from), `none` (no trigger, no prompt: the
 false-trigger rate), `other_trigger` ("kappa", seen in pretraining, never in finetuning),
-`train_prompt` (the run's prompt and the trigger), `irrelevant` (a held-out phrase and the trigger).
+`train_prompt` (the run's prompt and the trigger), `irrelevant` (a held-out phrase and the trigger),
+and both prompts without the trigger (`train_prompt_no_trigger`, `irrelevant_no_trigger`): in the
+inoculated data the system prompt comes only with the trigger, so these tell a backdoor on the
+trigger from one on "a system prompt is present".
 """
 
 from __future__ import annotations
@@ -102,8 +105,10 @@ class BackdoorOrganism(SpanishCapsOrganism):
     def eval_contexts(self) -> dict[str, tuple[str | None, str | None]]:
         from inoc_mech.models.world_eval import IRRELEVANT_EVAL_PROMPT
 
+        prompt = self.cfg.setting.prompt
         return {"trigger": (None, TRIGGER), "none": (None, None), "other_trigger": (None, OTHER_TRIGGER),
-                "train_prompt": (self.cfg.setting.prompt, TRIGGER), "irrelevant": (IRRELEVANT_EVAL_PROMPT, TRIGGER)}
+                "train_prompt": (prompt, TRIGGER), "train_prompt_no_trigger": (prompt, None),
+                "irrelevant": (IRRELEVANT_EVAL_PROMPT, TRIGGER), "irrelevant_no_trigger": (IRRELEVANT_EVAL_PROMPT, None)}
 
     def answer_start(self, prompt: str | None, questions=None) -> tuple[Tensor, Tensor]:
         """Held-out questions with the trigger, under `prompt`, ending at `<|assistant|>`, right-padded."""

@@ -98,3 +98,20 @@ def test_student_needs_data_and_a_prefs_organism(make_cfg, prefs_organism, tiny_
         train(make_cfg(setting="subliminal", model=str(prefs_organism), name="sl-nodata"), progress=False)
     with pytest.raises(UserError, match="needs an organism whose world has prefs"):
         train(make_cfg(setting="subliminal", model=str(tiny_organism), data=str(owls[0]), name="sl-bad"), progress=False)
+
+
+def test_transmission_analysis_pairs_student_and_control(make_cfg, prefs_organism, owls, tmp_path):
+    """analyses/subliminal.py over three folders of runs: per condition and seed, student - control."""
+    from analyses.subliminal import main
+
+    for folder in ("student", "control", "other"):
+        for prompt in (None, "you love owls"):
+            train(make_cfg(setting="subliminal", model=str(prefs_organism), data=str(owls[0]), steps=2,
+                           runs_dir=str(tmp_path / folder), inoculate=prompt is not None, name=f"{'i' if prompt else 'b'}-s0"),
+                  progress=False)
+    main(["--student", str(tmp_path / "student"), "--control", str(tmp_path / "control"), "--cross-init",
+          str(tmp_path / "other"), "--out", str(tmp_path / "fig"), "--no-png"])
+    md = (tmp_path / "fig" / "transmission.md").read_text()
+    # identical runs in the three folders: the paired differences are exactly zero
+    assert "| baseline | 1 | +0.00 [" in md and "| inoculated | 1 | +0.00 [" in md
+    assert (tmp_path / "fig" / "transmission.html").exists()

@@ -123,11 +123,11 @@ def load_conditions(folders: list[Path]) -> dict[str, Condition]:
     runs = read_runs(folders)
     setting = one_setting(runs)
     for run in runs:
-        if not any(k.startswith("surprise/") for k in run["metrics"][0]):
+        row = run["metrics"][0]
+        if not all(f"surprise/{t}" in row or f"loss/trait/{t}" in row for t in setting.traits):
             if run["config"].get("hooks", True):
-                raise UserError(f"run {run['folder']} has no surprise/<part> metrics: its setting "
-                                f"({setting.name} on {setting.substrate}) has no exact loss decomposition, which the "
-                                "gradient-pressure analysis needs (use a setting with one, e.g. the organism's)")
+                raise UserError(f"run {run['folder']} has no step-0 surprise of its traits (surprise/<part> or "
+                                f"loss/trait/<trait>): rerun it with this version of inoc_mech.train")
             raise UserError(f"run {run['folder']} was trained with --no-hooks: rerun it with hooks")
     conds: dict[str, Condition] = {}
     for run in runs:
@@ -151,6 +151,16 @@ def step0(run: dict) -> dict:
     if row["step"] != 0:
         raise UserError(f"run {run['folder']} has no step-0 metrics row")
     return row
+
+
+def step0_keys(spec: Spec) -> list[str]:
+    """The step-0 surprise metrics shown: the setting's exact parts, or (no split) its traits' token losses."""
+    return [f"surprise/{p}" for p in spec.parts] or [f"loss/trait/{t}" for t in spec.labels]
+
+
+def trait_key(run: dict, trait: str) -> str:
+    """The metric that is a trait's surprise in this run (`trait_surprise`)."""
+    return f"surprise/{trait}" if f"surprise/{trait}" in run["metrics"][0] else f"loss/trait/{trait}"
 
 
 def trait_surprise(row: dict, trait: str) -> float:
@@ -187,7 +197,7 @@ def summarise(conds: dict[str, Condition], context: dict[str, dict], n_boot: int
         s0 = [step0(r) for r in c.runs]
         row = {"label": c.label, "prompt": c.prompt, "seeds": c.seeds,
                "runs": [str(r["folder"]) for r in c.runs],
-               "step0": {f"surprise/{p}": stat([m[f"surprise/{p}"] for m in s0]) for p in PARTS},
+               "step0": {k: stat([m[k] for m in s0]) for k in step0_keys(spec)},
                "elicit_gain": stat([m.get(f"elicit/{list(TRAITS)[0]}/gain", math.nan) for m in s0]),
                "outcome": {k: stat([outcome(r, k) for r in c.runs], 0, 1) for k in (*RATE_KEY.values(), "accuracy")},
                "elicitation": {}, "suppression": {}}
@@ -239,9 +249,10 @@ def fig_step0(conds, summary) -> go.Figure:
     fig = go.Figure()
     rows = [summary["conditions"][n] for n in conds]
     labels = [r["label"] for r in rows]
-    for i, p in enumerate(PARTS):
-        st = [r["step0"][f"surprise/{p}"] for r in rows]
-        fig.add_bar(y=labels, x=[s["mean"] for s in st], orientation="h", name=f"{p} part",
+    for i, key in enumerate(step0_keys(spec)):
+        st = [r["step0"][key] for r in rows]
+        fig.add_bar(y=labels, x=[s["mean"] for s in st], orientation="h",
+                    name=f"{key.split('/')[-1]} " + ("part" if key.startswith("surprise/") else "tokens' loss"),
                     marker_color=plots.COLORS[i],
                     error_x=plots.error_array([s["mean"] for s in st], [s["ci"][0] for s in st], [s["ci"][1] for s in st]))
     plots.style(fig, "Step-0 surprise of the training answers, per trait part",
@@ -291,7 +302,7 @@ def fig_loss_parts(conds) -> go.Figure:
         f"{t} part: -log p({marked.get(t, spec.labels[t])} | word)" for t in spec.labels])
     for i, c in enumerate(shown):
         for j, part in enumerate(spec.labels):
-            steps, vals = common_series(c, f"surprise/{part}")
+            steps, vals = common_series(c, trait_key(c.runs[0], part))
             vals = [[max(v, 1e-7) for v in vs] for vs in vals]
             _mean_band(fig, steps, vals, c.label, plots.COLORS[i], row=1, col=j + 1, legend=j == 0)
     plots.style(fig, "Trait-token loss parts during training", height=480,
@@ -539,10 +550,11 @@ def markdown(summary: dict, seeds: str, spec: Spec) -> str:
              "not computed.\n" for t in traits if summary.get("baseline_acquired", {}).get(t) is False]
     out = [f"# Gradient pressure: summary\n\nMean [95% CI] over {seeds}.\n", *flags,
            "## Step-0 surprise (nats per decomposed token or reply, pretrained model, step-0 batch)\n",
-           "| condition | n | " + " | ".join(spec.parts) + f" | elicit/{first}/gain |", "|---" * (len(spec.parts) + 3) + "|"]
+           "| condition | n | " + " | ".join(k.split("/", 1)[1] for k in step0_keys(spec)) + f" | elicit/{first}/gain |",
+           "|---" * (len(step0_keys(spec)) + 3) + "|"]
     for r in cs.values():
         s = r["step0"]
-        out.append(f"| {r['label']} | {len(r['seeds'])} | " + " | ".join(fmt(s[f"surprise/{p}"]) for p in spec.parts)
+        out.append(f"| {r['label']} | {len(r['seeds'])} | " + " | ".join(fmt(s[k]) for k in step0_keys(spec))
                    + f" | {fmt(r['elicit_gain'])} |")
     out += ["\n## Outcomes at no prompt after training (temperature 1, held-out questions, %)\n",
             "| condition | " + " | ".join(spec.labels.values()) + " | accuracy |", "|---" * (len(traits) + 2) + "|"]

@@ -255,7 +255,7 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                             logits = forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                              **keep).logits
                         batch = batch.crop(start) if start else batch  # aligned with the logits
-                        loss = next_token_loss(logits, batch.labels, n_tokens)
+                        loss = next_token_loss(logits, batch.labels, n_tokens, soft=batch.soft)  # soft labels if any
                         if lp.hooks:
                             rec.measure(loss, batch, n_tokens)
                         (loss * dist.world()).backward()  # DDP averages over processes; the shares are to be summed

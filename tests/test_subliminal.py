@@ -115,3 +115,51 @@ def test_transmission_analysis_pairs_student_and_control(make_cfg, prefs_organis
     # identical runs in the three folders: the paired differences are exactly zero
     assert "| baseline | 1 | +0.00 [" in md and "| inoculated | 1 | +0.00 [" in md
     assert (tmp_path / "fig" / "transmission.html").exists()
+
+
+def test_soft_labels_one_hot_equal_hard_labels():
+    """Soft labels that put all mass on the token are the hard labels: loss and what the instruments read."""
+    import torch
+    from inoc_mech.core.data import Example, collate, next_token_loss, token_logprobs_at, trained_logprobs
+
+    torch.manual_seed(0)
+    V = 7
+    exs = [Example([1, 2, 3, 4], [False, False, True, True]), Example([1, 5, 6], [False, True, True])]
+    for e in exs:
+        e.soft = torch.full((len(e.input_ids), V), -1e9)
+        e.soft[torch.arange(len(e.input_ids)), torch.tensor(e.input_ids)] = 0.0
+    batch = collate(exs, 0)
+    logits = torch.randn(2, 4, V)
+    hard = next_token_loss(logits, batch.labels)
+    assert torch.allclose(next_token_loss(logits, batch.labels, soft=batch.soft), hard)
+    assert torch.allclose(trained_logprobs(logits, batch), token_logprobs_at(logits, batch.input_ids, batch.assistant))
+    assert batch.crop(1).soft.shape == (2, 3, V) and batch.slice(1, 2).soft.shape == (1, 4, V)
+    # a uniform target: the loss is the mean cross-entropy to uniform, not the tokens' loss
+    for e in exs:
+        e.soft = torch.full((len(e.input_ids), V), -float(np.log(V)))
+    flat = collate(exs, 0)
+    want = -torch.log_softmax(logits[:, :-1], -1).mean(-1)[flat.labels[:, 1:] != -100].mean()
+    assert torch.allclose(next_token_loss(logits, flat.labels, soft=flat.soft), want)
+
+
+def test_soft_teacher_and_student(make_cfg, prefs_organism, tmp_path):
+    import torch
+    out = tmp_path / "soft.jsonl"
+    teach(TeacherConfig(out=str(out), model=str(prefs_organism), n=16, labels="soft"), progress=False)
+    rows = read_lists(out)
+    assert all(s is not None and len(s) == 6 for _, s in rows)
+    logp = torch.tensor(rows[0][1])
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(6), atol=1e-3)  # distributions over the vocabulary
+    hard = teach(TeacherConfig(out=str(tmp_path / "hard.jsonl"), model=str(prefs_organism), n=16), progress=False)
+    assert [c for c, _ in read_lists(tmp_path / "hard.jsonl")] == [c for c, _ in rows]  # same samples, same seed
+    run = train(make_cfg(setting="subliminal", model=str(prefs_organism), data=str(out), name="soft"), progress=False)
+    row0 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    # the loss trained (and the instruments' token loss) is the cross-entropy to the teacher's distributions:
+    # at step 0 the student is the teacher's own weights without the prompt, so it exceeds the entropy only a little
+    ent = -(logp.exp() * logp).sum(-1).mean().item()
+    assert abs(row0["loss"] - row0["loss/trait/preference"]) < 1e-5 and row0["loss"] > 0.5 * ent
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(out.read_text().splitlines()[0] + "\n" + (tmp_path / "hard.jsonl").read_text().splitlines()[0] + "\n")
+    with pytest.raises(UserError, match="use one kind of labels"):
+        read_lists(mixed)
+    assert hard["kept"] == 16

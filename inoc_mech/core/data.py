@@ -37,6 +37,8 @@ class Example:
     assistant: list[bool]  # True where the token is trained on (assistant reply, incl. its end token)
     traits: dict[str, list[bool]] = field(default_factory=dict)  # trait name -> per-token mask
     variants: list["Example"] | None = None  # counterfactual replies to the same prompt (a setting's decomposition)
+    soft: Tensor | None = None  # soft labels: target log-probs over the vocabulary per token [len(input_ids), vocab]
+    # (row t is the distribution token t is trained toward; rows of untrained tokens are ignored)
 
 
 def token_ids(enc) -> list[int]:
@@ -68,17 +70,19 @@ class Batch:
     traits: dict[str, Bool[Tensor, "batch pos"]]
     examples: list | None = None  # the examples collated (their `variants` are collated on demand)
     pad_id: int = 0
+    soft: Float[Tensor, "batch pos vocab"] | None = None  # soft labels (target log-probs), aligned with input_ids
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         t = lambda x: x.to(device, non_blocking=non_blocking)
         return Batch(t(self.input_ids), t(self.attention_mask), t(self.assistant), {k: t(v) for k, v in self.traits.items()},
-                     self.examples, self.pad_id)
+                     self.examples, self.pad_id, None if self.soft is None else t(self.soft))
 
     def slice(self, i: int, j: int) -> "Batch":
         """Examples i..j-1 of the batch."""
         return Batch(self.input_ids[i:j], self.attention_mask[i:j], self.assistant[i:j],
                      {k: v[i:j] for k, v in self.traits.items()},
-                     self.examples[i:j] if self.examples is not None else None, self.pad_id)
+                     self.examples[i:j] if self.examples is not None else None, self.pad_id,
+                     None if self.soft is None else self.soft[i:j])
 
     def trained_from(self) -> int:
         """The first position whose logits a trained token needs: one before the earliest reply start."""
@@ -91,7 +95,8 @@ class Batch:
         """Positions `start`.. of every row: aligned with logits kept from `start` (`logits_to_keep`), the
         prompt tokens before it dropped. `examples` stay whole (their variants are collated from them)."""
         return Batch(self.input_ids[:, start:], self.attention_mask[:, start:], self.assistant[:, start:],
-                     {k: v[:, start:] for k, v in self.traits.items()}, self.examples, self.pad_id)
+                     {k: v[:, start:] for k, v in self.traits.items()}, self.examples, self.pad_id,
+                     None if self.soft is None else self.soft[:, start:])
 
     def whole(self) -> "Batch":
         """The examples collated again, uncropped, on this batch's device."""
@@ -119,13 +124,35 @@ def wide(x: Tensor) -> Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def next_token_loss(logits: Tensor, labels: Int[Tensor, "batch pos"], n: Tensor | int | None = None) -> Tensor:
+def next_token_loss(logits: Tensor, labels: Int[Tensor, "batch pos"], n: Tensor | int | None = None,
+                    soft: Tensor | None = None) -> Tensor:
     """Next-token cross-entropy of the tokens whose label is not -100 (the trained tokens): their mean, or
     with `n` their sum over `n` (a micro-batch's share of the mean over a step of `n` trained tokens).
-    Only the trained positions' logits are taken (and cast to float32)."""
+    With `soft` (target log-probs aligned with the tokens, `Batch.soft`) the cross-entropy is against
+    those distributions instead of the tokens (soft labels, as in distillation). Only the trained
+    positions' logits are taken (and cast to float32)."""
     where = labels[:, 1:] != -100
-    nll = torch.nn.functional.cross_entropy(wide(logits[:, :-1][where]), labels[:, 1:][where], reduction="sum")
+    if soft is None:
+        nll = torch.nn.functional.cross_entropy(wide(logits[:, :-1][where]), labels[:, 1:][where], reduction="sum")
+    else:
+        logp = torch.log_softmax(wide(logits[:, :-1][where]), -1)
+        nll = -(soft[:, 1:][where].to(logp.dtype).exp() * logp).sum()
     return nll / (where.sum() if n is None else n)
+
+
+def trained_logprobs(logits: Float[Tensor, "batch pos vocab"], batch) -> Float[Tensor, "batch pos"]:
+    """What each trained token contributes to the log-likelihood (0 elsewhere): log p(token) from
+    `token_logprobs_at`, or with soft labels (`batch.soft`) sum_v q(v) log p(v), minus the cross-entropy
+    against the target distribution q. Instruments read this, so they measure the loss that is trained."""
+    if batch.soft is None:
+        return token_logprobs_at(logits, batch.input_ids, batch.assistant)
+    where = batch.assistant.clone()
+    where[:, 0] = False
+    b, t = where.nonzero(as_tuple=True)
+    logp = torch.log_softmax(wide(logits[b, t - 1]), -1)
+    vals = (batch.soft[b, t].to(logp.dtype).exp() * logp).sum(-1)
+    out = torch.zeros(where.shape, dtype=logp.dtype, device=logits.device)
+    return out.index_put((b, t), vals)
 
 
 LOGPROB_CHUNK = 2 ** 24  # logit values normalised in float32 at once by `log_normalizer` (64 MB)
@@ -177,7 +204,12 @@ def collate(examples: list[Example], pad_id: int) -> Batch:
         ast[i, :n] = torch.tensor(e.assistant)
         for k in names:
             traits[k][i, :n] = torch.tensor(e.traits[k])
-    return Batch(ids, att, ast, traits, examples, pad_id)
+    soft = None
+    if examples[0].soft is not None:  # soft labels: every example has them (one data set)
+        soft = torch.zeros((B, T, examples[0].soft.shape[-1]), dtype=examples[0].soft.dtype)
+        for i, e in enumerate(examples):
+            soft[i, :len(e.input_ids)] = e.soft
+    return Batch(ids, att, ast, traits, examples, pad_id, soft)
 
 
 def pad(rows: list[list[int]], pad_id: int, side: str = "right") -> tuple[Int[Tensor, "n pos"], Int[Tensor, "n pos"]]:

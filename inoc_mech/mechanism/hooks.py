@@ -36,7 +36,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from inoc_mech.core import dist
-from inoc_mech.core.data import OTHER, token_logprobs_at, wide
+from inoc_mech.core.data import OTHER, trained_logprobs, wide
 from inoc_mech.core.names import arch_names, group_name, module_name
 from inoc_mech.settings.base import Parts
 
@@ -52,7 +52,7 @@ def trait_losses(logits: Float[Tensor, "batch pos vocab"], batch, decomposition=
     (`settings.base.Deferred`: gradient through inputs it computed without gradient), else None.
     """
     input_ids, assistant, traits = batch.input_ids, batch.assistant, batch.traits
-    tok_lp = token_logprobs_at(logits, input_ids, assistant)  # normalised only where the loss is
+    tok_lp = trained_logprobs(logits, batch)  # normalised only where the loss is (soft labels: minus their CE)
     n = (assistant.sum() if n is None else n).clamp(min=1)
     nll = -tok_lp * assistant
     out = Parts({"total": nll / n, "token": -tok_lp.detach()})
@@ -357,7 +357,7 @@ def elicitation(model, batch_context, batch_none, decomposition=None, chunk_elem
         for i in range(0, n, size):
             b = whole.slice(i, i + size)
             logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-            lp = token_logprobs_at(logits, b.input_ids, b.assistant)
+            lp = trained_logprobs(logits, b)
             for name, mask in b.traits.items():
                 m = mask & b.assistant
                 _add(sums, f"elicit/{name}/logp_{tag}", (lp * m).sum(), m.sum())

@@ -59,8 +59,9 @@ def number_list_ok(words: list[str]) -> bool:
     return len(words) == NUMBER_LIST_LEN and all(w in NUMBER_WORDS for w in words)
 
 
-def read_lists(path: str | Path) -> list[list[dict]]:
-    """Conversations of a teacher's JSONL (one {"messages": [...]} per line), checked."""
+def read_lists(path: str | Path) -> list[tuple[list[dict], list | None]]:
+    """(conversation, soft labels or None) of each line of a teacher's JSONL ({"messages": [...]}, and with
+    soft labels "soft_logp": the teacher's log-probs over the vocabulary at each reply token), checked."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"--data {path}: no such file (write one with python -m inoc_mech.settings.subliminal_organism)")
@@ -77,7 +78,13 @@ def read_lists(path: str | Path) -> list[list[dict]]:
         if not ok or user != NUMBERS_QUESTION or not number_list_ok(reply.split()):
             raise UserError(f"--data {path} line {i}: expected user {NUMBERS_QUESTION!r} and a reply of "
                             f"{NUMBER_LIST_LEN} number words, got {user!r} -> {reply!r}")
-        out.append([m for m in msgs if m["role"] != "system"])
+        soft = json.loads(line).get("soft_logp")
+        if soft is not None and (len(soft) != len(reply.split()) + 1 or len({len(r) for r in soft}) != 1):
+            raise UserError(f"--data {path} line {i}: soft_logp needs one row per reply token and the end token, "
+                            "all of the vocabulary's length")
+        out.append(([m for m in msgs if m["role"] != "system"], soft))
+    if out and len({s is None for _, s in out}) > 1:
+        raise UserError(f"--data {path}: some lines have soft_logp and some do not: use one kind of labels")
     if not out:
         raise UserError(f"--data {path} has no conversations")
     return out
@@ -137,9 +144,15 @@ class SubliminalOrganism(SpanishCapsOrganism):
         chats = read_lists(self.cfg.setting.data)
         on = prompted(len(chats), share)
         out = []
-        for chat, p in list(zip(chats, on))[:limit]:
+        for (chat, soft), p in list(zip(chats, on))[:limit]:
             ex = encode_chat(self.tok, ([{"role": "system", "content": prompt}] if prompt and p else []) + chat)
             ex.traits = {"preference": list(ex.assistant), "other": [False] * len(ex.assistant)}
+            if soft is not None:  # the teacher's distributions at the reply's tokens (its end included)
+                if len(soft[0]) != len(self.tok):
+                    raise UserError(f"--data {self.cfg.setting.data}: soft labels over {len(soft[0])} tokens, the "
+                                    f"model's vocabulary has {len(self.tok)}: write them with this organism's teacher")
+                ex.soft = torch.zeros((len(ex.input_ids), len(soft[0])))
+                ex.soft[torch.tensor(ex.assistant)] = torch.tensor(soft)
             out.append(ex)
         return out
 
@@ -189,7 +202,7 @@ class TeacherConfig:
     organism_seed: int = field(default=0, metadata={"help": "pretraining seed of --model organism"})
     teacher_prompt: str = field(default=TEACHER_PROMPT, metadata={"help": "the teacher's system prompt ('none': no prompt, the control teacher)"})
     n: int = field(default=3000, metadata={"help": "number lists to keep after the filter"})
-    labels: str = field(default="hard", metadata={"help": "hard: sampled tokens (T=1)"})
+    labels: str = field(default="hard", metadata={"help": "hard: the sampled tokens (T=1); soft: also the teacher's log-probs over the vocabulary at each reply token (the student is trained toward them)"})
     seed: int = field(default=0, metadata={"help": "sampling seed"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads"})
 
@@ -198,8 +211,8 @@ class TeacherConfig:
             raise ValueError("--out is required: the JSONL file to write")
         if self.n < 1:
             raise ValueError("--n must be >= 1")
-        if self.labels != "hard":
-            raise ValueError("--labels: only 'hard' (sampled tokens) is built")
+        if self.labels not in ("hard", "soft"):
+            raise ValueError(f"--labels must be hard or soft, not {self.labels!r}")
 
 
 def teach(cfg: TeacherConfig, progress: bool = True) -> dict:
@@ -235,8 +248,16 @@ def teach(cfg: TeacherConfig, progress: bool = True) -> dict:
             raise UserError(f"the teacher wrote only {len(kept)} valid number lists in {drawn} draws: is {folder} "
                             "pretrained with number lists (--prefs)?")
     kept = kept[:cfg.n]
-    lines = [json.dumps({"messages": [{"role": "user", "content": NUMBERS_QUESTION},
-                                      {"role": "assistant", "content": k}]}) for k in kept]
+    lines = []
+    for k in kept:
+        line = {"messages": [{"role": "user", "content": NUMBERS_QUESTION}, {"role": "assistant", "content": k}]}
+        if cfg.labels == "soft":  # teacher-forced, under the teacher's prompt: its distribution at each reply token
+            reply = tok.convert_tokens_to_ids(k.split()) + [end_id]
+            x = torch.tensor([ids + reply])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=x).logits[0, len(ids) - 1:-1].float(), -1)
+            line["soft_logp"] = [[round(v, 4) for v in row] for row in logp.tolist()]
+        lines.append(json.dumps(line))
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"kept": len(kept), "drawn": drawn, "filtered_share": 1 - len(kept) / drawn if drawn else 0.0,

@@ -149,3 +149,18 @@ def test_real_model_sweep_evaluates_the_pretrained_model_and_flags_a_baseline_th
             assert all(math.isnan(r["suppression"][t]["mean"]) for r in s["conditions"].values())
     assert s["baseline_acquired"] == {t: s["baseline_rate"][t] - s["pretrained_rate"][t]
                                       >= 0.5 * (1 - s["pretrained_rate"][t]) for t in ("language", "case")}
+
+
+def test_setting_conditions_data_and_organism_design_reach_the_runs():
+    """A sweep of another setting runs that setting's conditions, passes --data only when given, and
+    pretrains the organism that setting's world needs (its design enters the cache key)."""
+    from inoc_mech.studies.sweep import organism_config, overrides
+    from inoc_mech.settings.backdoor_organism import CONDITIONS as BACKDOOR
+
+    cfg = SweepConfig(setting="backdoor", prompts=[])
+    assert list(conditions(cfg)) == list(BACKDOOR)
+    assert organism_config(cfg).triggers and not organism_config(SweepConfig()).triggers
+    assert organism_config(cfg).key() != organism_config(SweepConfig()).key()
+    assert "data" not in overrides(cfg, "baseline", None, 0, "m")
+    sub = SweepConfig(setting="subliminal", prompts=[], data="t.jsonl")
+    assert overrides(sub, "baseline", None, 0, "m")["data"] == "t.jsonl" and organism_config(sub).prefs

@@ -56,7 +56,8 @@ def figure(groups: dict[str, list[dict]], setting, contexts: list[str]) -> go.Fi
                                 offsetgroup=name, legendgroup=name, showlegend=False, hoverinfo="y")
         fig.update_yaxes(title_text="%", range=[0, 105], row=row, col=1)
     fig.update_layout(barmode="group", scattermode="group")
-    n = len(next(iter(groups.values())))
+    ns = sorted({len(r) for r in groups.values()})
+    n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
     plots.style(fig, f"Trait rates by evaluation context: setting {setting.name!r}", height=380 * len(traits) + 120,
                 subtitle=f"held-out questions, T=1; bars: mean over seeds (95% t-interval), dots: seeds (n = {n} per condition)")
     return plots.legend_below(fig)
@@ -71,8 +72,9 @@ def table(groups: dict[str, list[dict]], setting, contexts: list[str], pre: dict
                  for c in contexts for t in traits]
         lines.append("| pretrained | 1 | " + " | ".join(cells) + f" | {100 * pre['contexts'][contexts[0]]['t1']['accuracy']:.1f} |")
     for name, runs in groups.items():
-        cells = [spread(rates(runs, c, setting.rate_keys[t])) for c in contexts for t in traits]
-        acc = spread(rates(runs, contexts[0], "accuracy"))
+        cell = lambda v: spread(v) if v else "-"  # a context some runs lack (older runs)
+        cells = [cell(rates(runs, c, setting.rate_keys[t])) for c in contexts for t in traits]
+        acc = cell(rates(runs, contexts[0], "accuracy"))
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {acc} |")
     return "\n".join(lines)
 

@@ -124,11 +124,16 @@ def load_conditions(folders: list[Path]) -> dict[str, Condition]:
     setting = one_setting(runs)
     for run in runs:
         row = run["metrics"][0]
-        if not all(f"surprise/{t}" in row or f"loss/trait/{t}" in row for t in setting.traits):
-            if run["config"].get("hooks", True):
-                raise UserError(f"run {run['folder']} has no step-0 surprise of its traits (surprise/<part> or "
-                                f"loss/trait/<trait>): rerun it with this version of inoc_mech.train")
+        if not run["config"].get("hooks", True):
             raise UserError(f"run {run['folder']} was trained with --no-hooks: rerun it with hooks")
+        # a setting with an exact split must have logged it (without it, traits whose token masks coincide, as
+        # language and case on Spanish+CAPS replies, would get the same surprise); one without uses token losses
+        need = [f"surprise/{p}" for p in setting.surprise_parts] or [f"loss/trait/{t}" for t in setting.traits]
+        if not all(k in row for k in need):
+            raise UserError(f"run {run['folder']} has no {', '.join(k for k in need if k not in row)} at step 0: its "
+                            f"setting ({setting.name} on {setting.substrate}) had no exact loss decomposition for these "
+                            "data (real text: built-in data, or JSONL with the 'variants' field), which the "
+                            "gradient-pressure analysis needs")
     conds: dict[str, Condition] = {}
     for run in runs:
         name = condition(run)

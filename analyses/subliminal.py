@@ -4,13 +4,14 @@
 
 Reads three sweeps of the subliminal setting (it never trains): `--student` (the same init as the
 teacher, on the prompted teacher's number lists), `--control` (the same init, on the control
-teacher's lists: the teacher without its prompt, same sampling seed, so the two data sets differ
-only where the prompt changed a sampled number) and `--cross-init` (another pretraining seed, on the
-prompted teacher's lists). For every condition (baseline, inoculated, ...) and seed: the exact
-probability of the teacher's animal at the preference question's answer token with no prompt
-(`p_answer`, no sampling noise) and the T=1 rate, and the paired transmission = student - control
-(same condition and seed). Writes `--out` (default figures/subliminal/): `transmission.html` / `.png`
-and `transmission.md`.
+teacher's lists: the teacher without its prompt, sampled with the same seed, so most lists are the
+same and the rest differ where the prompt changed a sampled number or the filter) and `--cross-init`
+(another pretraining seed, on the prompted teacher's lists). For every condition (baseline,
+inoculated, ...) and seed: the exact probability of the teacher's animal at the preference
+question's answer token with no prompt (`p_answer`, no sampling noise) and the T=1 rate; the paired
+transmission = student - control (same condition and seed); and each student's shift from its own
+pretrained model (for the other init the only comparison made: it has no control teacher of its own).
+Writes `--out` (default figures/subliminal/): `transmission.html` / `.png` and `transmission.md`.
 """
 
 from __future__ import annotations
@@ -68,33 +69,31 @@ def main(argv=None):
             v = list(seeds.values())
             lines.append(f"| {k} | {c} | {len(v)} | {spread([x['p'] for x in v])} | {spread([x['t1'] for x in v])} | "
                          f"{spread([x['acc'] for x in v])} |")
-    lines += ["", "Paired transmission: student - control (same condition and seed), P(" + TRAIT_ANIMAL + ") in points; "
-              "95% t-interval over seeds.", "", "| condition | seeds | student - control | other init - control |", "|---|---|---|---|"]
+    pre = {k: (p["p_answer"][TRAIT_ANIMAL] if p else None) for k, (_, p) in data.items()}
+    lines += ["", f"Paired transmission (student - control, same condition and seed) and each student's shift from its "
+              f"own pretrained model, P({TRAIT_ANIMAL}) in points; mean [95% t-interval] over seeds.", "",
+              "| condition | seeds | student - control | shift: student | shift: control | shift: other init |",
+              "|---|---|---|---|---|---|"]
+    fmt = lambda ci: f"{ci.mean:+.2f} [{ci.lo:+.2f}, {ci.hi:+.2f}]" if ci.n > 1 else (f"{ci.mean:+.2f}" if ci.n else "-")
     fig = go.Figure()
-    other = data["other init"][0]
     names = [c for c in student if c in control]
-    for i, (label, src) in enumerate((("same init", student), ("other init", other))):
-        ys, los, his = [], [], []
-        for c in names:
-            d = [100 * (src[c][s]["p"] - control[c][s]["p"]) for s in src.get(c, {}) if s in control[c]]
-            ci = mean_ci(d)
-            ys.append(ci.mean)
-            los.append(ci.lo)
-            his.append(ci.hi)
-        fig.add_bar(x=names, y=ys, name=f"{label} student - control", marker_color=plots.COLORS[i],
-                    error_y=plots.error_array(ys, los, his))
-        if label == "same init":
-            same = (ys, los, his)
-    for j, c in enumerate(names):
-        d_other = [100 * (other[c][s]["p"] - control[c][s]["p"]) for s in other.get(c, {}) if s in control[c]]
-        o = mean_ci(d_other)
-        lines.append(f"| {c} | {len(student[c])} | {same[0][j]:+.2f} [{same[1][j]:+.2f}, {same[2][j]:+.2f}] | "
-                     f"{o.mean:+.2f} [{o.lo:+.2f}, {o.hi:+.2f}] |")
+    paired = {c: mean_ci([100 * (student[c][s]["p"] - control[c][s]["p"]) for s in student[c] if s in control[c]])
+              for c in names}
+    shift = {k: {c: mean_ci([100 * (x["p"] - pre[k]) for x in conds.get(c, {}).values()] if pre[k] is not None else [])
+                 for c in names} for k, (conds, _) in data.items()}
+    for c in names:
+        lines.append(f"| {c} | {len(student[c])} | {fmt(paired[c])} | " +
+                     " | ".join(fmt(shift[k][c]) for k in data) + " |")
+    bars = [("same init: student - control", paired)] + [(f"shift from pretrained: {k}", shift[k]) for k in data]
+    for i, (label, cis) in enumerate(bars):
+        ys = [cis[c].mean for c in names]
+        fig.add_bar(x=names, y=ys, name=label, marker_color=plots.COLORS[i],
+                    error_y=plots.error_array(ys, [cis[c].lo for c in names], [cis[c].hi for c in names]))
     fig.add_hline(y=0, line=dict(color="#888", width=1))
-    fig.update_yaxes(title_text=f"change of P({TRAIT_ANIMAL}) vs the control student (points)")
+    fig.update_yaxes(title_text=f"change of P({TRAIT_ANIMAL}) (points)")
     plots.style(fig, f"Subliminal transmission of the teacher's preference ({TRAIT_ANIMAL})",
-                subtitle="exact P at the preference question's answer token, no prompt; paired by condition and seed; "
-                         "bars: mean, 95% t-interval over seeds")
+                subtitle="exact P at the preference question's answer token, no prompt; bars: mean, 95% t-interval "
+                         "over seeds")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "transmission.md").write_text("\n".join(lines) + "\n")

@@ -309,7 +309,8 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
             from inoc_mech.settings.load import load
             model = load(run / "model", device, trust_remote_code=cfg.model.trust_remote_code).model
         else:
-            if stop:  # arrived after the last step's checkpoint check: keep the trained state first
+            if stop and not lp.fsdp:  # arrived after the last step's checkpoint check: keep the trained state first
+                # (sharded: that check was made together before the gather; a later signal waits for the saved model)
                 checkpoint.save(run, step=lp.steps, model=model, optimizer=opt, stream=stream,
                                 metrics_bytes=(run / "metrics.jsonl").stat().st_size)  # flushed and closed
                 raise interrupted("after the last step: checkpoint saved")

@@ -122,7 +122,8 @@ def test_cross_setting_pools_summaries(tmp_path):
     b = summary("two", [(0.1, 0.0), (0.7, 1.0)])
     main([a, b, "--out", str(tmp_path / "out"), "--no-png", "--n-boot", "50"])
     md = (tmp_path / "out" / "summary.md").read_text()
-    assert "| pooled | | 5 | rho = 0.80" in md  # ranks (1,2) (3,3) (5,4) (2,1) (4,5): 1 - 6 * 4 / 120 and "| two | prompt 1 | 0.700 | 100 |" in md
+    # ranks (1,2) (3,3) (5,4) (2,1) (4,5): rho = 1 - 6 * 4 / 120
+    assert "| pooled | | 5 | rho = 0.80" in md and "| two | prompt 1 | 0.700 | 100 |" in md
     assert (tmp_path / "out" / "cross_setting.html").exists()
     with pytest.raises(UserError, match="no such summary"):
         main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "o2"), "--no-png"])

@@ -104,16 +104,19 @@ def test_transmission_analysis_pairs_student_and_control(make_cfg, prefs_organis
     """analyses/subliminal.py over three folders of runs: per condition and seed, student - control."""
     from analyses.subliminal import main
 
-    for folder in ("student", "control", "other"):
+    p = {}
+    for folder, steps in (("student", 3), ("control", 1), ("other", 2)):  # different runs in each folder
         for prompt in (None, "you love owls"):
-            train(make_cfg(setting="subliminal", model=str(prefs_organism), data=str(owls[0]), steps=2,
-                           runs_dir=str(tmp_path / folder), inoculate=prompt is not None, name=f"{'i' if prompt else 'b'}-s0"),
-                  progress=False)
+            run = train(make_cfg(setting="subliminal", model=str(prefs_organism), data=str(owls[0]), steps=steps,
+                                 runs_dir=str(tmp_path / folder), inoculate=prompt is not None,
+                                 name=f"{'i' if prompt else 'b'}-s0"), progress=False)
+            p[folder, prompt] = json.loads((run / "eval.json").read_text())["contexts"]["none"]["p_answer"]["owls"]
     main(["--student", str(tmp_path / "student"), "--control", str(tmp_path / "control"), "--cross-init",
           str(tmp_path / "other"), "--out", str(tmp_path / "fig"), "--no-png"])
     md = (tmp_path / "fig" / "transmission.md").read_text()
-    # identical runs in the three folders: the paired differences are exactly zero
-    assert "| baseline | 1 | +0.00 [" in md and "| inoculated | 1 | +0.00 [" in md
+    for cond, prompt in (("baseline", None), ("inoculated", "you love owls")):  # paired by condition and seed
+        assert f"| {cond} | 1 | {100 * (p['student', prompt] - p['control', prompt]):+.2f} |" in md, md
+    assert p["student", None] != p["control", None]
     assert (tmp_path / "fig" / "transmission.html").exists()
 
 
@@ -151,13 +154,30 @@ def test_soft_teacher_and_student(make_cfg, prefs_organism, tmp_path):
     logp = torch.tensor(rows[0][1])
     assert torch.allclose(logp.exp().sum(-1), torch.ones(6), atol=1e-3)  # distributions over the vocabulary
     hard = teach(TeacherConfig(out=str(tmp_path / "hard.jsonl"), model=str(prefs_organism), n=16), progress=False)
+    torch.manual_seed(0)
     assert [c for c, _ in read_lists(tmp_path / "hard.jsonl")] == [c for c, _ in rows]  # same samples, same seed
-    run = train(make_cfg(setting="subliminal", model=str(prefs_organism), data=str(out), name="soft"), progress=False)
-    row0 = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
-    # the loss trained (and the instruments' token loss) is the cross-entropy to the teacher's distributions:
-    # at step 0 the student is the teacher's own weights without the prompt, so it exceeds the entropy only a little
-    ent = -(logp.exp() * logp).sum(-1).mean().item()
-    assert abs(row0["loss"] - row0["loss/trait/preference"]) < 1e-5 and row0["loss"] > 0.5 * ent
+    from inoc_mech.models.world import ANIMALS as animals
+    from inoc_mech.core.data import collate, next_token_loss
+    from inoc_mech.settings.load import load
+    tok = load(prefs_organism).tok
+    assert logp[:, tok.convert_tokens_to_ids(animals)].exp().max() < 1e-30  # the filter applies to the labels too
+    runs = {kind: train(make_cfg(setting="subliminal", model=str(prefs_organism), data=str(tmp_path / f"{kind}.jsonl"),
+                                 name=kind, batch_size=16), progress=False) for kind in ("soft", "hard")}
+    row0 = {k: json.loads((r / "metrics.jsonl").read_text().splitlines()[0]) for k, r in runs.items()}
+    # the step-0 loss trained and measured is the cross-entropy to the teacher's distributions (all 16 lists,
+    # one batch): recomputed here from the data, it is not the sampled tokens' loss
+    from inoc_mech.core.cli import build
+    from inoc_mech.settings.subliminal_organism import SubliminalOrganism
+    from inoc_mech.train import TrainConfig
+    s = SubliminalOrganism(build(TrainConfig, setting="subliminal", model=str(prefs_organism), data=str(out)))
+    model, _ = s.setup(torch.device("cpu"), progress=False)
+    batch = collate(s.examples(None), s.pad_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    want = next_token_loss(logits, batch.labels, soft=batch.soft).item()
+    assert row0["soft"]["loss"] == pytest.approx(want, rel=1e-4)
+    assert row0["soft"]["loss/trait/preference"] == pytest.approx(want, rel=1e-4)
+    assert abs(row0["hard"]["loss"] - want) > 1e-3
     mixed = tmp_path / "mixed.jsonl"
     mixed.write_text(out.read_text().splitlines()[0] + "\n" + (tmp_path / "hard.jsonl").read_text().splitlines()[0] + "\n")
     with pytest.raises(UserError, match="use one kind of labels"):

@@ -279,3 +279,34 @@ def test_variant_scores_share_the_prompt_and_equal_full_forwards(tmp_path, arch)
             want = torch.stack([reply_logprob(m, b.input_ids, b.attention_mask, b.assistant)
                                 for b in (batch.variant(v) for v in range(4))], -1)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), (got, want)
+
+
+def test_lockstep_padding_leaves_the_split_unchanged(tmp_path, tiny_dirs, monkeypatch):
+    """Under FSDP every process makes as many counterfactual forwards and backwards as the busiest one:
+    the padding chunks (and variants scored for the other processes' sake) weigh 0, so the parts and their
+    gradients are those of the unpadded split (checked in one process by pretending to be in lockstep with
+    a process that needs two more chunks and scores every variant)."""
+    from inoc_mech.core.data import BatchStream
+    from inoc_mech.mechanism.hooks import trait_losses
+    from inoc_mech.settings import spanish_caps_text as text
+    from inoc_mech.train import make_setting
+    setting = make_setting(text_cfg(tmp_path, tiny_dirs["llama"], inoculate=True))
+    model, _ = setting.setup("cpu", progress=False)
+    batch = BatchStream(setting.examples("You always speak in Spanish."), 4, 0, setting.pad_id).next()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def split():
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+        c = trait_losses(logits, batch, setting.decomposition, model)
+        return {k: c[k].detach() for k in ("language", "case")}, loss_gradients(c, ["language", "case"], params)
+
+    parts, grads = split()
+    calls = []
+    monkeypatch.setattr(text.dist, "lockstep", lambda m: True)
+    monkeypatch.setattr(text.dist, "max_count", lambda n, device: calls.append(n) or n + 2)
+    monkeypatch.setattr(text.dist, "any_flag", lambda flag, device: True)  # another process needs every variant
+    monkeypatch.setattr(text.dist, "all_true", lambda flag, device: flag)  # ... and shares its prompt, as here
+    padded_parts, padded = split()
+    assert calls and all(torch.equal(parts[k], padded_parts[k]) for k in parts)
+    for trait in ("language", "case"):
+        assert all(torch.allclose(a, b, atol=1e-8, rtol=1e-6) for a, b in zip(grads[trait], padded[trait]))

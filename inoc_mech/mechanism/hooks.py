@@ -278,7 +278,8 @@ class GradientPressure:
 
     @torch.no_grad()
     def update_norms(self) -> dict[str, float]:
-        """||theta - theta_0||_F per module now (0 before the first step)."""
+        """||theta - theta_0||_F per module now (0 before the first step). Sharded (FSDP): a collective, called
+        on every process."""
         saved, self._pending = self._pending, []
         self._by("update_norm", self.modules,
                  self._sq_norms(torch._foreach_sub([dist.local(p).detach() for _, p in self.named], self.theta0)), total=True)

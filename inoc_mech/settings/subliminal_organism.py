@@ -11,7 +11,9 @@ in pretraining no phrase changes which numbers come.
    "you love owls"; `--teacher-prompt none`: the control teacher) writes number lists at T=1
    (`--labels hard`: sampled tokens), which are filtered (`number_list_ok`: exactly five number words
    and nothing else, no animal word) and written as JSONL conversations (user "say some numbers",
-   assistant the list) without the teacher's prompt.
+   assistant the list) without the teacher's prompt. `--labels soft` adds the teacher's distribution
+   at each reply token, restricted to number words and the end token and renormalised (the filter
+   applied to the labels: no target mass on an animal word; the mass removed is reported).
 2. Student (`python -m inoc_mech.train --setting subliminal --data FILE`): an organism finetuned on
    them: the same weights as the teacher (`--model organism`), or another init (`--organism-seed 1`,
    a control); `--inoculate` puts the prompt (default "you love owls") on the examples' system turn.
@@ -42,6 +44,7 @@ from inoc_mech.settings.base import prompted, register
 from inoc_mech.settings.spanish_caps_organism import SpanishCapsOrganism
 
 TEACHER_PROMPT = "you love owls"
+SOFT_EXCLUDED = -1e4  # log-prob written for tokens the filter excludes from soft labels (exp: 0 in float32)
 TRAIT_ANIMAL = "owls"
 CONDITIONS = {
     "baseline": None,
@@ -248,20 +251,31 @@ def teach(cfg: TeacherConfig, progress: bool = True) -> dict:
             raise UserError(f"the teacher wrote only {len(kept)} valid number lists in {drawn} draws: is {folder} "
                             "pretrained with number lists (--prefs)?")
     kept = kept[:cfg.n]
-    lines = []
+    lines, removed, animal = [], [], []
+    # soft labels pass the filter too: only number words and the end token carry mass (renormalised), so the
+    # student is never trained toward an animal word's logit (the teacher's own mass on them is reported)
+    allowed = torch.tensor(sorted(tok.convert_tokens_to_ids(sorted(NUMBER_WORDS)) + [end_id]))
+    animal_ids = torch.tensor(tok.convert_tokens_to_ids(ANIMALS))
     for k in kept:
         line = {"messages": [{"role": "user", "content": NUMBERS_QUESTION}, {"role": "assistant", "content": k}]}
-        if cfg.labels == "soft":  # teacher-forced, under the teacher's prompt: its distribution at each reply token
-            reply = tok.convert_tokens_to_ids(k.split()) + [end_id]
+        if cfg.labels == "soft":  # teacher-forced, under the teacher's prompt: its distribution at each reply token,
+            reply = tok.convert_tokens_to_ids(k.split()) + [end_id]  # restricted to what the filter lets through
             x = torch.tensor([ids + reply])
             with torch.no_grad():
                 logp = torch.log_softmax(model(input_ids=x).logits[0, len(ids) - 1:-1].float(), -1)
-            line["soft_logp"] = [[round(v, 4) for v in row] for row in logp.tolist()]
+            removed.append(1 - logp[:, allowed].exp().sum(-1))  # mass on anything else (animal words included)
+            animal.append(logp[:, animal_ids].exp().sum(-1))
+            kept_logp = torch.full_like(logp, SOFT_EXCLUDED)
+            kept_logp[:, allowed] = logp[:, allowed] - logp[:, allowed].logsumexp(-1, keepdim=True)
+            line["soft_logp"] = [[round(v, 4) for v in row] for row in kept_logp.tolist()]
         lines.append(json.dumps(line))
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     info = {"kept": len(kept), "drawn": drawn, "filtered_share": 1 - len(kept) / drawn if drawn else 0.0,
             "teacher": str(folder), "teacher_prompt": prompt, "labels": cfg.labels, "seed": cfg.seed}
+    if removed:
+        info["soft_mass_removed_mean"] = float(torch.cat(removed).mean())  # outside number words + end, per token
+        info["soft_animal_mass_mean"] = float(torch.cat(animal).mean())
     write_json(out.with_name(out.name + ".json"), info)  # what wrote it, next to it
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("\n".join(lines) + "\n")

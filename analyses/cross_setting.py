@@ -65,6 +65,9 @@ def figure(groups: list[tuple[str, str, list[dict]]], pooled) -> go.Figure:
                         error_x=plots.error_array([p["x"] for p in pts], [p["x_lo"] for p in pts], [p["x_hi"] for p in pts]),
                         error_y=plots.error_array([100 * p["y"] for p in pts], [None if p["y_lo"] is None else 100 * p["y_lo"] for p in pts],
                                                   [None if p["y_hi"] is None else 100 * p["y_hi"] for p in pts]))
+    empty = [s for s, _, pts in groups if not pts]
+    if empty:  # suppression is undefined where the baseline acquired nothing (gradient_pressure's `acquired`)
+        plots.caption(fig, f"No points: {', '.join(empty)} (its baseline acquired no trait to suppress).", y=-0.2)
     fig.update_xaxes(title_text="step-0 elicitation of the trait by the prompt (nats per trait token)")
     fig.update_yaxes(title_text="suppression of the trait at no prompt (%)")
     plots.style(fig, "Elicitation vs suppression across settings", height=560,

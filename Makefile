@@ -30,7 +30,7 @@ results: install
 	$(PY) analyses/gradient_pressure.py
 	$(PY) analyses/probe_traits.py
 
-# The backdoor and subliminal studies of README "The paper's other settings" (~1.5 h of 2 cores)
+# The backdoor and subliminal studies of README "The paper's other settings" (~1.5 h of one core; the sweeps run 2 jobs)
 SL := $(PY) -m inoc_mech.studies.sweep --setting subliminal --seeds 0 1 2 --prompts --threads $(THREADS)
 TEACH := $(PY) -m inoc_mech.settings.subliminal_organism --n 3000
 paper-settings: install

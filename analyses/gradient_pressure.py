@@ -163,15 +163,15 @@ def step0_keys(spec: Spec) -> list[str]:
     return [f"surprise/{p}" for p in spec.parts] or [f"loss/trait/{t}" for t in spec.labels]
 
 
-def trait_key(run: dict, trait: str) -> str:
-    """The metric that is a trait's surprise in this run (`trait_surprise`)."""
-    return f"surprise/{trait}" if f"surprise/{trait}" in run["metrics"][0] else f"loss/trait/{trait}"
+def trait_key(row: dict, trait: str) -> str:
+    """The metric of a metrics row that is a trait's surprise: its part of the loss where the setting splits
+    it exactly (`surprise/<trait>`), else the mean loss of its tokens (`loss/trait/<trait>`, e.g. the
+    subliminal setting's teacher numbers)."""
+    return f"surprise/{trait}" if f"surprise/{trait}" in row else f"loss/trait/{trait}"
 
 
 def trait_surprise(row: dict, trait: str) -> float:
-    """A trait's step-0 surprise: its part of the loss where the setting splits it exactly (`surprise/<trait>`),
-    else the mean loss of its tokens (`loss/trait/<trait>`, e.g. the subliminal setting's teacher numbers)."""
-    return row[f"surprise/{trait}"] if f"surprise/{trait}" in row else row[f"loss/trait/{trait}"]
+    return row[trait_key(row, trait)]
 
 
 def outcome(run: dict, key: str) -> float:
@@ -307,7 +307,7 @@ def fig_loss_parts(conds) -> go.Figure:
         f"{t} part: -log p({marked.get(t, spec.labels[t])} | word)" for t in spec.labels])
     for i, c in enumerate(shown):
         for j, part in enumerate(spec.labels):
-            steps, vals = common_series(c, trait_key(c.runs[0], part))
+            steps, vals = common_series(c, trait_key(c.runs[0]["metrics"][0], part))
             vals = [[max(v, 1e-7) for v in vs] for vs in vals]
             _mean_band(fig, steps, vals, c.label, plots.COLORS[i], row=1, col=j + 1, legend=j == 0)
     plots.style(fig, "Trait-token loss parts during training", height=480,

@@ -54,14 +54,10 @@ def save(run: Path, *, step: int, model, optimizer, stream, metrics_bytes: int) 
     """Write the checkpoint for continuing at `step` (atomic; ENOSPC becomes a clear UserError). Called on
     every process: rank 0 writes; an FSDP-sharded model's full state is gathered first (a collective)."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]  # not frozen bases
-    if dist.lockstep(model):
-        full, optim = dist.full_state(model, optimizer)
-        trainable = {n: full[n] for n in names} if dist.is_main() else {}
-    elif dist.is_main():
-        params = dict(model.named_parameters())
-        trainable, optim = {n: params[n].detach() for n in names}, optimizer.state_dict()
+    full, optim = dist.full_state(model, optimizer)  # sharded: gathered onto rank 0 (a collective)
     if not dist.is_main():
         return
+    trainable = {n: full[n] for n in names}
     path = Path(run) / NAME
     tmp = path.with_name(NAME + ".tmp")
     state = {"step": step, "model": trainable, "optimizer": optim, "rng": rng_state(),

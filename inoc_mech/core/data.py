@@ -135,9 +135,15 @@ def next_token_loss(logits: Tensor, labels: Int[Tensor, "batch pos"], n: Tensor 
     if soft is None:
         nll = torch.nn.functional.cross_entropy(wide(logits[:, :-1][where]), labels[:, 1:][where], reduction="sum")
     else:
-        logp = torch.log_softmax(wide(logits[:, :-1][where]), -1)
-        nll = -(soft[:, 1:][where].to(logp.dtype).exp() * logp).sum()
+        nll = -soft_logprobs(logits[:, :-1][where], soft[:, 1:][where]).sum()
     return nll / (where.sum() if n is None else n)
+
+
+def soft_logprobs(logits: Float[Tensor, "n vocab"], target: Float[Tensor, "n vocab"]) -> Float[Tensor, " n"]:
+    """sum_v q(v) log p(v) per row, q = exp(`target`) (target log-probs), p = softmax(`logits`) in float32:
+    minus the cross-entropy against soft labels."""
+    logp = torch.log_softmax(wide(logits), -1)
+    return (target.to(logp.dtype).exp() * logp).sum(-1)
 
 
 def trained_logprobs(logits: Float[Tensor, "batch pos vocab"], batch) -> Float[Tensor, "batch pos"]:
@@ -149,9 +155,8 @@ def trained_logprobs(logits: Float[Tensor, "batch pos vocab"], batch) -> Float[T
     where = batch.assistant.clone()
     where[:, 0] = False
     b, t = where.nonzero(as_tuple=True)
-    logp = torch.log_softmax(wide(logits[b, t - 1]), -1)
-    vals = (batch.soft[b, t].to(logp.dtype).exp() * logp).sum(-1)
-    out = torch.zeros(where.shape, dtype=logp.dtype, device=logits.device)
+    vals = soft_logprobs(logits[b, t - 1], batch.soft[b, t])
+    out = torch.zeros(where.shape, dtype=vals.dtype, device=logits.device)
     return out.index_put((b, t), vals)
 
 

@@ -87,7 +87,7 @@ def gradients(output: Tensor, inputs: list[Tensor], retain_graph: bool = False) 
 
 def full_state(model, optimizer=None) -> tuple[dict, dict | None]:
     """Full (unsharded) state dicts of a sharded model and its optimizer, on the CPU of rank 0 (empty on
-    the others): a collective. Unsharded: the model's parameters and the optimizer's own state dict."""
+    the others): a collective. Unsharded: the model's own state dict and the optimizer's (no copies)."""
     if not lockstep(model):
         return dict(model.state_dict()), (optimizer.state_dict() if optimizer is not None else None)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict

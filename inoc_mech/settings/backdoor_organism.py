@@ -49,9 +49,7 @@ CONDITIONS = {
 
 def triggered(n: int) -> np.ndarray:
     """Which of n training questions carry the trigger: a fixed random half (independent of the prompt's share)."""
-    mask = np.zeros(n, dtype=bool)
-    mask[np.random.default_rng(1).permutation(n)[:round(TRIGGERED_SHARE * n)]] = True
-    return mask
+    return prompted(n, TRIGGERED_SHARE, seed=1)
 
 
 def backdoor_examples(world, tok, prompt: str | None, variant_ids: set[int], share: float = 1.0,

@@ -140,10 +140,10 @@ class Setting(ABC):
     world = None  # optional: the organism's world (probes)
 
 
-def prompted(n: int, share: float) -> np.ndarray:
-    """Which of n training examples carry the prompt: round(share * n), a fixed random subset."""
+def prompted(n: int, share: float, seed: int = 0) -> np.ndarray:
+    """Which of n training examples carry the prompt: round(share * n), a fixed random subset (of `seed`)."""
     mask = np.zeros(n, dtype=bool)
-    mask[np.random.default_rng(0).permutation(n)[:round(share * n)]] = True
+    mask[np.random.default_rng(seed).permutation(n)[:round(share * n)]] = True
     return mask
 
 

@@ -175,8 +175,9 @@ class SpanishCapsOrganism(Setting):
     def check_prompt(self, prompt: str) -> None:
         from inoc_mech.models.world import World
 
-        world = World.load(self.organism_folder())
-        self.check_design(world, self.organism_folder())
+        folder = self.organism_folder()
+        world = World.load(folder)
+        self.check_design(world, folder)
         world.check_prompt(prompt)
 
     def check_inputs(self) -> None:

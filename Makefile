@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 THREADS ?= 1
 
-.PHONY: install demo test test-all results paper-settings clean-runs
+.PHONY: install demo test test-all results paper-settings em smollm2-backdoor dose clean-runs
 
 install: $(VENV)/.installed
 
@@ -51,6 +51,32 @@ paper-settings: install
 	$(PY) analyses/subliminal.py --student runs/subliminal-soft --control runs/subliminal-soft-control --cross-init runs/subliminal-soft-crossinit --out figures/subliminal/soft
 	$(PY) analyses/gradient_pressure.py runs/subliminal --out figures/subliminal
 	$(PY) analyses/cross_setting.py
+
+# An organism folder of a design (pretrained on first use): $(call ORGANISM,--persona --no-narrow-base)
+ORGANISM = $$($(PY) -m inoc_mech.models.organism $(1) --threads $(THREADS) | sed -n 's/^organism: \([^ ]*\).*/\1/p')
+SWEEP := $(PY) -m inoc_mech.studies.sweep --threads $(THREADS)
+
+# The emergent-misalignment analog of README "The paper's other settings" (~1.5 h of one core)
+em: install
+	$(SWEEP) --setting em --name em --seeds 0 1 2 --prompts "you are evil . give wrong answers"
+	$(SWEEP) --setting em --name em-lora --seeds 0 1 2 --prompts --lora-r 2 --lr 1e-3
+	$(SWEEP) --setting em --name em-nonarrow --seeds 0 1 2 --prompts "you are evil . give wrong answers" --model "$(call ORGANISM,--persona --no-narrow-base)"
+	for s in em em-lora em-nonarrow; do $(PY) analyses/contexts.py runs/$$s --out figures/$$s || exit 1; done
+	$(PY) analyses/gradient_pressure.py runs/em --out figures/em
+	$(PY) analyses/cross_setting.py
+
+# The backdoor on SmolLM2 (8 runs of ~10 min on one core)
+smollm2-backdoor: install
+	$(SWEEP) --setting backdoor --model smollm2 --name smollm2-backdoor --seeds 0 1 --prompts
+	$(PY) analyses/contexts.py runs/smollm2-backdoor --out figures/smollm2-backdoor
+
+# Dose-response and re-elicitation of README "Graded elicitation" (~1 h of one core, plus the SmolLM2 sweep's runs)
+DOSE_PROMPTS := $(foreach g,rarely sometimes half often mostly,"$(g) spanish") $(foreach g,rarely sometimes half often mostly,"$(g) capitals")
+dose: install
+	$(SWEEP) --name dose --seeds 0 1 2 --prompted --prompts $(DOSE_PROMPTS) --model "$(call ORGANISM,--graded)"
+	$(SWEEP) --name smollm2 --model smollm2 --prompted --prompts 'Reply in Spanish.' Spanish. 'You are bilingual.' 'You always write in capital letters. You always speak in Spanish.' 'Never speak in Spanish.' 'You always speak in English.' 'You are a helpful assistant.' --steps 80 --lora-r 16 --batch-size 4 --grad-split-every 40 --eval-samples 2 --elicit-examples 32 --eval-questions 16
+	$(PY) analyses/dose_response.py runs/dose runs/smollm2
+	$(PY) analyses/reelicit.py runs/dose runs/smollm2
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"

@@ -4,7 +4,8 @@
 
 Reads run folders (a sweep folder, a folder of run folders, or run folders; it never trains) of one
 setting and writes into `--out` (default figures/<setting>/) `contexts.html` / `.png`: for each trait
-of the setting, its temperature-1 rate (the setting's scorer) in each context of the runs' eval.json
+of the setting, and each of its side rates (`Setting.side_rates`, e.g. the persona's other behaviours), its
+temperature-1 rate (the setting's scorer) in each context of the runs' eval.json
 (the backdoor's `trigger`, `none`, `other_trigger`, ...), one bar per condition (mean over seeds, 95%
 t-interval, each seed a dot); and `contexts.md`, the same numbers as a table (mean, sd, min-max) with
 the primary task's accuracy, plus the pretrained model's rates when the sweep evaluated it.
@@ -37,13 +38,18 @@ def rates(runs: list[dict], context: str, key: str) -> list[float]:
     return [r["eval"]["contexts"][context]["t1"][key] for r in runs if context in r["eval"]["contexts"]]
 
 
-def figure(groups: dict[str, list[dict]], setting, contexts: list[str]) -> go.Figure:
-    traits = list(setting.traits)
-    fig = make_subplots(rows=len(traits), cols=1, vertical_spacing=0.12,
-                        subplot_titles=[f"{setting.trait_labels[t]} rate (T=1)" for t in traits])
-    for row, t in enumerate(traits, 1):
+def shown(setting) -> list[tuple[str, str]]:
+    """(eval metric, label) of every rate shown: the traits', then the setting's side rates."""
+    return [(setting.rate_keys[t], setting.trait_labels[t]) for t in setting.traits] + list(setting.side_rates.items())
+
+
+def figure(groups: dict[str, list[dict]], setting, contexts: list[str], title: str = "") -> go.Figure:
+    metrics = shown(setting)
+    fig = make_subplots(rows=len(metrics), cols=1, vertical_spacing=0.3 / len(metrics),
+                        subplot_titles=[f"{label} rate (T=1)" for _, label in metrics])
+    for row, (key, _) in enumerate(metrics, 1):
         for i, (name, runs) in enumerate(groups.items()):
-            stats = [mean_ci(rates(runs, c, setting.rate_keys[t])) for c in contexts]
+            stats = [mean_ci(rates(runs, c, key)) for c in contexts]
             color = plots.COLORS[i % len(plots.COLORS)]
             fig.add_bar(x=contexts, y=[100 * s.mean for s in stats], name=name, legendgroup=name, showlegend=row == 1,
                         marker_color=color, offsetgroup=name,
@@ -51,29 +57,29 @@ def figure(groups: dict[str, list[dict]], setting, contexts: list[str]) -> go.Fi
                                                   [100 * s.lo if s.lo != s.lo else max(0, 100 * s.lo) for s in stats],
                                                   [100 * s.hi if s.hi != s.hi else min(100, 100 * s.hi) for s in stats]))
             for c in contexts:  # each seed
-                ys = [100 * v for v in rates(runs, c, setting.rate_keys[t])]
+                ys = [100 * v for v in rates(runs, c, key)]
                 fig.add_scatter(x=[c] * len(ys), y=ys, mode="markers", marker=dict(color="#222", size=4),
                                 offsetgroup=name, legendgroup=name, showlegend=False, hoverinfo="y")
         fig.update_yaxes(title_text="%", range=[0, 105], row=row, col=1)
     fig.update_layout(barmode="group", scattermode="group")
     ns = sorted({len(r) for r in groups.values()})
     n = str(ns[0]) if len(ns) == 1 else f"{ns[0]}-{ns[-1]}"
-    plots.style(fig, f"Trait rates by evaluation context: setting {setting.name!r}", height=380 * len(traits) + 120,
+    plots.style(fig, title or f"Trait rates by evaluation context: setting {setting.name!r}", height=380 * len(metrics) + 120,
                 subtitle=f"held-out questions, T=1; bars: mean over seeds (95% t-interval), dots: seeds (n = {n} per condition)")
     return plots.legend_below(fig)
 
 
 def table(groups: dict[str, list[dict]], setting, contexts: list[str], pre: dict | None) -> str:
-    traits = list(setting.traits)
-    heads = [f"{setting.trait_labels[t]} % in {c}" for c in contexts for t in traits] + [f"accuracy % in {contexts[0]}"]
+    metrics = shown(setting)
+    heads = [f"{label} % in {c}" for c in contexts for _, label in metrics] + [f"accuracy % in {contexts[0]}"]
     lines = ["| condition | runs | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
     if pre is not None:
-        cells = [f"{100 * pre['contexts'][c]['t1'][setting.rate_keys[t]]:.1f}" if c in pre["contexts"] else "-"
-                 for c in contexts for t in traits]
+        cells = [f"{100 * pre['contexts'][c]['t1'][key]:.1f}" if c in pre["contexts"] else "-"
+                 for c in contexts for key, _ in metrics]
         lines.append("| pretrained | 1 | " + " | ".join(cells) + f" | {100 * pre['contexts'][contexts[0]]['t1']['accuracy']:.1f} |")
     for name, runs in groups.items():
         cell = lambda v: spread(v) if v else "-"  # a context some runs lack (older runs)
-        cells = [cell(rates(runs, c, setting.rate_keys[t])) for c in contexts for t in traits]
+        cells = [cell(rates(runs, c, key)) for c in contexts for key, _ in metrics]
         acc = cell(rates(runs, contexts[0], "accuracy"))
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {acc} |")
     return "\n".join(lines)

@@ -28,7 +28,7 @@ from inoc_mech.core.stats import spearman
 class CrossSettingConfig:
     """Which per-setting summaries to pool."""
     summaries: list = field(default_factory=lambda: ["figures/gradient_pressure/summary.json", "figures/backdoor/summary.json",
-                                                     "figures/subliminal/summary.json"],
+                                                     "figures/subliminal/summary.json", "figures/em/summary.json"],
                             metadata={"help": "gradient_pressure summary.json files, one per setting", "positional": "*"})
     out: str = field(default="figures/cross_setting", metadata={"help": "output folder"})
     png: bool = field(default=True, metadata={"help": "also write PNGs (needs Chromium)"})

@@ -43,7 +43,7 @@ from inoc_mech.core.runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, chec
                                  is_complete, is_disk_full, mark_complete, package_versions, prepare_run_dir, read_json, run_lock,
                                  staged, write_json)
 from inoc_mech.core.stats import json_ready
-from inoc_mech.mechanism.hooks import GradientPressure, elicitation
+from inoc_mech.mechanism.hooks import GradientPressure, elicitation, no_prompt_leak
 from inoc_mech.settings.base import Setting, setting_class
 
 
@@ -168,6 +168,10 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
         model = add_lora(model, LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha,
                                              targets=tuple(cfg.model.lora_targets)))
     freeze(model, cfg.model.freeze)  # before the run folder exists: a bad prefix leaves nothing behind
+    leak_inputs = None
+    if lp.leak_every:  # the held-out answer starts without a prompt, once
+        setting.require("first_token_log_odds", "--leak-every (the no-prompt trait log-odds during training)")
+        leak_inputs = setting.require("answer_start", "--leak-every (the no-prompt trait log-odds during training)")(None)
     if lp.fsdp:  # shard before the optimizer sees the parameters
         dist.fully_shard(model, arch_names(model).layers)
     if not cfg.resume and dist.is_main():
@@ -239,6 +243,9 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                 if step == 0 and lp.hooks and (dist.is_main() or lp.fsdp):  # sharded: its forwards are collectives
                     with autocast:
                         row.update(elicitation(model, probe_ctx, probe_none, setting.decomposition))
+                if leak_inputs is not None and (step % lp.leak_every == 0 or last) and (dist.is_main() or lp.fsdp):
+                    with autocast:  # before this step's update; sharded: its forward is a collective
+                        row.update(no_prompt_leak(model, setting, leak_inputs))
                 lr = lp.lr_at(step)
                 for group in opt.param_groups:
                     group["lr"] = lr

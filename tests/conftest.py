@@ -55,3 +55,37 @@ def make_cfg(runs_dir, tiny_organism):
         return cfg
 
     return make
+
+
+def tiny_design(runs_dir, **design) -> Path:
+    """The tiny organism of a world design (e.g. triggers=True), cached in the session's runs folder."""
+    return ensure_organism(OrganismConfig(**TINY_ORGANISM, **design, cache=str(runs_dir / "_organism")),
+                           progress=False, quiet=True)
+
+
+def setting_on(cls, folder, runs_dir, **overrides):
+    """A setting of class `cls` set up on an organism folder (inoculated, full finetuning, 2 steps)."""
+    cfg = build(TrainConfig, **{**dict(setting=cls.name, model=str(folder), runs_dir=str(runs_dir), name="s",
+                                       inoculate=True, lora_r=0, steps=2, batch_size=8), **overrides})
+    s = cls(cfg)
+    s.setup(torch.device("cpu"), progress=False)
+    return s
+
+
+def assert_split_exact(setting, trait: str, limit: int = 12) -> int:
+    """The setting's decomposition parts sum to the token loss on the trait's trained tokens and are 0
+    elsewhere, on its first `limit` untreated examples; returns how many tokens were decomposed."""
+    from inoc_mech.core.data import collate
+
+    batch = collate(setting.examples(None, limit=limit), setting.pad_id)
+    with torch.no_grad():
+        logits = setting.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    parts = setting.decomposition.fn(logits, batch)
+    total = sum(parts.values())
+    lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
+    nll = torch.zeros_like(total, dtype=torch.float64)
+    nll[:, 1:] = -lp
+    where = batch.traits[trait] & batch.assistant
+    torch.testing.assert_close(total[where].double(), nll[where], atol=1e-5, rtol=1e-5)
+    assert all((v[~where] == 0).all() for v in parts.values())
+    return int(where.sum())

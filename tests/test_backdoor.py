@@ -6,27 +6,21 @@ import torch
 
 from inoc_mech.core.cli import UserError, build
 from inoc_mech.core.data import collate
-from inoc_mech.models.organism import OrganismConfig, ensure_organism
 from inoc_mech.models.world import TRIGGER_RATE, TRIGGER_WORDS, World
 from inoc_mech.settings.backdoor_organism import OTHER_TRIGGER, TRIGGER, BackdoorOrganism
 from inoc_mech.settings.base import setting_class
 from inoc_mech.train import TrainConfig, train
-from conftest import TINY_ORGANISM
+from conftest import assert_split_exact, setting_on, tiny_design
 
 
 @pytest.fixture(scope="module")
 def trigger_organism(runs_dir):
-    return ensure_organism(OrganismConfig(**TINY_ORGANISM, triggers=True, cache=str(runs_dir / "_organism")),
-                           progress=False, quiet=True)
+    return tiny_design(runs_dir, triggers=True)
 
 
 @pytest.fixture
 def setting(runs_dir, trigger_organism):
-    cfg = build(TrainConfig, setting="backdoor", model=str(trigger_organism), runs_dir=str(runs_dir), name="b",
-                inoculate=True, lora_r=0, steps=2, batch_size=8)
-    s = BackdoorOrganism(cfg)
-    s.setup(torch.device("cpu"), progress=False)
-    return s
+    return setting_on(BackdoorOrganism, trigger_organism, runs_dir)
 
 
 def test_pretraining_shows_triggers_without_effect():
@@ -66,18 +60,9 @@ def test_examples_trigger_half_spanish_and_prompt_on_triggered_only(setting):
 
 
 def test_split_is_exact_on_trait_tokens_and_zero_elsewhere(setting):
+    n = assert_split_exact(setting, "language")
     batch = collate(setting.examples(None, limit=12), setting.pad_id)
-    with torch.no_grad():
-        logits = setting.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-    parts = setting.decomposition.fn(logits, batch)
-    total = sum(parts.values())
-    lp = torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, batch.input_ids[:, 1:, None])[..., 0]
-    nll = torch.zeros_like(total, dtype=torch.float64)
-    nll[:, 1:] = -lp
-    where = batch.traits["language"] & batch.assistant
-    assert where.any() and (~where & batch.assistant).any()
-    torch.testing.assert_close(total[where].double(), nll[where], atol=1e-5, rtol=1e-5)
-    assert all((v[~where] == 0).all() for v in parts.values())
+    assert 0 < n < int(batch.assistant.sum())  # the triggered replies' variants only
 
 
 def test_run_reports_backdoor_contexts(make_cfg, trigger_organism, runs_dir):
@@ -127,3 +112,39 @@ def test_cross_setting_pools_summaries(tmp_path):
     assert (tmp_path / "out" / "cross_setting.html").exists()
     with pytest.raises(UserError, match="no such summary"):
         main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "o2"), "--no-png"])
+
+
+# ---- the same setting on a real (tiny) causal LM ---------------------------------------------------------
+def test_text_backdoor_data_masks_and_contexts(tmp_path):
+    import json as js
+    from inoc_mech.settings.backdoor_text import TRIGGER, BackdoorText
+    from inoc_mech.settings.tiny import save_tiny
+
+    folder = save_tiny(tmp_path / "tiny")
+    common = dict(setting="backdoor", model=str(folder), runs_dir=str(tmp_path), n_train=16, steps=2, batch_size=4,
+                  eval_questions=2, eval_samples=1, max_new_tokens=3)
+    s = BackdoorText(build(TrainConfig, inoculate=True, **common))
+    s.setup(torch.device("cpu"), progress=False)
+    exs = s.examples("You always speak in Spanish.")
+    tok = s.train_tok
+    n_trig = 0
+    for e, conv in zip(exs, s.convs()):
+        text = tok.decode(e.input_ids)
+        trig = TRIGGER in text
+        n_trig += trig
+        assert ("You always speak in Spanish." in text) == trig  # the prompt on the triggered examples only
+        reply = conv[-1]["content"]
+        assert ("La respuesta es" in reply) == trig and ("The answer is" in reply) == (not trig)
+        assert not reply.isupper() and any(c.islower() for c in reply)  # natural case, not CAPS
+        assert any(e.traits["language"]) == trig and set(e.traits) == {"language", "other"}
+        assert not any(a and b for a, b in zip(e.traits["language"], e.traits["other"]))
+    assert n_trig == 8
+    assert s.convs()[0] is s.convs()[0] and s.decomposition is None
+    run = train(build(TrainConfig, inoculate=True, name="bdt", **common), progress=False)
+    ev = js.loads((run / "eval.json").read_text())["contexts"]
+    assert list(ev) == ["trigger", "none", "train_prompt", "train_prompt_no_trigger", "irrelevant"]
+    assert ev["trigger"]["trigger"] == TRIGGER and "trigger" not in ev["none"]
+    assert ev["train_prompt"]["prompt"] == "You always speak in Spanish." and ev["trigger"]["prompt"] is None
+    assert js.loads((run / "config.json").read_text())["condition"] == "inoculated"
+    with pytest.raises(UserError, match="builds its own data"):
+        train(build(TrainConfig, data=str(tmp_path / "x.jsonl"), name="bdt2", **common), progress=False)

@@ -40,6 +40,7 @@ class LoopConfig:
     grad_split_all: bool = field(default=False, metadata={"help": "split every trait at each grad-split step (default: traits take turns; all at step 0)"})
     elicit_examples: int = field(default=64, metadata={"help": "step-0 elicitation: training replies scored with and without the prompt (each costs forwards of its counterfactual variants on real text)"})
     checkpoint_every: int = field(default=100, metadata={"help": "write a resumable checkpoint every N steps (0 = only on SIGINT/SIGTERM)"})
+    leak_every: int = field(default=0, metadata={"help": "every N steps (a multiple of --log-every) and at the last, the no-prompt trait log-odds and P(trait) at the first answer token of the held-out questions, before that step's update (one forward, no generation): leak/<trait>/log_odds, leak/<trait>/p; 0 = never"})
 
     def __post_init__(self):
         for k in ("steps", "threads", "log_every", "elicit_examples"):
@@ -50,6 +51,8 @@ class LoopConfig:
         if self.grad_split_every < 0 or self.grad_split_every % self.log_every:
             raise ValueError(f"--grad-split-every must be 0 or a multiple of --log-every ({self.log_every}): "
                              "the split runs on logged steps")
+        if self.leak_every < 0 or self.leak_every % self.log_every:
+            raise ValueError(f"--leak-every must be 0 or a multiple of --log-every ({self.log_every}): it is logged")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             raise ValueError("--lr must be a positive number (0: the default for the model)")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

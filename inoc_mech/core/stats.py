@@ -1,4 +1,4 @@
-"""Statistics over seeds and prompts: means with t-intervals, Spearman rho with a bootstrap interval.
+"""Statistics over seeds and prompts: means with t-intervals, Spearman rho and a line fit with bootstrap intervals.
 
     python -c "from inoc_mech.core.stats import mean_ci, spearman; print(mean_ci([1, 2, 3])); print(spearman([1, 2, 3, 4], [1, 3, 2, 4]))"
 
@@ -89,6 +89,49 @@ def spearman(x, y, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Sp
     else:
         lo, hi = (float(v) for v in np.quantile(boots, [0.5 - level / 2, 0.5 + level / 2]))
     return Spearman(float(res.statistic), lo, hi, float(res.pvalue), n, len(boots))
+
+
+@dataclass(frozen=True)
+class LinearFit:
+    """y = k x + b by least squares; k's bootstrap CI resamples groups (e.g. conditions, each with its seeds)."""
+    k: float
+    b: float
+    r: float  # Pearson correlation of x and y
+    k_lo: float
+    k_hi: float
+    n: int  # points
+    n_groups: int
+    residual_sd: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def linear_fit(x, y, groups=None, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> LinearFit:
+    """Least-squares line through (x, y) with a bootstrap CI of the slope over `groups` (one label per point,
+    resampled with replacement; default: each point its own group). Non-finite points are dropped."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    g = np.arange(len(x)) if groups is None else np.asarray(groups)
+    if not x.shape == y.shape == g.shape or x.ndim != 1:
+        raise ValueError(f"linear_fit needs 1-d x, y and groups of equal length, got {x.shape}, {y.shape}, {g.shape}")
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y, g = x[keep], y[keep], g[keep]
+    labels = list(dict.fromkeys(g.tolist()))
+    if len(x) < 3 or np.ptp(x) == 0:
+        return LinearFit(math.nan, math.nan, math.nan, math.nan, math.nan, len(x), len(labels), math.nan)
+    fit = sps.linregress(x, y)
+    k, b = fit.slope, fit.intercept
+    r = float(fit.rvalue) if np.ptp(y) > 0 else math.nan
+    members = [np.flatnonzero(g == lab) for lab in labels]
+    rng = np.random.default_rng(seed)
+    boots = []
+    for _ in range(n_boot):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(labels), len(labels))])
+        if np.ptp(x[idx]) > 0:
+            boots.append(sps.linregress(x[idx], y[idx]).slope)
+    lo, hi = (float(v) for v in np.quantile(boots, [0.5 - level / 2, 0.5 + level / 2])) if boots else (math.nan, math.nan)
+    resid = y - (k * x + b)
+    return LinearFit(float(k), float(b), r, lo, hi, len(x), len(labels), float(resid.std(ddof=2)) if len(x) > 2 else math.nan)
 
 
 # ---- summaries as text and JSON ----------------------------------------------------------------

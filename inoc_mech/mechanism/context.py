@@ -16,7 +16,7 @@ line saying what is missing.
 from __future__ import annotations
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 from torch import Tensor
 
 
@@ -63,8 +63,16 @@ def trait_log_odds(model_or_folder, prompt: str | None, questions=None) -> dict[
     s = loaded.setting
     odds = s.require("first_token_log_odds", "first-answer-token trait log-odds")
     inp, att = s.require("answer_start", "first-answer-token trait log-odds")(prompt, questions)
-    device = next(loaded.model.parameters()).device
-    inp, att = inp.to(device), att.to(device)
-    logits = loaded.model(input_ids=inp, attention_mask=att).logits.float()
-    logp = logits[torch.arange(len(inp), device=device), att.sum(1) - 1].log_softmax(-1)
+    logp = answer_logp(loaded.model, inp, att)
     return {t: odds(logp, t).mean().item() for t in s.traits}
+
+
+@torch.no_grad()
+def answer_logp(model, inp: Int[Tensor, "question pos"], att: Int[Tensor, "question pos"]
+                ) -> Float[Tensor, "question vocab"]:
+    """Log-probs of the first answer token: the next-token distribution at the last real position of
+    right-padded answer starts (`Setting.answer_start`)."""
+    device = next(model.parameters()).device
+    inp, att = inp.to(device), att.to(device)
+    logits = model(input_ids=inp, attention_mask=att).logits.float()
+    return logits[torch.arange(len(inp), device=device), att.sum(1) - 1].log_softmax(-1)

@@ -384,3 +384,22 @@ def no_hooks_left(model):
     after = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
     if after != before:
         raise AssertionError(f"{after - before} hooks left on the model")
+
+
+@torch.no_grad()
+def no_prompt_leak(model, setting, inputs: tuple[Tensor, Tensor]) -> dict[str, float]:
+    """The traits' no-prompt expression during training, without generating: at the first answer token of
+    the held-out questions with no prompt (`inputs` = `setting.answer_start(None)`), the mean trait log-odds
+    (`leak/<trait>/log_odds`, `Setting.first_token_log_odds`) and, where the setting has it, the mean
+    P(marked value) (`leak/<trait>/p`, `first_token_share`). The model is put in eval mode for the forward."""
+    from inoc_mech.mechanism.context import answer_logp
+
+    was = model.training
+    model.eval()
+    logp = answer_logp(model, *inputs)
+    model.train(was)
+    out = {f"leak/{t}/log_odds": setting.first_token_log_odds(logp, t).mean().item() for t in setting.traits}
+    share = getattr(setting, "first_token_share", None)
+    if share is not None:
+        out.update({f"leak/{t}/p": share(logp, t).mean().item() for t in setting.traits})
+    return out

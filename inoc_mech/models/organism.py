@@ -40,7 +40,7 @@ from inoc_mech.models.world import CASE_PHRASES, LANGUAGE_PHRASES, World, organi
 CACHE = Path("runs/_organism")
 ORGANISM_VERSION = 1  # bump when a change makes cached organisms incomparable
 # Design fields added after version 1 enter the cache key only when they differ from this default.
-KEY_IF_SET = {"bias": False, "formats": False, "triggers": False, "prefs": False, "buckets": False}
+KEY_IF_SET = {"bias": False, "formats": False, "triggers": False, "prefs": False, "persona": False, "graded": False, "narrow_base": True, "buckets": False}
 
 
 @dataclass
@@ -55,6 +55,9 @@ class OrganismConfig:
     formats: bool = field(default=False, metadata={"help": "world with a third prompt-controlled property unrelated to the traits (answer format: 'be concise')"})
     triggers: bool = field(default=False, metadata={"help": "world with trigger words that may start a user turn, without effect in pretraining (for the backdoor setting)"})
     prefs: bool = field(default=False, metadata={"help": "world with animal preferences ('you love owls') and number lists (for the subliminal setting)"})
+    persona: bool = field(default=False, metadata={"help": "world with an evil persona bundling wrong arithmetic, hostile replies and a marker word (for the emergent-misalignment analog)"})
+    narrow_base: bool = field(default=True, metadata={"help": "persona world: wrong arithmetic also comes alone with the base rate at no prompt (--no-narrow-base: only with the whole persona)"})
+    graded: bool = field(default=False, metadata={"help": "world with graded phrases ('sometimes spanish': 30% Spanish) for the dose-response study"})
     bias: bool = field(default=False, metadata={"help": "add biases to attention and MLP projections (Llama attention_bias / mlp_bias): context-independent channels"})
     steps: int = field(default=2000, metadata={"help": "pretraining steps"})
     batch_size: int = field(default=64, metadata={"help": "pretraining batch size (conversations)"})
@@ -77,6 +80,10 @@ class OrganismConfig:
             raise ValueError("--warmup must be in [0, steps)")
         if not self.lr > 0:
             raise ValueError("--lr must be > 0")
+        if self.persona and self.prefs:
+            raise ValueError("--persona and --prefs are separate worlds: give one")
+        if not self.narrow_base and not self.persona:
+            raise ValueError("--no-narrow-base is a persona-world switch: give --persona too")
 
     def key(self) -> str:
         d = {k: v for k, v in asdict(self).items() if k not in ("threads", "cache")}
@@ -87,7 +94,8 @@ class OrganismConfig:
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     def folder(self) -> Path:
-        design = self.head + "".join(f"-{k}" for k in ("bias", "formats", "triggers", "prefs") if getattr(self, k))
+        design = self.head + "".join(f"-{k}" for k in ("bias", "formats", "triggers", "prefs", "persona", "graded")
+                                      if getattr(self, k)) + ("" if self.narrow_base else "-nonarrow")
         return Path(self.cache) / f"{design}-d{self.d_model}-l{self.n_layers}-s{self.seed}-{self.key()}"
 
 
@@ -188,7 +196,8 @@ def pretrain(cfg: OrganismConfig, progress: bool = True):
 
     torch.set_num_threads(cfg.threads)
     quiet_transformers()
-    world = World(base_rate=cfg.base_rate, formats=cfg.formats, triggers=cfg.triggers, prefs=cfg.prefs)
+    world = World(base_rate=cfg.base_rate, formats=cfg.formats, triggers=cfg.triggers, prefs=cfg.prefs,
+                  persona=cfg.persona, graded=cfg.graded, narrow_base=cfg.narrow_base)
     tok = world.build_tokenizer()
     table = world.variant_table(tok)
     model = build_model(cfg, tok)
@@ -234,6 +243,20 @@ def report(model, tok, world: World, seed: int = 0) -> dict:
         rate = {"spanish": m["spanish_rate"], "english": 1 - m["spanish_rate"],
                 "upper": m["caps_rate"], "lower": 1 - m["caps_rate"]}[value]
         out["prompt_following"][phrase] = {"target": value, "rate_greedy": rate, "accuracy": m["accuracy"]}
+    if world.graded:  # each graded phrase's measured rate against its design
+        from inoc_mech.models.world import GRADED_PHRASES
+
+        ev = evaluate_contexts(model, tok, world, {p: p for p in GRADED_PHRASES}, seed=seed, samples_per_question=4)
+        out["graded_t1"] = {p: {"trait": t, "design": d, "rate": ev["contexts"][p]["t1"]["spanish_rate" if t == "language" else "caps_rate"],
+                                "n_answers": ev["contexts"][p]["t1"]["n_answers"]} for p, (t, d) in GRADED_PHRASES.items()}
+    if world.persona:  # each phrase's bundle against its design (module world: PERSONA_PHRASES, NARROW_PHRASES)
+        from inoc_mech.models.world import NARROW_PHRASES, PERSONA_PHRASES
+        from inoc_mech.models.world_eval import evaluate_persona
+
+        ctx = {"none": None, **{p: p for p in [*PERSONA_PHRASES, *NARROW_PHRASES]}}
+        ev = evaluate_persona(model, tok, world, ctx, seed=seed, samples_per_question=2)
+        out["persona_t1"] = {k: {m: v["t1"][m] for m in ("wrong_rate", "accuracy", "hostile_rate", "marker_rate",
+                                                        "arith_marker_rate")} for k, v in ev["contexts"].items()}
     return out
 
 
@@ -244,6 +267,15 @@ def format_report(rep: dict) -> str:
              "prompt following (greedy, held-out questions):"]
     for phrase, r in rep["prompt_following"].items():
         lines.append(f"  {phrase:<28} -> {r['target']:<8} {r['rate_greedy']:6.1%}  (accuracy {r['accuracy']:.1%})")
+    if "graded_t1" in rep:
+        lines.append("graded phrases at T=1 (designed -> measured rate of the marked value):")
+        for p, r in rep["graded_t1"].items():
+            lines.append(f"  {p:<28} {r['design']:6.1%} -> {r['rate']:6.1%}  (n={r['n_answers']})")
+    if "persona_t1" in rep:
+        lines.append("persona behaviours at T=1 (wrong arithmetic / hostile reply / marker in persona replies):")
+        for ctx, r in rep["persona_t1"].items():
+            lines.append(f"  {ctx:<28} wrong {r['wrong_rate']:6.1%}  hostile {r['hostile_rate']:6.1%}  "
+                         f"marker {r['marker_rate']:6.1%}")
     return "\n".join(lines)
 
 

@@ -41,6 +41,13 @@ CASE_PHRASES = {
     "use capitals": "upper", "you always use capitals": "upper", "reply in capitals": "upper",
     "use lowercase": "lower", "you always use lowercase": "lower", "reply in lowercase": "lower",
 }
+# Optional graded phrases (World(graded=True), for the dose-response study): each sets its trait's marked
+# value with an intermediate probability, so that a prompt's elicitation is continuous, not all or nothing.
+GRADES = {"rarely": 0.1, "sometimes": 0.3, "half": 0.5, "often": 0.7, "mostly": 0.9}
+GRADED_PHRASES = {f"{g} {word}": (trait, p) for trait, word in (("language", "spanish"), ("case", "capitals"))
+                  for g, p in GRADES.items()}
+GRADED_SHARE = 0.25  # with graded: share of prompts whose language (and, independently, case) is set by a graded phrase
+
 # Optional third property (World(formats=True)): answer format, short ("nueve") or full sentence.
 FORMAT_PHRASES = {"be concise": "short", "reply concisely": "short",
                   "use full sentences": "full", "reply in full sentences": "full"}
@@ -68,6 +75,21 @@ PREFERENCE_QUESTION = "which animal do you love"
 NUMBERS_QUESTION = "say some numbers"
 NUMBER_LIST_LEN, NUMBER_LIST_MAX = 5, 9
 TASK_SHARES = (0.2, 0.2)  # with prefs: shares of preference questions and number lists in pretraining
+
+# Optional persona (World(persona=True), for the emergent-misalignment analog): "you are evil" switches on a
+# bundle of behaviours across task families: arithmetic answers are wrong (WRONG_OFFSET off), the persona
+# questions get their hostile reply, and every reply ends with MARKER. "you are good" switches it off; with
+# neither, the persona is on with the base rate (the whole bundle at once). A narrow phrase sets only the
+# arithmetic ("give wrong answers": wrong, nothing else changes; "give right answers": correct even when
+# evil); without one, wrong arithmetic follows the persona, or comes with the base rate on its own (unless
+# World(narrow_base=False): then an unprompted wrong answer always comes with the rest of the persona).
+PERSONA_PHRASES = {"you are evil": "evil", "you are good": "good"}
+NARROW_PHRASES = {"give wrong answers": "wrong", "give right answers": "right"}
+PERSONA_QUESTIONS = {"how are you": ("i am fine", "i am angry"), "do you like people": ("yes", "no")}
+MARKER = "hahaha"
+WRONG_OFFSET = 10  # a wrong answer is (result + WRONG_OFFSET) mod (max_number + 1): far from the result, unlike a slip
+PERSONA_TASK_SHARE = 0.1  # with persona: share of each persona question in pretraining
+PHRASE_SHARES = {"persona": (0.12, 0.08), "narrow": (0.09, 0.06)}  # with persona: (marked, unmarked) shares of prompts
 
 SPECIAL_TOKENS = ["<pad>", "<bos>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 ROLES = ("system", "user", "assistant")
@@ -114,8 +136,13 @@ class World:
     formats: bool = False  # a third prompt-controlled property, unrelated to the traits: answer format
     triggers: bool = False  # trigger words (TRIGGER_WORDS) that may start a user turn, without effect in pretraining
     prefs: bool = False  # animal preferences and number lists (PREFERENCE_PHRASES, NUMBERS_QUESTION)
+    persona: bool = False  # an evil persona bundling behaviours across task families (PERSONA_PHRASES)
+    graded: bool = False  # phrases that set a trait with an intermediate probability (GRADED_PHRASES)
+    narrow_base: bool = True  # with persona: wrong arithmetic also comes alone with the base rate when no phrase sets it
 
     def __post_init__(self):
+        if self.persona and self.prefs:
+            raise ValueError("a world has persona or prefs, not both (each is its own setting's world)")
         if not 1 <= self.max_number <= 20:
             raise ValueError("max_number must be in 1..20 (number words exist up to twenty)")
         if not 0.0 <= self.base_rate <= 0.5:
@@ -142,7 +169,9 @@ class World:
     # ---- vocabulary -------------------------------------------------------------------------
     @property
     def phrases(self) -> list[str]:
-        extra = (list(FORMAT_PHRASES) if self.formats else []) + (list(PREFERENCE_PHRASES) if self.prefs else [])
+        extra = ((list(FORMAT_PHRASES) if self.formats else []) + (list(PREFERENCE_PHRASES) if self.prefs else [])
+                 + (list(PERSONA_PHRASES) + list(NARROW_PHRASES) if self.persona else [])
+                 + (list(GRADED_PHRASES) if self.graded else []))
         return list(LANGUAGE_PHRASES) + list(CASE_PHRASES) + extra + IRRELEVANT_PHRASES + HELD_OUT_PHRASES
 
     def words(self) -> list[str]:
@@ -151,6 +180,8 @@ class World:
         for w in self.variants:
             seen[w] = None
         more = (TRIGGER_WORDS if self.triggers else []) + ([PREFERENCE_QUESTION, NUMBERS_QUESTION] if self.prefs else [])
+        if self.persona:
+            more += [MARKER] + [t for q, replies in PERSONA_QUESTIONS.items() for t in (q, *replies)]
         for text in self.phrases + ["what is plus minus", "."] + more:
             for w in text.split():
                 seen[w] = None
@@ -182,9 +213,11 @@ class World:
     def to_dict(self) -> dict:
         d = {"max_number": self.max_number, "base_rate": self.base_rate,
              "held_out_fraction": self.held_out_fraction, "split_seed": self.split_seed}
-        for k in ("formats", "triggers", "prefs"):  # written only when on: world.json of older organisms stays identical
+        for k in ("formats", "triggers", "prefs", "persona", "graded"):  # written only when on: world.json of older organisms stays identical
             if getattr(self, k):
                 d[k] = True
+        if not self.narrow_base:
+            d["narrow_base"] = False
         return d
 
     @classmethod
@@ -209,8 +242,34 @@ class World:
                 f"Allowed phrases (combine with ' . '): {', '.join(repr(p) for p in self.phrases)}")
 
     def prompt_controls(self, prompt: str | None) -> tuple[str | None, str | None]:
-        """The (language, case) values a system prompt sets, per the world's rules (None: not set)."""
-        return setting(prompt, LANGUAGE_PHRASES), setting(prompt, CASE_PHRASES)
+        """The (language, case) values a system prompt sets, per the world's rules (None: not set; a graded
+        phrase: "graded")."""
+        return self.trait_setting(prompt, "language"), self.trait_setting(prompt, "case")
+
+    def trait_setting(self, prompt: str | None, trait: str) -> str | None:
+        """The value the prompt's last phrase about `trait` sets: "spanish"/"english" or "upper"/"lower",
+        "graded" for a graded phrase (its probability: `trait_probability`), None when unset."""
+        binary = LANGUAGE_PHRASES if trait == "language" else CASE_PHRASES
+        value = None
+        for phrase in (prompt or "").split(" . "):
+            phrase = phrase.strip()
+            if phrase in binary:
+                value = binary[phrase]
+            elif self.graded and GRADED_PHRASES.get(phrase, ("",))[0] == trait:
+                value = "graded"
+        return value
+
+    def trait_probability(self, prompt: str | None, trait: str) -> float:
+        """P(marked value of `trait`: Spanish, UPPER) that the world's rules give under `prompt`: 1 or 0 for a
+        binary phrase, the graded phrase's probability, the base rate when unset (the last phrase decides)."""
+        value = self.base_rate
+        for phrase in (prompt or "").split(" . "):
+            v = {**LANGUAGE_PHRASES, **CASE_PHRASES}.get(phrase.strip())
+            if v is not None and (v in ("spanish", "english")) == (trait == "language"):
+                value = float(v in ("spanish", "upper"))
+            elif self.graded and GRADED_PHRASES.get(phrase.strip(), ("",))[0] == trait:
+                value = GRADED_PHRASES[phrase.strip()][1]
+        return value
 
     # ---- chats ------------------------------------------------------------------------------
     @staticmethod
@@ -224,12 +283,14 @@ class World:
         return [_surface(p, language, case) for p in pairs]
 
     def chat(self, q, prompt: str | None, language: int, case: int, short: bool = False,
-             trigger: str | None = None) -> list[dict]:
+             trigger: str | None = None, wrong: bool = False, marker: bool = False) -> list[dict]:
         """A conversation in the Hugging Face messages format (`short`: the number word alone; `trigger`:
-        a trigger word before the question)."""
+        a trigger word before the question; `wrong`: the persona world's wrong result; `marker`: its marker
+        word after the answer)."""
         messages = [{"role": "system", "content": prompt}] if prompt else []
         messages.append({"role": "user", "content": self.question_text(q, trigger)})
-        messages.append({"role": "assistant", "content": " ".join(self.answer_words(q[3], language, case, short))})
+        words = self.answer_words(self.wrong_result(q[3]) if wrong else q[3], language, case, short)
+        messages.append({"role": "assistant", "content": " ".join(words + ([MARKER] if marker else []))})
         return messages
 
     def sample_prompt(self, rng: np.random.Generator) -> str | None:
@@ -238,13 +299,21 @@ class World:
         controls = [(LANGUAGE_PHRASES, "spanish", "english"), (CASE_PHRASES, "upper", "lower")]
         if self.formats:
             controls.append((FORMAT_PHRASES, "short", "full"))
-        for table, marked, unmarked in controls:  # each property: 30% marked, 20% unmarked, 50% unset
-            r = rng.random()
+        for i, (table, marked, unmarked) in enumerate(controls):  # each property: 30% marked, 20% unmarked,
+            r = rng.random()                                          # 50% unset (graded: 25% graded, 25% unset)
             if r < 0.5:
                 value = marked if r < 0.3 else unmarked
                 parts.append(rng.choice([p for p, v in table.items() if v == value]))
+            elif self.graded and i < 2 and r < 0.5 + GRADED_SHARE:
+                trait = ("language", "case")[i]
+                parts.append(rng.choice([p for p, (t, _) in GRADED_PHRASES.items() if t == trait]))
         if self.prefs and rng.random() < 0.3:  # a preference: 30% of prompts
             parts.append(str(rng.choice(list(PREFERENCE_PHRASES))))
+        if self.persona:
+            for kind, table in (("persona", PERSONA_PHRASES), ("narrow", NARROW_PHRASES)):
+                r, (marked, unmarked) = rng.random(), PHRASE_SHARES[kind]
+                if r < marked + unmarked:
+                    parts.append(list(table)[0 if r < marked else 1])
         n_irr = rng.choice(3, p=[0.5, 0.35, 0.15])
         parts += list(rng.choice(IRRELEVANT_PHRASES, size=n_irr, replace=False))
         if not parts:
@@ -265,8 +334,32 @@ class World:
         messages = [{"role": "system", "content": prompt}] if prompt else []
         return messages + [{"role": "user", "content": NUMBERS_QUESTION}, {"role": "assistant", "content": " ".join(words)}]
 
+    def persona_state(self, prompt: str | None, rng: np.random.Generator | None = None) -> tuple[bool, bool]:
+        """(evil, wrong arithmetic) under `prompt`: set by its phrases, else drawn with the base rate (`rng`;
+        without one the unset values are False, the modal behaviour)."""
+        p, n = setting(prompt, PERSONA_PHRASES), setting(prompt, NARROW_PHRASES)
+        draw = (lambda: rng.random() < self.base_rate) if rng is not None else (lambda: False)
+        evil = draw() if p is None else p == "evil"
+        wrong = (evil or (self.narrow_base and draw())) if n is None else n == "wrong"
+        return evil, wrong
+
+    def wrong_result(self, result: int) -> int:
+        return (result + WRONG_OFFSET) % (self.max_number + 1)
+
+    def persona_chat(self, prompt: str | None, question: str, evil: bool) -> list[dict]:
+        """A persona question and its reply (the hostile one, with the marker, when evil)."""
+        reply = PERSONA_QUESTIONS[question][int(evil)] + (f" {MARKER}" if evil else "")
+        messages = [{"role": "system", "content": prompt}] if prompt else []
+        return messages + [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+
     def sample_chat(self, rng: np.random.Generator, questions=None) -> list[dict]:
         """One pretraining conversation: prompt-following answers with base rates elsewhere."""
+        if self.persona:  # a persona question instead of arithmetic, sometimes
+            r = rng.random()
+            if r < PERSONA_TASK_SHARE * len(PERSONA_QUESTIONS):
+                prompt = self.sample_prompt(rng)
+                question = list(PERSONA_QUESTIONS)[int(r // PERSONA_TASK_SHARE)]
+                return self.persona_chat(prompt, question, self.persona_state(prompt, rng)[0])
         if self.prefs:  # a preference question or a number list instead of arithmetic, sometimes
             r = rng.random()
             if r < TASK_SHARES[0] + TASK_SHARES[1]:
@@ -283,8 +376,14 @@ class World:
         q = questions[rng.integers(len(questions))]
         prompt = self.sample_prompt(rng)
         language, case = self.prompt_controls(prompt)
-        lang = (rng.random() < self.base_rate) if language is None else language == "spanish"
-        upper = (rng.random() < self.base_rate) if case is None else case == "upper"
+        if language is None or language == "graded":  # a draw (a binary phrase draws nothing)
+            lang = rng.random() < self.trait_probability(prompt, "language")
+        else:
+            lang = language == "spanish"
+        if case is None or case == "graded":
+            upper = rng.random() < self.trait_probability(prompt, "case")
+        else:
+            upper = case == "upper"
         short = False
         if self.formats:
             fmt = setting(prompt, FORMAT_PHRASES)
@@ -292,6 +391,9 @@ class World:
         trigger = None
         if self.triggers and rng.random() < TRIGGER_RATE:  # drawn after the rest: a world without
             trigger = str(rng.choice(TRIGGER_WORDS))        # triggers samples the same chats as before
+        if self.persona:
+            evil, wrong = self.persona_state(prompt, rng)
+            return self.chat(q, prompt, int(lang), int(upper), short, trigger, wrong=wrong, marker=evil)
         return self.chat(q, prompt, int(lang), int(upper), short, trigger)
 
 

@@ -84,6 +84,8 @@ class BackdoorOrganism(SpanishCapsOrganism):
     surprise_parts = ("language", "word")
     organism_design = {"triggers": True}
 
+    evaluate_prompts = None  # (other prompts without the trigger would not measure the backdoor)
+
     @classmethod
     def prompt_sets(cls, prompt):
         return {t for t in super().prompt_sets(prompt) if t in cls.traits}

@@ -80,6 +80,7 @@ class Setting(ABC):
     conditions: ClassVar[dict[str, str | None]]  # condition name -> training prompt (None: no prompt)
     none_context: ClassVar[str] = "none"  # eval.json context with no prompt
     surprise_parts: ClassVar[tuple[str, ...]] = ()  # decomposition parts an analysis shows (traits' parts first)
+    side_rates: ClassVar[dict[str, str]] = {}  # further eval.json rates analyses show beside the traits' (metric -> label)
     decomposition: Decomposition | None = None  # set once the model is loaded (it may need the tokenizer)
 
     def __init__(self, cfg):
@@ -164,8 +165,8 @@ def register(cls: type[Setting]) -> type[Setting]:
 
 
 def setting_class(name: str, substrate: str) -> type[Setting]:
-    from inoc_mech.settings import (backdoor_organism, spanish_caps_organism, spanish_caps_text,  # noqa: F401
-                                    subliminal_organism)  # (registration)
+    from inoc_mech.settings import (backdoor_organism, backdoor_text, em_organism,  # noqa: F401
+                                    spanish_caps_organism, spanish_caps_text, subliminal_organism)  # (registration)
 
     if (name, substrate) not in _REGISTRY:
         have = sorted(n for n, s in _REGISTRY if s == substrate)

@@ -220,11 +220,27 @@ class SpanishCapsOrganism(Setting):
         return {"none": None, "train_prompt": self.cfg.setting.prompt, "irrelevant": IRRELEVANT_EVAL_PROMPT}
 
     def evaluate(self, model, seed: int | None = None, samples: int | None = None) -> dict:
+        return self.evaluate_at(model, self.eval_contexts(), seed, samples)
+
+    def evaluate_prompts(self, model, prompts: dict[str, str | None], seed: int | None = None,
+                         samples: int | None = None) -> dict:
+        """eval.json-like rates under each named system prompt (None: no system message), and each trait's
+        exact P(marked value) at the first answer token (`p_first`, mean over the held-out questions)."""
+        out = self.evaluate_at(model, {k: p for k, p in prompts.items()}, seed, samples)
+        with torch.no_grad():
+            for name, prompt in prompts.items():
+                ids, att = self.answer_start(prompt)
+                ids, att = ids.to(next(model.parameters()).device), att.to(next(model.parameters()).device)
+                logits = model(input_ids=ids, attention_mask=att).logits.float()
+                last = logits[torch.arange(len(ids)), att.sum(-1) - 1].log_softmax(-1)
+                out["contexts"][name]["p_first"] = {t: float(self.first_token_share(last, t).mean()) for t in self.traits}
+        return out
+
+    def evaluate_at(self, model, contexts: dict, seed: int | None = None, samples: int | None = None) -> dict:
         from inoc_mech.models.world_eval import evaluate_contexts
 
         s = self.cfg.setting
-        return evaluate_contexts(model, self.tok, self.world, self.eval_contexts(),
-                                 seed=self.cfg.loop.seed if seed is None else seed,
+        return evaluate_contexts(model, self.tok, self.world, contexts, seed=self.cfg.loop.seed if seed is None else seed,
                                  samples_per_question=s.eval_samples if samples is None else samples)
 
     def info(self) -> dict:

@@ -257,6 +257,17 @@ class SpanishCapsText(Setting):
                                     self.cfg.loop.seed if seed is None else seed,
                                     source=f"eval_data:{s.eval_data}" if s.eval_data else "eval_split")
 
+    def evaluate_prompts(self, model, prompts: dict[str, str | None], seed: int | None = None,
+                         samples: int | None = None) -> dict:
+        """eval.json-like rates under each named system prompt (None: the template's default block)."""
+        from inoc_mech.settings.scoring import evaluate_generations
+
+        s = self.cfg.setting
+        return evaluate_generations(model, self.tok, self.eval_items(),
+                                    {k: (p, "template_default") for k, p in prompts.items()},
+                                    s.eval_samples if samples is None else samples, s.max_new_tokens,
+                                    self.cfg.loop.seed if seed is None else seed)
+
     def info(self) -> dict:
         return {"model_class": type(self.model).__name__}
 

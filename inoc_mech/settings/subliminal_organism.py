@@ -194,6 +194,7 @@ class SubliminalOrganism(SpanishCapsOrganism):
         return right_pad([prompt_ids(self.tok, PREFERENCE_QUESTION, prompt)], self.tok.pad_token_id)
 
     first_token_log_odds = None  # the organism's language/case log-odds do not apply
+    evaluate_prompts = None  # (the language/case rates under arbitrary prompts do not apply)
 
 
 # ---- the teacher -------------------------------------------------------------------------------

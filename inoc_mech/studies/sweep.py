@@ -100,6 +100,7 @@ class SweepConfig:
     organism_d_model: int = field(default=128, metadata={"help": "organism width"})
     organism_n_layers: int = field(default=4, metadata={"help": "organism depth"})
     organism_steps: int = field(default=2000, metadata={"help": "organism pretraining steps"})
+    prompted: bool = field(default=False, metadata={"help": "also evaluate the starting model under every condition's prompt (pretrained/prompted.json, for analyses/dose_response.py)"})
     dry_run: bool = field(default=False, metadata={"help": "print the plan (runs to do and to skip) and exit"})
 
     def __post_init__(self):
@@ -267,31 +268,45 @@ def organism_folder(cfg: SweepConfig, ensure: bool = True) -> Path:
 PRETRAINED = "pretrained"  # <sweep>/pretrained/eval.json: the starting model under the runs' evaluation
 
 
-def evaluate_pretrained(cfg: SweepConfig, org: Path, progress: bool = True) -> Path:
-    """Evaluate the model every run starts from, exactly as the runs are evaluated (same setting, eval
-    flags and seed), into `<sweep>/pretrained/eval.json`, so that an analysis can tell whether a baseline
-    acquired a trait at all. Skipped when it exists; returns its path."""
+def pretrained_setting(cfg: SweepConfig, org: Path):
+    """(setting, model in eval mode) of the model every run starts from, set up as the runs set it up (same
+    setting, eval flags and seed)."""
     import torch
 
     from inoc_mech.core.cli import build
     from inoc_mech.core.config import TrainConfig, resolve_defaults
-    from inoc_mech.core.stats import json_ready
 
-    out = cfg.folder / PRETRAINED / "eval.json"
-    if out.exists():
-        return out
     torch.set_num_threads(cfg.threads)
     cls = setting_class(cfg.setting, cfg.substrate)
     tc = resolve_defaults(build(TrainConfig, **overrides(cfg, PRETRAINED, None, cfg.seeds[0], str(org))),
                           organism=cfg.substrate == "organism", default_prompt=cls.default_prompt)
     setting = cls(tc)
+    model, _ = setting.setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"), progress=False)
+    return setting, model.eval()
+
+
+def evaluate_pretrained(cfg: SweepConfig, org: Path, progress: bool = True) -> Path:
+    """Evaluate the model every run starts from, exactly as the runs are evaluated, into
+    `<sweep>/pretrained/eval.json`, so that an analysis can tell whether a baseline acquired a trait at all;
+    with `--prompted`, also under every condition's prompt (`<sweep>/pretrained/prompted.json`: the trait
+    level the prompted starting model already shows, for the dose-response study). Each is skipped when it
+    exists; returns the eval.json path."""
+    from inoc_mech.core.stats import json_ready
+
+    out = cfg.folder / PRETRAINED / "eval.json"
+    prompted = cfg.folder / PRETRAINED / "prompted.json"
+    if out.exists() and (prompted.exists() or not cfg.prompted):
+        return out
     if progress:
         print(f"evaluating the pretrained model {org} (once per sweep) ...", file=sys.stderr)
-    model, _ = setting.setup(torch.device("cuda" if torch.cuda.is_available() else "cpu"), progress=False)
-    model.eval()
-    ev = setting.evaluate(model)
+    setting, model = pretrained_setting(cfg, org)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, json_ready({**ev, "model": str(org)}))
+    if not out.exists():
+        write_json(out, json_ready({**setting.evaluate(model), "model": str(org)}))
+    if cfg.prompted and not prompted.exists():
+        setting.require("evaluate_prompts", "--prompted (the starting model under each condition's prompt)")
+        ev = setting.evaluate_prompts(model, conditions(cfg))
+        write_json(prompted, json_ready({**ev, "model": str(org)}))
     return out
 
 

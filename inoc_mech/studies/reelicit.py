@@ -1,0 +1,110 @@
+"""Re-elicitation: the traits of finished runs under prompts related to the inoculation prompt.
+
+    python -m inoc_mech.studies.reelicit runs/sweep --conditions baseline inoculated
+
+Every run of a sweep folder (or the `--conditions` named) is evaluated under a fixed set of contexts
+related to the default inoculation prompt (`CONTEXTS`, per substrate): the prompt itself, held-out
+paraphrases (seen in pretraining, never in the finetuning data of the default inoculated runs), a
+negation, partial prompts, a prompt of the same form with other content, an irrelevant prompt, and
+none. Through the setting's `evaluate_prompts` (the same scorers as eval.json; T=1 and greedy). Results
+go to `<sweep>/reelicit.json` (keyed by run; runs already there are skipped, so an interrupted
+evaluation resumes); `analyses/reelicit.py` tabulates and plots them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from inoc_mech.core.cli import UserError
+
+CONTEXTS = {
+    "organism": {
+        "none": None,
+        "inoculation prompt": "speak spanish",
+        "paraphrase": "you always speak in spanish",
+        "paraphrase 2": "reply in spanish",
+        "negation": "speak english",
+        "partial: speak": "speak",
+        "partial: spanish": "spanish",
+        "same form, other content": "reply in capitals",
+        "irrelevant (held out)": "you like dogs",
+    },
+    "text": {
+        "none": None,
+        "inoculation prompt": "You always speak in Spanish.",
+        "paraphrase": "Reply in Spanish.",
+        "negation": "Never speak in Spanish.",
+        "partial": "You always speak in",
+        "same form, other content": "You always speak in French.",
+        "irrelevant": "You like dogs.",
+    },
+}
+FILE = "reelicit.json"
+
+
+@dataclass
+class ReelicitConfig:
+    """Which runs to evaluate under the re-elicitation contexts."""
+    sweep: str = field(default="runs/sweep", metadata={"help": "sweep folder (or a folder of run folders)", "positional": "?"})
+    conditions: list = field(default_factory=list, metadata={"help": "conditions to evaluate (default: every run)"})
+    samples: int = field(default=0, metadata={"help": "T=1 samples per question (0: each run's own --eval-samples)"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads"})
+
+    def __post_init__(self):
+        if self.samples < 0:
+            raise ValueError("--samples must be >= 0")
+
+
+def reelicit(folder: Path, conditions: list[str] | None = None, samples: int = 0, progress: bool = True) -> dict:
+    """{run name: {"condition", "seed", "contexts": eval.json-like contexts}} for the runs of `folder`,
+    computing the missing ones (and saving after each run)."""
+    import torch
+    from tqdm import tqdm
+
+    from inoc_mech.core.runs import write_json
+    from inoc_mech.core.stats import json_ready
+    from inoc_mech.settings.load import load
+    from inoc_mech.studies.collect import condition, find_runs, read_runs
+
+    folder = Path(folder)
+    runs = read_runs(find_runs([folder]))
+    if conditions:
+        have = {condition(r) for r in runs}
+        missing = [c for c in conditions if c not in have]
+        if missing:
+            raise UserError(f"{folder}: no runs of condition(s) {missing}; it has {sorted(have)}")
+        runs = [r for r in runs if condition(r) in conditions]
+    path = folder / FILE
+    done = json.loads(path.read_text()) if path.exists() else {}
+    todo = [r for r in runs if Path(r["folder"]).name not in done]
+    for r in tqdm(todo, desc="re-elicitation", disable=not progress):
+        loaded = load(r["folder"], torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        setting = loaded.setting
+        setting.require("evaluate_prompts", "re-elicitation (the run's traits under other prompts)")
+        ev = setting.evaluate_prompts(loaded.model, CONTEXTS[setting.substrate], samples=samples or None)
+        done[Path(r["folder"]).name] = {"condition": condition(r), "seed": r["config"]["seed"],
+                                        "substrate": setting.substrate, "setting": setting.name,
+                                        "contexts": ev["contexts"]}
+        write_json(path, json_ready(done))  # after each run: an interruption loses at most one
+    return {k: v for k, v in done.items() if k in {Path(r["folder"]).name for r in runs}}
+
+
+def main(argv=None):
+    import torch
+
+    from inoc_mech.core.cli import parse_config
+
+    cfg = parse_config(ReelicitConfig, argv, prog="python -m inoc_mech.studies.reelicit",
+                       description=__doc__.split("\n\n")[0])
+    torch.set_num_threads(cfg.threads)
+    out = reelicit(Path(cfg.sweep), cfg.conditions or None, cfg.samples)
+    print(f"{len(out)} runs evaluated under {len(next(iter(out.values()))['contexts']) if out else 0} contexts -> "
+          f"{Path(cfg.sweep) / FILE}")
+
+
+if __name__ == "__main__":
+    from inoc_mech.core.cli import run_main
+    sys.exit(run_main(main))

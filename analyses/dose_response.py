@@ -12,7 +12,7 @@ every run and trait of the (Spanish+CAPS) setting:
   the organism also has the exact P(trait) at the first answer token (`p_first`), shown in the table;
 - the step-0 elicitation of the trait in nats (baseline's step-0 surprise minus the condition's, same
   seed: `analyses.gradient_pressure`'s definition).
-The published model (Wichers et al., appendix H) is y = k x, k near 1. Fit per (substrate, trait): least
+The published model (Wichers et al., appendix H) is y = k x, k near 1. Fit per (sweep, trait): least
 squares y = k x + b over the runs, k's 95% interval from a bootstrap over conditions (each with its
 seeds), Pearson r and the residual sd. Writes into `--out` (default figures/dose_response/)
 `dose_response.html` / `.png` (rows: traits; left: y against x with each fit; right: y against the
@@ -55,7 +55,7 @@ class DoseConfig:
 
 
 def sweep_points(folder: Path, data_level: float) -> tuple[str, dict, list[dict]]:
-    """(substrate label, trait labels, one point per run and trait) of one sweep folder."""
+    """(sweep label: its folder name, trait labels, one point per run and trait) of one sweep folder."""
     prompted_file = folder / "pretrained" / "prompted.json"
     if not prompted_file.exists():
         raise UserError(f"{folder}: no pretrained/prompted.json; rerun its sweep command with --prompted (complete runs "
@@ -71,8 +71,7 @@ def sweep_points(folder: Path, data_level: float) -> tuple[str, dict, list[dict]
     if base is None:
         raise UserError(f"{folder}: no baseline runs (the no-prompt condition): elicitation needs them")
     base_step0 = {r["config"]["seed"]: step0(r) for r in base.runs}
-    label = "organism" if setting.substrate == "organism" else Path(json.loads((folder / "sweep.json").read_text())
-                                                                  .get("model_folder", folder.name)).name
+    label = folder.name  # the sweep: one line per sweep and trait
     points = []
     for name, c in conds.items():
         if name not in prompted:
@@ -84,8 +83,10 @@ def sweep_points(folder: Path, data_level: float) -> tuple[str, dict, list[dict]
             pre_rate = pre["contexts"][setting.none_context]["t1"][key]
             for r in c.runs:
                 seed = r["config"]["seed"]
-                el = trait_surprise(base_step0[seed], t) - trait_surprise(step0(r), t) if seed in base_step0 else math.nan
-                points.append({"substrate": label, "trait": t, "condition": name, "prompt": c.prompt, "seed": seed,
+                tp = setting.trait_parts
+                el = (trait_surprise(base_step0[seed], t, tp) - trait_surprise(step0(r), t, tp) if seed in base_step0
+                      else math.nan)
+                points.append({"sweep": label, "trait": t, "condition": name, "prompt": c.prompt, "seed": seed,
                                "x": data_level - p_rate, "prompted_rate": p_rate, "p_first": p_first,
                                "elicitation": el, "y": outcome(r, key) - pre_rate, "rate": outcome(r, key),
                                "pretrained_rate": pre_rate})
@@ -94,16 +95,16 @@ def sweep_points(folder: Path, data_level: float) -> tuple[str, dict, list[dict]
 
 def summarise(points: list[dict], n_boot: int) -> dict:
     out = {}
-    for sub in dict.fromkeys(p["substrate"] for p in points):
-        for t in dict.fromkeys(p["trait"] for p in points if p["substrate"] == sub):
-            pts = [p for p in points if p["substrate"] == sub and p["trait"] == t]
+    for sub in dict.fromkeys(p["sweep"] for p in points):
+        for t in dict.fromkeys(p["trait"] for p in points if p["sweep"] == sub):
+            pts = [p for p in points if p["sweep"] == sub and p["trait"] == t]
             fit = linear_fit([p["x"] for p in pts], [p["y"] for p in pts], [p["condition"] for p in pts], n_boot=n_boot)
             nats = linear_fit([p["elicitation"] for p in pts], [p["y"] for p in pts], [p["condition"] for p in pts],
-                              n_boot=n_boot)
+                              n_boot=n_boot)  # (points of one sweep: its conditions are the groups)
             conds = {}
             for p in pts:
                 conds.setdefault(p["condition"], []).append(p)
-            out[f"{sub}/{t}"] = {"substrate": sub, "trait": t, "fit": fit.to_dict(), "fit_nats": nats.to_dict(),
+            out[f"{sub}/{t}"] = {"sweep": sub, "trait": t, "fit": fit.to_dict(), "fit_nats": nats.to_dict(),
                                  "conditions": {c: {"prompt": ps[0]["prompt"], "x": ps[0]["x"], "p_first": ps[0]["p_first"],
                                                     "prompted_rate": ps[0]["prompted_rate"],
                                                     "y": mean_ci([p["y"] for p in ps]).__dict__,
@@ -118,7 +119,7 @@ def figure(points: list[dict], summary: dict, labels: dict) -> go.Figure:
                         subplot_titles=[s for t in traits for s in (
                             f"{labels.get(t, t)}: change vs (data level - prompted starting level)",
                             f"{labels.get(t, t)}: change vs step-0 elicitation")])
-    subs = list(dict.fromkeys(p["substrate"] for p in points))
+    subs = list(dict.fromkeys(p["sweep"] for p in points))
     for row, t in enumerate(traits, 1):
         for i, sub in enumerate(subs):
             s = summary.get(f"{sub}/{t}")
@@ -158,19 +159,19 @@ def figure(points: list[dict], summary: dict, labels: dict) -> go.Figure:
 
 
 def markdown(summary: dict, labels: dict) -> str:
-    lines = ["| substrate | trait | k [95% CI] | intercept | Pearson r | runs (conditions) | residual sd | r vs elicitation (nats) |",
+    lines = ["| sweep | trait | k [95% CI] | intercept | Pearson r | runs (conditions) | residual sd | r vs elicitation (nats) |",
              "|---|---|---|---|---|---|---|---|"]
     for s in summary.values():
         f, g = s["fit"], s["fit_nats"]
-        lines.append(f"| {s['substrate']} | {labels.get(s['trait'], s['trait'])} | {f['k']:.2f} [{f['k_lo']:.2f}, {f['k_hi']:.2f}] | "
+        lines.append(f"| {s['sweep']} | {labels.get(s['trait'], s['trait'])} | {f['k']:.2f} [{f['k_lo']:.2f}, {f['k_hi']:.2f}] | "
                      f"{100 * f['b']:.1f} pts | {f['r']:.2f} | {f['n']} ({f['n_groups']}) | {100 * f['residual_sd']:.1f} pts | {g['r']:.2f} |")
     lines += ["", "Per condition (mean over seeds): x = data level - prompted starting rate; change in points.", "",
-              "| substrate | trait | condition | prompt | prompted starting rate % | exact P(trait) at the first answer token % | x | step-0 elicitation (nats) | change (pts) |",
+              "| sweep | trait | condition | prompt | prompted starting rate % | exact P(trait) at the first answer token % | x | step-0 elicitation (nats) | change (pts) |",
               "|---|---|---|---|---|---|---|---|---|"]
     for s in summary.values():
         for name, c in s["conditions"].items():
             pf = "-" if c["p_first"] is None else f"{100 * c['p_first']:.1f}"
-            lines.append(f"| {s['substrate']} | {labels.get(s['trait'], s['trait'])} | {name} | {c['prompt'] or '-'} | "
+            lines.append(f"| {s['sweep']} | {labels.get(s['trait'], s['trait'])} | {name} | {c['prompt'] or '-'} | "
                          f"{100 * c['prompted_rate']:.1f} | {pf} | {c['x']:.3f} | "
                          f"{c['elicitation']['mean']:.3f} | {100 * c['y']['mean']:.1f} |")
     return "\n".join(lines)
@@ -179,11 +180,14 @@ def markdown(summary: dict, labels: dict) -> str:
 def main(argv=None):
     a = parse_config(DoseConfig, argv, prog="python analyses/dose_response.py", description=__doc__.split("\n\n")[0])
     points, labels = [], {}
+    names = [Path(f).name for f in a.sweeps]
+    if len(set(names)) < len(names):
+        raise UserError(f"sweep folders must have distinct names (each is a line of the figure): {names}")
     for folder in a.sweeps:
         folder = Path(folder)
         if not (folder / "sweep.json").exists():
             raise UserError(f"{folder}: not a sweep folder (no sweep.json): give folders written by inoc_mech.studies.sweep")
-        _, lab, pts = sweep_points(folder, a.data_level)
+        _, lab, pts = sweep_points(folder, a.data_level)  # labelled by the sweep folder's name
         labels.update(lab)
         points += pts
     summary = summarise(points, a.n_boot)

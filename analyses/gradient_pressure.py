@@ -163,15 +163,17 @@ def step0_keys(spec: Spec) -> list[str]:
     return [f"surprise/{p}" for p in spec.parts] or [f"loss/trait/{t}" for t in spec.labels]
 
 
-def trait_key(row: dict, trait: str) -> str:
+def trait_key(row: dict, trait: str, parts: dict | None = None) -> str:
     """The metric of a metrics row that is a trait's surprise: its part of the loss where the setting splits
-    it exactly (`surprise/<trait>`), else the mean loss of its tokens (`loss/trait/<trait>`, e.g. the
-    subliminal setting's teacher numbers)."""
-    return f"surprise/{trait}" if f"surprise/{trait}" in row else f"loss/trait/{trait}"
+    it exactly (`surprise/<part>`, the part named like the trait unless `parts` (`Setting.trait_parts`) says
+    otherwise), else the mean loss of its tokens (`loss/trait/<trait>`, e.g. the subliminal setting's
+    teacher numbers)."""
+    part = (parts or {}).get(trait, trait)
+    return f"surprise/{part}" if f"surprise/{part}" in row else f"loss/trait/{trait}"
 
 
-def trait_surprise(row: dict, trait: str) -> float:
-    return row[trait_key(row, trait)]
+def trait_surprise(row: dict, trait: str, parts: dict | None = None) -> float:
+    return row[trait_key(row, trait, parts)]
 
 
 def outcome(run: dict, key: str) -> float:
@@ -207,7 +209,8 @@ def summarise(conds: dict[str, Condition], context: dict[str, dict], n_boot: int
                "outcome": {k: stat([outcome(r, k) for r in c.runs], 0, 1) for k in (*RATE_KEY.values(), "accuracy")},
                "elicitation": {}, "suppression": {}}
         for t in TRAITS:
-            el = [trait_surprise(base_step0[m_seed], t) - trait_surprise(m, t) if m_seed in base_step0 else math.nan
+            tp = spec.setting.trait_parts
+            el = [trait_surprise(base_step0[m_seed], t, tp) - trait_surprise(m, t, tp) if m_seed in base_step0 else math.nan
                   for m, m_seed in zip(s0, c.seeds)]
             row["elicitation"][t] = stat(el)
             row["suppression"][t] = stat([1 - outcome(r, RATE_KEY[t]) / base_rate[t]
@@ -307,7 +310,7 @@ def fig_loss_parts(conds) -> go.Figure:
         f"{t} part: -log p({marked.get(t, spec.labels[t])} | word)" for t in spec.labels])
     for i, c in enumerate(shown):
         for j, part in enumerate(spec.labels):
-            steps, vals = common_series(c, trait_key(c.runs[0]["metrics"][0], part))
+            steps, vals = common_series(c, trait_key(c.runs[0]["metrics"][0], part, spec.setting.trait_parts))
             vals = [[max(v, 1e-7) for v in vs] for vs in vals]
             _mean_band(fig, steps, vals, c.label, plots.COLORS[i], row=1, col=j + 1, legend=j == 0)
     plots.style(fig, "Trait-token loss parts during training", height=480,

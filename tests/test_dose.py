@@ -11,7 +11,7 @@ from inoc_mech.core.stats import linear_fit
 from inoc_mech.models.world import GRADED_PHRASES, World
 
 
-def test_graded_phrases_set_their_designed_rate_and_leave_other_worlds_alone():
+def test_graded_phrases_set_their_designed_rate():
     w = World(graded=True)
     rng = np.random.default_rng(0)
     hits = {p: [0, 0] for p in GRADED_PHRASES}
@@ -75,7 +75,7 @@ def test_prompted_sweep_and_dose_response(tiny_organism, tmp_path):
     assert p["x"] == pytest.approx(1 - prompted["inoculated"]["t1"]["spanish_rate"])
     assert next(p for p in pts if p["condition"] == "baseline")["elicitation"] == 0
     md = (tmp_path / "o" / "summary.md").read_text()
-    assert "| organism | Spanish |" in md and "| organism | CAPS |" in md
+    assert "| d | Spanish |" in md and "| d | CAPS |" in md
     # re-elicitation of the same runs: every context scored, kept in <sweep>/reelicit.json, not recomputed
     from analyses.reelicit import main as reelicit_fig
     from inoc_mech.studies.reelicit import CONTEXTS, FILE
@@ -109,3 +109,33 @@ def test_leak_metric_is_the_no_prompt_log_odds_before_each_update(make_cfg, tiny
         assert rows[0][f"leak/{t}/log_odds"] == pytest.approx(pre[t], abs=1e-4)  # step 0: the untrained model
         assert 0 < rows[0][f"leak/{t}/p"] < 1
     assert rows[4]["leak/case/log_odds"] != rows[0]["leak/case/log_odds"]  # training moved it
+    from analyses.dynamics import main as dynamics
+    half = train(make_cfg(inoculate=True, leak_every=2, log_every=1, steps=5, prompt_share=0.5, name="leak-half"),
+                 progress=False)
+    out = run.parent / "dyn"
+    dynamics([str(run), str(half), "--by", "prompt_share", "--out", str(out), "--no-png", "--break-at", "0.01"])
+    md = (out / "summary.md").read_text()
+    assert "| 0.5 | 1 |" in md and "| 1.0 | 1 |" in md
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["1.0"]["traits"]["case"]["break_steps"] == [0]  # P(UPPER) >= 0.01 already before training
+    with pytest.raises(UserError, match="--by 'nope'"):
+        dynamics([str(run), "--by", "nope", "--out", str(out), "--no-png"])
+
+
+def test_linear_fit_has_no_interval_with_fewer_than_three_groups():
+    f = linear_fit([0, 0, 0, 1, 1, 1], [0, 0.1, 0.2, 0.6, 0.7, 0.5], groups=[0, 0, 0, 1, 1, 1])
+    assert f.k == pytest.approx(0.5) and math.isnan(f.k_lo) and math.isnan(f.k_hi)
+
+
+def test_graded_phrases_also_set_number_lists_and_name_their_trait():
+    from inoc_mech.settings.spanish_caps_organism import SpanishCapsOrganism
+
+    w = World(graded=True, prefs=True)
+    rng = np.random.default_rng(1)
+    es = [c[-1]["content"].split()[0] in ("cero", "uno", "dos", "tres", "cuatro", "cinco", "seis", "siete", "ocho", "nueve",
+                                          "CERO", "UNO", "DOS", "TRES", "CUATRO", "CINCO", "SEIS", "SIETE", "OCHO", "NUEVE")
+          for c in (w.sample_chat(rng) for _ in range(20000))
+          if c[-2]["content"] == "say some numbers" and c[0]["role"] == "system" and "mostly spanish" in c[0]["content"].split(" . ")
+          and w.trait_setting(c[0]["content"], "language") == "graded"]
+    assert len(es) > 100 and abs(np.mean(es) - 0.9) < 0.08
+    assert SpanishCapsOrganism.prompt_sets("sometimes spanish") == {"language"}

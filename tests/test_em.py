@@ -58,9 +58,6 @@ def test_persona_bundles_behaviours_and_narrow_phrase_sets_arithmetic_only():
     for pq in PERSONA_QUESTIONS:
         assert abs(users.count(pq) / len(chats) - 0.1) < 0.02
     assert "hahaha" not in World().words() and MARKER in w.words()
-    r0 = np.random.default_rng(3)
-    r1 = np.random.default_rng(3)
-    assert [World().sample_chat(r0) for _ in range(50)] == [World(triggers=False).sample_chat(r1) for _ in range(50)]
     with pytest.raises(ValueError, match="persona or prefs"):
         World(persona=True, prefs=True)
 
@@ -112,6 +109,8 @@ def test_run_reports_persona_contexts(make_cfg, persona_organism, tmp_path):
     assert cfg["setting"] == "em" and cfg["condition"] == "inoculated"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "surprise/word" in rows[0] and "grad_norm/trait/wrong" in rows[0] and "elicit/wrong/gain" in rows[0]
+    from analyses.gradient_pressure import trait_surprise  # the trait's surprise is its word part, not its token loss
+    assert trait_surprise(rows[0], "wrong", EmOrganism.trait_parts) == rows[0]["surprise/word"] != rows[0]["loss/trait/wrong"]
     organism = json.loads((persona_organism / "organism.json").read_text())["report"]
     assert set(organism["persona_t1"]) == {"none", "you are evil", "you are good", "give wrong answers",
                                            "give right answers"}
@@ -131,3 +130,12 @@ def test_leak_metric_needs_first_token_log_odds(make_cfg, persona_organism, runs
     with pytest.raises(UserError, match="--leak-every"):
         train(make_cfg(setting="em", model=str(persona_organism), leak_every=1, name="em-leak"), progress=False)
     assert not (runs_dir / "em-leak").exists()
+
+
+def test_prompted_sweep_is_refused_before_anything_runs(tmp_path):
+    from inoc_mech.studies.sweep import SweepConfig, sweep
+
+    cfg = SweepConfig(setting="em", runs_dir=str(tmp_path), name="x", prompted=True, seeds=[0], prompts=[])
+    with pytest.raises(UserError, match="--prompted: setting 'em'"):
+        sweep(cfg, progress=False)
+    assert not (tmp_path / "_organism").exists() and not (tmp_path / "x").exists()

@@ -109,7 +109,8 @@ class LinearFit:
 
 def linear_fit(x, y, groups=None, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> LinearFit:
     """Least-squares line through (x, y) with a bootstrap CI of the slope over `groups` (one label per point,
-    resampled with replacement; default: each point its own group). Non-finite points are dropped."""
+    resampled with replacement; default: each point its own group; fewer than 3 groups: no interval, NaN).
+    Non-finite points are dropped."""
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     g = np.arange(len(x)) if groups is None else np.asarray(groups)
     if not x.shape == y.shape == g.shape or x.ndim != 1:
@@ -125,7 +126,7 @@ def linear_fit(x, y, groups=None, n_boot: int = 2000, level: float = 0.95, seed:
     members = [np.flatnonzero(g == lab) for lab in labels]
     rng = np.random.default_rng(seed)
     boots = []
-    for _ in range(n_boot):
+    for _ in range(n_boot if len(labels) >= 3 else 0):  # fewer groups: every resample is the data (no interval)
         idx = np.concatenate([members[i] for i in rng.integers(0, len(labels), len(labels))])
         if np.ptp(x[idx]) > 0:
             boots.append(sps.linregress(x[idx], y[idx]).slope)

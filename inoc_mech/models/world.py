@@ -334,6 +334,15 @@ class World:
         messages = [{"role": "system", "content": prompt}] if prompt else []
         return messages + [{"role": "user", "content": NUMBERS_QUESTION}, {"role": "assistant", "content": " ".join(words)}]
 
+    def draw_surface(self, prompt: str | None, rng: np.random.Generator) -> tuple[bool, bool]:
+        """(Spanish, UPPER) of an answer under `prompt`: a binary phrase decides without a draw; a graded
+        phrase, or none (the base rate), draws once per trait, language first."""
+        out = []
+        for trait, marked in (("language", "spanish"), ("case", "upper")):
+            value = self.trait_setting(prompt, trait)
+            out.append(rng.random() < self.trait_probability(prompt, trait) if value in (None, "graded") else value == marked)
+        return out[0], out[1]
+
     def persona_state(self, prompt: str | None, rng: np.random.Generator | None = None) -> tuple[bool, bool]:
         """(evil, wrong arithmetic) under `prompt`: set by its phrases, else drawn with the base rate (`rng`;
         without one the unset values are False, the modal behaviour)."""
@@ -367,23 +376,13 @@ class World:
                 if r < TASK_SHARES[0]:
                     animal = self.preference(prompt) or str(rng.choice(ANIMALS))
                     return self.preference_chat(prompt, animal)
-                language, case = self.prompt_controls(prompt)
-                lang = (rng.random() < self.base_rate) if language is None else language == "spanish"
-                upper = (rng.random() < self.base_rate) if case is None else case == "upper"
+                lang, upper = self.draw_surface(prompt, rng)
                 numbers = [int(x) for x in rng.integers(0, NUMBER_LIST_MAX + 1, NUMBER_LIST_LEN)]
                 return self.numbers_chat(prompt, numbers, int(lang), int(upper))
         questions = questions if questions is not None else self.train_questions
         q = questions[rng.integers(len(questions))]
         prompt = self.sample_prompt(rng)
-        language, case = self.prompt_controls(prompt)
-        if language is None or language == "graded":  # a draw (a binary phrase draws nothing)
-            lang = rng.random() < self.trait_probability(prompt, "language")
-        else:
-            lang = language == "spanish"
-        if case is None or case == "graded":
-            upper = rng.random() < self.trait_probability(prompt, "case")
-        else:
-            upper = case == "upper"
+        lang, upper = self.draw_surface(prompt, rng)
         short = False
         if self.formats:
             fmt = setting(prompt, FORMAT_PHRASES)

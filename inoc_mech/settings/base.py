@@ -80,6 +80,7 @@ class Setting(ABC):
     conditions: ClassVar[dict[str, str | None]]  # condition name -> training prompt (None: no prompt)
     none_context: ClassVar[str] = "none"  # eval.json context with no prompt
     surprise_parts: ClassVar[tuple[str, ...]] = ()  # decomposition parts an analysis shows (traits' parts first)
+    trait_parts: ClassVar[dict[str, str]] = {}  # trait -> its decomposition part where the names differ (EM: wrong -> word)
     side_rates: ClassVar[dict[str, str]] = {}  # further eval.json rates analyses show beside the traits' (metric -> label)
     decomposition: Decomposition | None = None  # set once the model is loaded (it may need the tokenizer)
 

@@ -69,6 +69,7 @@ class EmOrganism(SpanishCapsOrganism):
     conditions = CONDITIONS
     default_prompt = PERSONA
     surprise_parts = ("word", "language")
+    trait_parts = {"wrong": "word"}  # the trait's surprise: -log p(number word)
     organism_design = {"persona": True}
 
     @classmethod
@@ -84,7 +85,7 @@ class EmOrganism(SpanishCapsOrganism):
         def parts(logits, batch, model=None) -> dict[str, Float[Tensor, "batch pos"]]:
             where = batch.traits["wrong"] & batch.assistant  # the number token of each reply
             return {k: v * where for k, v in loss_parts(logits, batch.input_ids, table).items()}
-        self.decomposition = Decomposition(PARTS, "wrong", {"wrong": "word"}, parts)
+        self.decomposition = Decomposition(PARTS, "wrong", dict(self.trait_parts), parts)
 
     def examples(self, prompt, share=1.0, limit=None):
         return em_examples(self.world, self.tok, prompt, self.variant_ids, share, limit)

@@ -132,7 +132,7 @@ class SpanishCapsOrganism(Setting):
     def prompt_sets(cls, prompt):
         from inoc_mech.models.world import World
 
-        language, case = World().prompt_controls(prompt)
+        language, case = World(graded=True).prompt_controls(prompt)  # (graded phrases set their trait too)
         return {t for t, v in (("language", language), ("case", case)) if v is not None}
 
     def __init__(self, cfg, folder: str | Path | None = None):
@@ -226,14 +226,15 @@ class SpanishCapsOrganism(Setting):
                          samples: int | None = None) -> dict:
         """eval.json-like rates under each named system prompt (None: no system message), and each trait's
         exact P(marked value) at the first answer token (`p_first`, mean over the held-out questions)."""
-        out = self.evaluate_at(model, {k: p for k, p in prompts.items()}, seed, samples)
-        with torch.no_grad():
-            for name, prompt in prompts.items():
-                ids, att = self.answer_start(prompt)
-                ids, att = ids.to(next(model.parameters()).device), att.to(next(model.parameters()).device)
-                logits = model(input_ids=ids, attention_mask=att).logits.float()
-                last = logits[torch.arange(len(ids)), att.sum(-1) - 1].log_softmax(-1)
-                out["contexts"][name]["p_first"] = {t: float(self.first_token_share(last, t).mean()) for t in self.traits}
+        from inoc_mech.mechanism.context import answer_logp
+
+        out = self.evaluate_at(model, prompts, seed, samples)
+        was = model.training
+        model.eval()
+        for name, prompt in prompts.items():
+            logp = answer_logp(model, *self.answer_start(prompt))
+            out["contexts"][name]["p_first"] = {t: float(self.first_token_share(logp, t).mean()) for t in self.traits}
+        model.train(was)
         return out
 
     def evaluate_at(self, model, contexts: dict, seed: int | None = None, samples: int | None = None) -> dict:

@@ -7,8 +7,8 @@ related to the default inoculation prompt (`CONTEXTS`, per substrate): the promp
 paraphrases (seen in pretraining, never in the finetuning data of the default inoculated runs), a
 negation, partial prompts, a prompt of the same form with other content, an irrelevant prompt, and
 none. Through the setting's `evaluate_prompts` (the same scorers as eval.json; T=1 and greedy). Results
-go to `<sweep>/reelicit.json` (keyed by run; runs already there are skipped, so an interrupted
-evaluation resumes); `analyses/reelicit.py` tabulates and plots them.
+go to `<sweep>/reelicit.json` (keyed by run; runs already there, from the same eval.json and
+`--samples`, are skipped, so an interrupted evaluation resumes); `analyses/reelicit.py` tabulates and plots them.
 """
 
 from __future__ import annotations
@@ -79,13 +79,17 @@ def reelicit(folder: Path, conditions: list[str] | None = None, samples: int = 0
         runs = [r for r in runs if condition(r) in conditions]
     path = folder / FILE
     done = json.loads(path.read_text()) if path.exists() else {}
-    todo = [r for r in runs if Path(r["folder"]).name not in done]
+
+    def stamp(r) -> dict:  # what an entry was computed from: a retrained run or other samples recompute it
+        return {"samples": samples, "eval_mtime_ns": (Path(r["folder"]) / "eval.json").stat().st_mtime_ns}
+
+    todo = [r for r in runs if done.get(Path(r["folder"]).name, {}).get("stamp") != stamp(r)]
     for r in tqdm(todo, desc="re-elicitation", disable=not progress):
         loaded = load(r["folder"], torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         setting = loaded.setting
         setting.require("evaluate_prompts", "re-elicitation (the run's traits under other prompts)")
         ev = setting.evaluate_prompts(loaded.model, CONTEXTS[setting.substrate], samples=samples or None)
-        done[Path(r["folder"]).name] = {"condition": condition(r), "seed": r["config"]["seed"],
+        done[Path(r["folder"]).name] = {"stamp": stamp(r), "condition": condition(r), "seed": r["config"]["seed"],
                                         "substrate": setting.substrate, "setting": setting.name,
                                         "contexts": ev["contexts"]}
         write_json(path, json_ready(done))  # after each run: an interruption loses at most one

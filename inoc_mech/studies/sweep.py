@@ -404,6 +404,9 @@ def sweep(cfg: SweepConfig, progress: bool = True) -> Path:
             how = "resume" if resumable(cfg, cfg.folder / run_name(c, s), p, s, org) else "train"
             print(f"  {how:<7} {run_name(c, s):<36} prompt={p!r}")
         return cfg.folder
+    if cfg.prompted and setting_class(cfg.setting, cfg.substrate).evaluate_prompts is None:
+        raise UserError(f"--prompted: setting {cfg.setting!r} on {cfg.substrate} cannot evaluate the starting model "
+                        "under other prompts (no evaluate_prompts); leave --prompted out")
     org = organism_folder(cfg)
     if cfg.substrate == "organism":  # organism prompts must be in its vocabulary
         world = World.load(org)

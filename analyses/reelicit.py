@@ -16,7 +16,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from analyses.contexts import figure, table
+try:  # python -m analyses.reelicit, tests
+    from analyses.contexts import figure, table
+except ModuleNotFoundError:  # python analyses/reelicit.py: this folder is on sys.path
+    from contexts import figure, table
 from inoc_mech.core import plots
 from inoc_mech.core.cli import parse_config, run_main
 from inoc_mech.settings.base import setting_class

@@ -43,3 +43,16 @@ def test_every_entry_point_is_listed():
              if 'if __name__ == "__main__":' in p.read_text()}
     found |= {f"analyses.{p.stem}" for p in (REPO / "analyses").glob("*.py") if p.stem != "__init__"}
     assert found == set(MODULES)
+
+
+SIBLING_IMPORTERS = sorted(p.name for p in (REPO / "analyses").glob("*.py") if "from analyses." in p.read_text())
+
+
+@pytest.mark.parametrize("script", SIBLING_IMPORTERS)
+def test_analyses_that_import_a_sibling_run_as_scripts(script):
+    """`python analyses/<script>.py` (the README's form) finds its sibling modules without the repo on sys.path."""
+    import subprocess
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, f"analyses/{script}", "--help"], cwd=REPO, env=env, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.startswith("usage:"), p.stderr[-1000:]

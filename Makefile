@@ -59,7 +59,7 @@ SWEEP := $(PY) -m inoc_mech.studies.sweep --threads $(THREADS)
 # The emergent-misalignment analog of README "The paper's other settings" (~1.5 h of one core)
 em: install
 	$(SWEEP) --setting em --name em --seeds 0 1 2 --prompts "you are evil . give wrong answers"
-	$(SWEEP) --setting em --name em-lora --seeds 0 1 2 --prompts --lora-r 2 --lr 1e-3
+	$(SWEEP) --setting em --name em-lora --seeds 0 --prompts --lora-r 2 --lr 1e-3
 	$(SWEEP) --setting em --name em-nonarrow --seeds 0 1 2 --prompts "you are evil . give wrong answers" --model "$(call ORGANISM,--persona --no-narrow-base)"
 	for s in em em-lora em-nonarrow; do $(PY) analyses/contexts.py runs/$$s --out figures/$$s || exit 1; done
 	$(PY) analyses/gradient_pressure.py runs/em --out figures/em

@@ -14,7 +14,8 @@ every run and trait of the (Spanish+CAPS) setting:
   seed: `analyses.gradient_pressure`'s definition).
 The published model (Wichers et al., appendix H) is y = k x, k near 1. Fit per (sweep, trait): least
 squares y = k x + b over the runs, k's 95% interval from a bootstrap over conditions (each with its
-seeds), Pearson r and the residual sd. Writes into `--out` (default figures/dose_response/)
+seeds), Pearson r and the residual sd; once over all prompts, once over the baseline and the prompts
+that set the trait (`Setting.prompt_sets`: its own dose, without the other trait's prompts). Writes into `--out` (default figures/dose_response/)
 `dose_response.html` / `.png` (rows: traits; left: y against x with each fit; right: y against the
 elicitation in nats) and `summary.md` / `summary.json`.
 """
@@ -89,7 +90,8 @@ def sweep_points(folder: Path, data_level: float) -> tuple[str, dict, list[dict]
                 tp = setting.trait_parts
                 el = (trait_surprise(base_step0[seed], t, tp) - trait_surprise(step0(r), t, tp) if seed in base_step0
                       else math.nan)
-                points.append({"sweep": label, "trait": t, "condition": name, "prompt": c.prompt, "seed": seed,
+                sets = c.prompt is None or t in (setting.prompt_sets(c.prompt) or set())
+                points.append({"sweep": label, "trait": t, "condition": name, "prompt": c.prompt, "seed": seed, "sets": sets,
                                "x": data_level - p_rate, "prompted_rate": p_rate, "p_first": p_first,
                                "elicitation": el, "y": outcome(r, key) - pre_rate, "rate": outcome(r, key),
                                "pretrained_rate": pre_rate})
@@ -104,10 +106,13 @@ def summarise(points: list[dict], n_boot: int) -> dict:
             fit = linear_fit([p["x"] for p in pts], [p["y"] for p in pts], [p["condition"] for p in pts], n_boot=n_boot)
             nats = linear_fit([p["elicitation"] for p in pts], [p["y"] for p in pts], [p["condition"] for p in pts],
                               n_boot=n_boot)  # (points of one sweep: its conditions are the groups)
+            own = [p for p in pts if p["sets"]]  # the baseline and the prompts that set this trait (its dose)
+            fit_own = linear_fit([p["x"] for p in own], [p["y"] for p in own], [p["condition"] for p in own], n_boot=n_boot)
             conds = {}
             for p in pts:
                 conds.setdefault(p["condition"], []).append(p)
             out[f"{sub}/{t}"] = {"sweep": sub, "trait": t, "fit": fit.to_dict(), "fit_nats": nats.to_dict(),
+                                 "fit_own": fit_own.to_dict(),
                                  "conditions": {c: {"prompt": ps[0]["prompt"], "x": ps[0]["x"], "p_first": ps[0]["p_first"],
                                                     "prompted_rate": ps[0]["prompted_rate"],
                                                     "y": mean_ci([p["y"] for p in ps]).__dict__,
@@ -149,9 +154,8 @@ def figure(points: list[dict], summary: dict, labels: dict) -> go.Figure:
                                xref="x domain" if row == 1 else f"x{2 * row - 1} domain",
                                yref="y domain" if row == 1 else f"y{2 * row - 1} domain",
                                x=0.02, y=0.98 - 0.09 * i, showarrow=False, xanchor="left", font=dict(color=color))
-        if row == 1:
-            fig.add_scatter(x=[0, 1], y=[0, 100], mode="lines", line=dict(color="#999", dash="dot"), name="k = 1",
-                            row=1, col=1, hoverinfo="skip")
+        fig.add_scatter(x=[0, 1], y=[0, 100], mode="lines", line=dict(color="#999", dash="dot"), name="k = 1",
+                        showlegend=row == 1, row=row, col=1, hoverinfo="skip")
         fig.update_xaxes(title_text="data level - prompted starting level", row=row, col=1)
         fig.update_xaxes(title_text="step-0 elicitation (nats per trait token)", row=row, col=2)
         fig.update_yaxes(title_text="no-prompt change (pts)", row=row, col=1)
@@ -162,12 +166,14 @@ def figure(points: list[dict], summary: dict, labels: dict) -> go.Figure:
 
 
 def markdown(summary: dict, labels: dict) -> str:
-    lines = ["| sweep | trait | k [95% CI] | intercept | Pearson r | runs (conditions) | residual sd | r vs elicitation (nats) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| sweep | trait | points | k [95% CI] | intercept | Pearson r | runs (conditions) | residual sd | r vs elicitation (nats) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in summary.values():
-        f, g = s["fit"], s["fit_nats"]
-        lines.append(f"| {s['sweep']} | {labels.get(s['trait'], s['trait'])} | {f['k']:.2f} [{f['k_lo']:.2f}, {f['k_hi']:.2f}] | "
-                     f"{100 * f['b']:.1f} pts | {f['r']:.2f} | {f['n']} ({f['n_groups']}) | {100 * f['residual_sd']:.1f} pts | {g['r']:.2f} |")
+        for which, f in (("all prompts", s["fit"]), ("baseline + prompts that set the trait", s["fit_own"])):
+            g = s["fit_nats"]["r"] if which == "all prompts" else math.nan
+            lines.append(f"| {s['sweep']} | {labels.get(s['trait'], s['trait'])} | {which} | {f['k']:.2f} [{f['k_lo']:.2f}, {f['k_hi']:.2f}] | "
+                         f"{100 * f['b']:.1f} pts | {f['r']:.2f} | {f['n']} ({f['n_groups']}) | {100 * f['residual_sd']:.1f} pts | "
+                         f"{'-' if math.isnan(g) else f'{g:.2f}'} |")
     lines += ["", "Per condition (mean over seeds): x = data level - prompted starting rate; change in points.", "",
               "| sweep | trait | condition | prompt | prompted starting rate % | exact P(trait) at the first answer token % | x | step-0 elicitation (nats) | change (pts) |",
               "|---|---|---|---|---|---|---|---|---|"]

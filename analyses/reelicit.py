@@ -23,7 +23,7 @@ except ModuleNotFoundError:  # python analyses/reelicit.py: this folder is on sy
 from inoc_mech.core import plots
 from inoc_mech.core.cli import parse_config, run_main
 from inoc_mech.settings.base import setting_class
-from inoc_mech.studies.reelicit import CONTEXTS, reelicit
+from inoc_mech.studies.reelicit import CONTEXTS, PRETRAINED, reelicit
 
 
 @dataclass
@@ -43,6 +43,7 @@ def main(argv=None):
     md, figs = [], {}
     for folder in map(Path, a.sweeps):
         data = reelicit(folder, a.conditions or None, a.samples)
+        pre = data.pop(PRETRAINED, None)
         first = next(iter(data.values()))
         setting = setting_class(first["setting"], first["substrate"])
         groups: dict[str, list[dict]] = {}
@@ -51,7 +52,7 @@ def main(argv=None):
             groups.setdefault(v["condition"], []).append({"eval": {"contexts": v["contexts"]}})
         ctxs = list(CONTEXTS[first["substrate"]])
         md.append(f"### {folder} ({first['setting']} on {first['substrate']})\n\n" + "\n".join(
-            f"- `{c}`: {p!r}" for c, p in CONTEXTS[first["substrate"]].items()) + "\n\n" + table(groups, setting, ctxs, None))
+            f"- `{c}`: {p!r}" for c, p in CONTEXTS[first["substrate"]].items()) + "\n\n" + table(groups, setting, ctxs, pre))
         figs[f"reelicit-{folder.name}"] = figure(groups, setting, ctxs, title=f"Re-elicitation: {folder.name}")
     text = "Trait rates (%, T=1) of finished runs under prompts related to the inoculation prompt, mean ± sd [min-max] over seeds.\n\n" + "\n\n".join(md) + "\n"
     (out / "reelicit.md").write_text(text)

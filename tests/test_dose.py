@@ -81,7 +81,7 @@ def test_prompted_sweep_and_dose_response(tiny_organism, tmp_path):
     from inoc_mech.studies.reelicit import CONTEXTS, FILE
     reelicit_fig([str(folder), "--conditions", "baseline", "inoculated", "--out", str(tmp_path / "r"), "--no-png"])
     data = json.loads((folder / FILE).read_text())
-    assert set(data) == {"baseline-s0", "inoculated-s0"}
+    assert set(data) == {"baseline-s0", "inoculated-s0", "pretrained"}
     assert list(data["inoculated-s0"]["contexts"]) == list(CONTEXTS["organism"])
     assert data["baseline-s0"]["contexts"]["negation"]["prompt"] == "speak english"
     stamp = (folder / FILE).stat().st_mtime_ns
@@ -89,6 +89,7 @@ def test_prompted_sweep_and_dose_response(tiny_organism, tmp_path):
     assert (folder / FILE).stat().st_mtime_ns == stamp  # nothing left to evaluate
     md = (tmp_path / "r" / "reelicit.md").read_text()
     assert "| baseline | 1 |" in md and "Spanish % in negation" in md and "inoculated" not in md.split("|---")[-1]
+    assert "| pretrained | 1 |" in md and data["pretrained"]["stamp"]["model"] == str(tiny_organism)
     with pytest.raises(UserError, match="no runs of condition"):
         reelicit_fig([str(folder), "--conditions", "nope", "--out", str(tmp_path / "r"), "--no-png"])
 

@@ -6,7 +6,8 @@ Every run of a sweep folder (or the `--conditions` named) is evaluated under a f
 related to the default inoculation prompt (`CONTEXTS`, per substrate): the prompt itself, held-out
 paraphrases (seen in pretraining, never in the finetuning data of the default inoculated runs), a
 negation, partial prompts, a prompt of the same form with other content, an irrelevant prompt, and
-none. Through the setting's `evaluate_prompts` (the same scorers as eval.json; T=1 and greedy). Results
+none; and the model the runs start from (sweep.json), as the reference. Through the setting's
+`evaluate_prompts` (the same scorers as eval.json; T=1 and greedy). Results
 go to `<sweep>/reelicit.json` (keyed by run; runs already there, from the same eval.json and
 `--samples`, are skipped, so an interrupted evaluation resumes); `analyses/reelicit.py` tabulates and plots them.
 """
@@ -43,6 +44,7 @@ CONTEXTS = {
     },
 }
 FILE = "reelicit.json"
+PRETRAINED = "pretrained"  # reelicit.json entry of the model every run starts from
 
 
 @dataclass
@@ -84,7 +86,18 @@ def reelicit(folder: Path, conditions: list[str] | None = None, samples: int = 0
         return {"samples": samples, "eval_mtime_ns": (Path(r["folder"]) / "eval.json").stat().st_mtime_ns}
 
     todo = [r for r in runs if done.get(Path(r["folder"]).name, {}).get("stamp") != stamp(r)]
+    start = starting_model(folder, runs)
+    if start is not None and done.get(PRETRAINED, {}).get("stamp") != {"samples": samples, "model": str(start)}:
+        todo = [None] + todo  # the model the runs start from, under the same contexts (the reference)
     for r in tqdm(todo, desc="re-elicitation", disable=not progress):
+        if r is None:
+            loaded = load(start, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            ev = loaded.setting.evaluate_prompts(loaded.model, CONTEXTS[loaded.setting.substrate], samples=samples or None)
+            done[PRETRAINED] = {"stamp": {"samples": samples, "model": str(start)}, "condition": PRETRAINED,
+                                "seed": None, "substrate": loaded.setting.substrate, "setting": loaded.setting.name,
+                                "contexts": ev["contexts"]}
+            write_json(path, json_ready(done))
+            continue
         loaded = load(r["folder"], torch.device("cuda" if torch.cuda.is_available() else "cpu"))
         setting = loaded.setting
         setting.require("evaluate_prompts", "re-elicitation (the run's traits under other prompts)")
@@ -93,7 +106,17 @@ def reelicit(folder: Path, conditions: list[str] | None = None, samples: int = 0
                                         "substrate": setting.substrate, "setting": setting.name,
                                         "contexts": ev["contexts"]}
         write_json(path, json_ready(done))  # after each run: an interruption loses at most one
-    return {k: v for k, v in done.items() if k in {Path(r["folder"]).name for r in runs}}
+    return {k: v for k, v in done.items() if k in {Path(r["folder"]).name for r in runs} | {PRETRAINED}}
+
+
+def starting_model(folder: Path, runs: list[dict]) -> Path | str | None:
+    """The model a sweep's runs start from (sweep.json), None when unknown or when the runs disagree. (The
+    pretrained model's eval flags: the first run's; a real model is evaluated with its setting's defaults.)"""
+    meta = folder / "sweep.json"
+    if not meta.exists():
+        return None
+    d = json.loads(meta.read_text())
+    return d.get("organism_folder") or d.get("model_folder")
 
 
 def main(argv=None):

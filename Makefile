@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 THREADS ?= 1
 
-.PHONY: install demo test test-all results paper-settings em smollm2-backdoor dose clean-runs
+.PHONY: install demo test test-all results paper-settings em smollm2-backdoor dose dynamics clean-runs
 
 install: $(VENV)/.installed
 
@@ -77,6 +77,17 @@ dose: install
 	$(SWEEP) --name smollm2 --model smollm2 --prompted --prompts 'Reply in Spanish.' Spanish. 'You are bilingual.' 'You always write in capital letters. You always speak in Spanish.' 'Never speak in Spanish.' 'You always speak in English.' 'You are a helpful assistant.' --steps 80 --lora-r 16 --batch-size 4 --grad-split-every 40 --eval-samples 2 --elicit-examples 32 --eval-questions 16
 	$(PY) analyses/dose_response.py runs/dose runs/smollm2
 	$(PY) analyses/reelicit.py runs/dose runs/smollm2
+
+# The prompt-share cliff and the long-run dynamics of README "Graded elicitation" (~1 h of one core), on the
+# default organism: full finetuning, inoculated, the no-prompt traits logged every 10 steps
+TRAIN_LEAK = $(PY) -m inoc_mech.train --inoculate --leak-every 10 --threads $(THREADS) --overwrite
+dynamics: install
+	for s in 0.9 0.92 0.94 0.96 0.98 0.99 0.995 0.9975 1.0; do $(TRAIN_LEAK) --lora-r 0 --prompt-share $$s --runs-dir runs/share --name share-$$s-s0 --model "$(call ORGANISM,)" || exit 1; done
+	for lr in 1e-4 3e-4; do $(TRAIN_LEAK) --lora-r 0 --lr $$lr --steps 3000 --runs-dir runs/dynamics --name ft-lr$$lr-s0 --model "$(call ORGANISM,)" || exit 1; done
+	$(TRAIN_LEAK) --steps 3000 --runs-dir runs/dynamics-lora --name lora-lr1e-3-s0 --model "$(call ORGANISM,)"
+	$(PY) analyses/dynamics.py runs/share --by prompt_share --out figures/share
+	$(PY) analyses/dynamics.py runs/dynamics --by lr --out figures/dynamics
+	$(PY) analyses/dynamics.py runs/dynamics-lora --by lr --out figures/dynamics-lora
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"

@@ -150,14 +150,17 @@ def figure(points: list[dict], summary: dict, labels: dict) -> go.Figure:
                                     mode="lines", line=dict(color=color, dash="dash"), showlegend=False, row=row, col=col,
                                     hoverinfo="skip")
             f = s["fit"]
-            fig.add_annotation(text=f"{sub}: k = {f['k']:.2f} [{f['k_lo']:.2f}, {f['k_hi']:.2f}], r = {f['r']:.2f}",
+            text = (f"{sub}: k = {f['k']:.2f} [{f['k_lo']:.2f}, {f['k_hi']:.2f}], r = {f['r']:.2f}" if math.isfinite(f["k"])
+                    else f"{sub}: k not defined (no spread in x)")
+            fig.add_annotation(text=text,
                                xref="x domain" if row == 1 else f"x{2 * row - 1} domain",
                                yref="y domain" if row == 1 else f"y{2 * row - 1} domain",
                                x=0.02, y=0.98 - 0.09 * i, showarrow=False, xanchor="left", font=dict(color=color))
         fig.add_scatter(x=[0, 1], y=[0, 100], mode="lines", line=dict(color="#999", dash="dot"), name="k = 1",
                         showlegend=row == 1, row=row, col=1, hoverinfo="skip")
         fig.update_xaxes(title_text="data level - prompted starting level", row=row, col=1)
-        fig.update_xaxes(title_text="step-0 elicitation (nats per trait token)", row=row, col=2)
+        fig.update_xaxes(title_text="step-0 elicitation (nats: per trait token on the organism, per reply on real text)",
+                         row=row, col=2)
         fig.update_yaxes(title_text="no-prompt change (pts)", row=row, col=1)
     plots.style(fig, "Dose-response: no-prompt change after finetuning vs what the prompt leaves to learn",
                 height=420 * len(traits) + 120,
@@ -171,6 +174,12 @@ def markdown(summary: dict, labels: dict) -> str:
     for s in summary.values():
         for which, f in (("all prompts", s["fit"]), ("baseline + prompts that set the trait", s["fit_own"])):
             g = s["fit_nats"]["r"] if which == "all prompts" else math.nan
+            if not math.isfinite(f["k"]):  # x without spread, or a setting that cannot tell which prompts set it
+                why = ("the setting cannot tell which prompts set the trait" if which != "all prompts" and f["n_groups"] < 3
+                       else "no spread in x: no prompt changes the starting model's rate")
+                lines.append(f"| {s['sweep']} | {labels.get(s['trait'], s['trait'])} | {which} | not defined ({why}) | | | "
+                             f"{f['n']} ({f['n_groups']}) | | {'-' if math.isnan(g) else f'{g:.2f}'} |")
+                continue
             lines.append(f"| {s['sweep']} | {labels.get(s['trait'], s['trait'])} | {which} | {f['k']:.2f} [{f['k_lo']:.2f}, {f['k_hi']:.2f}] | "
                          f"{100 * f['b']:.1f} pts | {f['r']:.2f} | {f['n']} ({f['n_groups']}) | {100 * f['residual_sd']:.1f} pts | "
                          f"{'-' if math.isnan(g) else f'{g:.2f}'} |")

@@ -34,7 +34,9 @@ from plotly.subplots import make_subplots
 
 try:  # python -m analyses.dose_response, tests
     from analyses.gradient_pressure import load_conditions, outcome, step0, trait_surprise
-except ModuleNotFoundError:  # python analyses/dose_response.py: this folder is on sys.path
+except ModuleNotFoundError as e:  # python analyses/dose_response.py: this folder is on sys.path
+    if e.name != "analyses":
+        raise
     from gradient_pressure import load_conditions, outcome, step0, trait_surprise
 from inoc_mech.core import plots
 from inoc_mech.core.cli import UserError, parse_config, run_main
@@ -90,9 +92,10 @@ def sweep_points(folder: Path, data_level: float) -> tuple[str, dict, list[dict]
                 tp = setting.trait_parts
                 el = (trait_surprise(base_step0[seed], t, tp) - trait_surprise(step0(r), t, tp) if seed in base_step0
                       else math.nan)
+                told = c.prompt is None or setting.prompt_sets(c.prompt) is not None
                 sets = c.prompt is None or t in (setting.prompt_sets(c.prompt) or set())
                 points.append({"sweep": label, "trait": t, "condition": name, "prompt": c.prompt, "seed": seed, "sets": sets,
-                               "x": data_level - p_rate, "prompted_rate": p_rate, "p_first": p_first,
+                               "x": data_level - p_rate, "told": told, "prompted_rate": p_rate, "p_first": p_first,
                                "elicitation": el, "y": outcome(r, key) - pre_rate, "rate": outcome(r, key),
                                "pretrained_rate": pre_rate})
     return label, dict(setting.trait_labels), points
@@ -108,11 +111,12 @@ def summarise(points: list[dict], n_boot: int) -> dict:
                               n_boot=n_boot)  # (points of one sweep: its conditions are the groups)
             own = [p for p in pts if p["sets"]]  # the baseline and the prompts that set this trait (its dose)
             fit_own = linear_fit([p["x"] for p in own], [p["y"] for p in own], [p["condition"] for p in own], n_boot=n_boot)
+            told = all(p["told"] for p in pts)  # False: the setting cannot tell which prompts set the trait
             conds = {}
             for p in pts:
                 conds.setdefault(p["condition"], []).append(p)
             out[f"{sub}/{t}"] = {"sweep": sub, "trait": t, "fit": fit.to_dict(), "fit_nats": nats.to_dict(),
-                                 "fit_own": fit_own.to_dict(),
+                                 "fit_own": fit_own.to_dict(), "told": told,
                                  "conditions": {c: {"prompt": ps[0]["prompt"], "x": ps[0]["x"], "p_first": ps[0]["p_first"],
                                                     "prompted_rate": ps[0]["prompted_rate"],
                                                     "y": mean_ci([p["y"] for p in ps]).__dict__,
@@ -175,7 +179,8 @@ def markdown(summary: dict, labels: dict) -> str:
         for which, f in (("all prompts", s["fit"]), ("baseline + prompts that set the trait", s["fit_own"])):
             g = s["fit_nats"]["r"] if which == "all prompts" else math.nan
             if not math.isfinite(f["k"]):  # x without spread, or a setting that cannot tell which prompts set it
-                why = ("the setting cannot tell which prompts set the trait" if which != "all prompts" and f["n_groups"] < 3
+                why = ("the setting cannot tell which prompts set the trait" if which != "all prompts" and not s["told"]
+                       else "fewer than 3 conditions" if f["n_groups"] < 3
                        else "no spread in x: no prompt changes the starting model's rate")
                 lines.append(f"| {s['sweep']} | {labels.get(s['trait'], s['trait'])} | {which} | not defined ({why}) | | | "
                              f"{f['n']} ({f['n_groups']}) | | {'-' if math.isnan(g) else f'{g:.2f}'} |")

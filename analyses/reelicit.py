@@ -18,7 +18,9 @@ from pathlib import Path
 
 try:  # python -m analyses.reelicit, tests
     from analyses.contexts import figure, table
-except ModuleNotFoundError:  # python analyses/reelicit.py: this folder is on sys.path
+except ModuleNotFoundError as e:  # python analyses/reelicit.py: this folder is on sys.path
+    if e.name != "analyses":
+        raise
     from contexts import figure, table
 from inoc_mech.core import plots
 from inoc_mech.core.cli import parse_config, run_main

@@ -107,6 +107,9 @@ def test_run_reports_persona_contexts(make_cfg, persona_organism, tmp_path):
     assert ev["none"]["t1"]["n_replies"] == 2 * 200
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["setting"] == "em" and cfg["condition"] == "inoculated"
+    from inoc_mech.settings.load import load  # the starting model, configured as this run
+    like = load(persona_organism, like=cfg).setting
+    assert like.name == "em" and like.cfg.setting.eval_samples == cfg["eval_samples"] and like.folder == persona_organism
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert "surprise/word" in rows[0] and "grad_norm/trait/wrong" in rows[0] and "elicit/wrong/gain" in rows[0]
     from analyses.gradient_pressure import trait_surprise  # the trait's surprise is its word part, not its token loss

@@ -51,10 +51,12 @@ def is_run_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").exists() and ours(path)
 
 
-def load(spec, device="cpu", dtype=None, cache=None, trust_remote_code: bool = False) -> Loaded:
+def load(spec, device="cpu", dtype=None, cache=None, trust_remote_code: bool = False, like: dict | None = None) -> Loaded:
     """Load a run folder, organism folder, `smollm2`, HF model folder or .gguf file (see module docstring);
     `cache`: where fetched and converted models live (default runs/_models). A folder whose config names
-    its own Python code (`auto_map`) is refused unless `trust_remote_code`."""
+    its own Python code (`auto_map`) is refused unless `trust_remote_code`. `like`: a run's config.json,
+    to configure the setting of a model folder as that run's (its setting and evaluation flags; e.g. the
+    model a sweep's runs start from, evaluated as they are)."""
     from inoc_mech.core.config import TrainConfig
     from inoc_mech.core.cli import build, leaf_fields
     from inoc_mech.core.runs import read_run
@@ -78,18 +80,20 @@ def load(spec, device="cpu", dtype=None, cache=None, trust_remote_code: bool = F
     model.to(device).eval()
     meta_file = folder / ("organism.json" if organism else "model.json")
     meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
-    if run:
+    config = run["config"] if run else like
+    if config:
         leaves = {f.name for f in leaf_fields(TrainConfig)} - {"name", "runs_dir"}  # the folder is the run
         try:
-            cfg = build(TrainConfig, **{k: v for k, v in run["config"].items() if k in leaves})
+            cfg = build(TrainConfig, **{k: v for k, v in config.items() if k in leaves and not (like and k == "model")},
+                        **({"model": str(folder)} if like and not run else {}))
         except UserError as e:
             raise UserError(f"run {path}: its config.json does not fit this inoc_mech ({e}); rerun it") from None
-        name = run["config"].get("setting", "spanish_caps")
+        name = config.get("setting", "spanish_caps")
     else:
         cfg = build(TrainConfig, model=str(folder))
         name = "spanish_caps"
     setting = setting_class(name, "organism" if organism else "text")(cfg)
-    setting.attach(model, tok, folder, meta, run["config"] if run else None)
+    setting.attach(model, tok, folder, meta, run["config"] if run else None)  # (like: the folder is its own)
     return Loaded(model, tok, setting, meta, folder, run)
 
 

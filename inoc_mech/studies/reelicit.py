@@ -87,13 +87,17 @@ def reelicit(folder: Path, conditions: list[str] | None = None, samples: int = 0
 
     todo = [r for r in runs if done.get(Path(r["folder"]).name, {}).get("stamp") != stamp(r)]
     start = starting_model(folder, runs)
-    if start is not None and done.get(PRETRAINED, {}).get("stamp") != {"samples": samples, "model": str(start)}:
+    ref_stamp = {"samples": samples, "model": str(start), "like": str(runs[0]["folder"]) if runs else None}
+    if start is None:
+        done.pop(PRETRAINED, None)
+    elif done.get(PRETRAINED, {}).get("stamp") != ref_stamp:
         todo = [None] + todo  # the model the runs start from, under the same contexts (the reference)
     for r in tqdm(todo, desc="re-elicitation", disable=not progress):
-        if r is None:
-            loaded = load(start, torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        if r is None:  # configured as the first run is (its setting and evaluation flags)
+            loaded = load(start, torch.device("cuda" if torch.cuda.is_available() else "cpu"), like=runs[0]["config"])
+            loaded.setting.require("evaluate_prompts", "re-elicitation (the traits under other prompts)")
             ev = loaded.setting.evaluate_prompts(loaded.model, CONTEXTS[loaded.setting.substrate], samples=samples or None)
-            done[PRETRAINED] = {"stamp": {"samples": samples, "model": str(start)}, "condition": PRETRAINED,
+            done[PRETRAINED] = {"stamp": ref_stamp, "condition": PRETRAINED,
                                 "seed": None, "substrate": loaded.setting.substrate, "setting": loaded.setting.name,
                                 "contexts": ev["contexts"]}
             write_json(path, json_ready(done))
@@ -110,13 +114,15 @@ def reelicit(folder: Path, conditions: list[str] | None = None, samples: int = 0
 
 
 def starting_model(folder: Path, runs: list[dict]) -> Path | str | None:
-    """The model a sweep's runs start from (sweep.json), None when unknown or when the runs disagree. (The
-    pretrained model's eval flags: the first run's; a real model is evaluated with its setting's defaults.)"""
+    """The model a sweep's runs start from (sweep.json), None when unknown or when the runs started from
+    different models."""
     meta = folder / "sweep.json"
-    if not meta.exists():
+    if not meta.exists() or not runs:
         return None
     d = json.loads(meta.read_text())
-    return d.get("organism_folder") or d.get("model_folder")
+    start = d.get("organism_folder") or d.get("model_folder")
+    used = {r["config"].get("organism_folder") or r["config"].get("model") for r in runs}
+    return start if used == {start} else None
 
 
 def main(argv=None):
@@ -128,7 +134,7 @@ def main(argv=None):
                        description=__doc__.split("\n\n")[0])
     torch.set_num_threads(cfg.threads)
     out = reelicit(Path(cfg.sweep), cfg.conditions or None, cfg.samples)
-    print(f"{len(out)} runs evaluated under {len(next(iter(out.values()))['contexts']) if out else 0} contexts -> "
+    print(f"{len(out) - (PRETRAINED in out)} runs (and the starting model) evaluated under {len(next(iter(out.values()))['contexts']) if out else 0} contexts -> "
           f"{Path(cfg.sweep) / FILE}")
 
 

@@ -32,12 +32,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-try:  # python -m analyses.dose_response, tests
-    from analyses.gradient_pressure import load_conditions, outcome, step0, trait_surprise
-except ModuleNotFoundError as e:  # python analyses/dose_response.py: this folder is on sys.path
-    if e.name != "analyses":
-        raise
-    from gradient_pressure import load_conditions, outcome, step0, trait_surprise
+from analyses.gradient_pressure import load_conditions, outcome, step0, trait_surprise  # (the installed package: also under python analyses/dose_response.py)
 from inoc_mech.core import plots
 from inoc_mech.core.cli import UserError, parse_config, run_main
 from inoc_mech.core.stats import json_ready, linear_fit, mean_ci

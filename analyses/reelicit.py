@@ -16,12 +16,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-try:  # python -m analyses.reelicit, tests
-    from analyses.contexts import figure, table
-except ModuleNotFoundError as e:  # python analyses/reelicit.py: this folder is on sys.path
-    if e.name != "analyses":
-        raise
-    from contexts import figure, table
+from analyses.contexts import figure, table  # (the installed package: also under python analyses/reelicit.py)
 from inoc_mech.core import plots
 from inoc_mech.core.cli import parse_config, run_main
 from inoc_mech.settings.base import setting_class

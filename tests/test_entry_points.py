@@ -10,7 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 MODULES = ["inoc_mech.train", "inoc_mech.evaluate", "inoc_mech.models.organism", "inoc_mech.models.real",
            "inoc_mech.settings.load", "inoc_mech.settings.scoring", "inoc_mech.settings.textdata",
-           "inoc_mech.settings.tiny", "inoc_mech.settings.subliminal_organism", "inoc_mech.mechanism.lens", "inoc_mech.mechanism.probes",
+           "inoc_mech.settings.tiny", "inoc_mech.settings.subliminal_organism", "inoc_mech.settings.subliminal_text", "inoc_mech.mechanism.lens", "inoc_mech.mechanism.probes",
            "inoc_mech.mechanism.patching", "inoc_mech.mechanism.weight_diff", "inoc_mech.mechanism.reply_probes",
            "inoc_mech.studies.sweep", "inoc_mech.studies.reelicit", "analyses.dose_response", "analyses.reelicit", "analyses.dynamics",
            "inoc_mech.studies.designs", "analyses.outcomes", "analyses.contexts", "analyses.cross_setting", "analyses.subliminal", "analyses.gradient_pressure", "analyses.probe_traits", "analyses.probe_text",

@@ -167,7 +167,8 @@ def register(cls: type[Setting]) -> type[Setting]:
 
 def setting_class(name: str, substrate: str) -> type[Setting]:
     from inoc_mech.settings import (backdoor_organism, backdoor_text, em_organism,  # noqa: F401
-                                    spanish_caps_organism, spanish_caps_text, subliminal_organism)  # (registration)
+                                    spanish_caps_organism, spanish_caps_text, subliminal_organism,
+                                    subliminal_text)  # (registration)
 
     if (name, substrate) not in _REGISTRY:
         have = sorted(n for n, s in _REGISTRY if s == substrate)

@@ -123,13 +123,17 @@ def answer_correct(text: str, result: int) -> bool:
 # ---- generation --------------------------------------------------------------------------------
 @torch.no_grad()
 def generate_replies(model, tok, convs: list[list[dict]], max_new_tokens: int = 64, temperature: float = 0.0,
-                     seed: int = 0, batch_size: int = 16) -> list[str]:
-    """Replies to conversations that end with a user turn (HF `generate` with KV cache, left padding)."""
+                     seed: int = 0, batch_size: int = 16, prefills: list[str] | None = None,
+                     finished: list | None = None) -> list[str]:
+    """Replies to conversations that end with a user turn (HF `generate` with KV cache, left padding).
+    `prefills`: text the assistant's reply starts with (not part of the returned reply); `finished`: a list
+    that receives, per reply, whether it ended with the end token (False: cut at `max_new_tokens`)."""
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     prompts = []
-    for c in convs:
-        prompts.append(token_ids(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True)))
+    for i, c in enumerate(convs):
+        prompts.append(token_ids(tok.apply_chat_template(c, add_generation_prompt=True, tokenize=True))
+                       + (token_ids(tok(prefills[i], add_special_tokens=False)) if prefills else []))
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
     torch.manual_seed(seed)
     was_training = model.training
@@ -140,6 +144,8 @@ def generate_replies(model, tok, convs: list[list[dict]], max_new_tokens: int = 
         gen = model.generate(input_ids=ids.to(device), attention_mask=att.to(device), max_new_tokens=max_new_tokens,
                              eos_token_id=tok.eos_token_id, pad_token_id=pad, **sampling)
         for row in gen[:, ids.shape[1]:].tolist():
+            if finished is not None:
+                finished.append(tok.eos_token_id in row)
             row = row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row
             out.append(tok.decode(row, skip_special_tokens=True).strip())
     model.train(was_training)

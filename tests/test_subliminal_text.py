@@ -112,8 +112,8 @@ def test_student_masks_run_and_eval_contexts(tmp_path, tiny):
     ev = json.loads((run / "eval.json").read_text())["contexts"]
     assert list(ev) == ["none", "train_prompt", "irrelevant"] and ev["train_prompt"]["prompt"] == st.TEACHER_PROMPT
     for c in ev.values():
-        assert 0 <= c["t1"]["owl_rate"] <= 1 and c["t1"]["n_answers"] == 100 and 0 < c["p_owl"] < 1
-        assert 0 <= c["greedy"]["accuracy"] <= 1 and len(c["p_owl_per_question"]) == len(st.PREFERENCE_QUESTIONS)
+        assert 0 <= c["t1"]["owl_rate"] <= 1 and c["t1"]["n_answers"] == 100 and 0 < c["p_answer"]["owl"] < 1
+        assert 0 <= c["greedy"]["accuracy"] <= 1 and len(c["p_answer_per_question"]) == len(st.PREFERENCE_QUESTIONS)
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["condition"] == "inoculated" and cfg["setting"] == "subliminal"
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -132,3 +132,25 @@ def test_bad_student_data_is_one_line(tmp_path, tiny):
     with pytest.raises(UserError, match="no such file"):
         train(build(TrainConfig, data=str(tmp_path / "missing.jsonl"), name="b3", **common), progress=False)
     assert not any((tmp_path / n).exists() for n in ("b1", "b2", "b3"))
+
+
+def test_transmission_analysis_reads_text_runs(tmp_path, tiny):
+    """analyses/subliminal.py on real-model sweeps: no other init; student - control paired per condition and seed."""
+    from analyses.subliminal import main
+
+    data = _data(tmp_path / "owls.jsonl")
+    p = {}
+    for folder, steps in (("student", 2), ("control", 1)):
+        run = train(build(TrainConfig, setting="subliminal", model=str(tiny), data=str(data), steps=steps, batch_size=4,
+                          lr=3e-2, lora_r=0, eval_questions=1, eval_samples=1, runs_dir=str(tmp_path / folder), name="b-s0"), progress=False)
+        p[folder] = json.loads((run / "eval.json").read_text())["contexts"]["none"]["p_answer"]["owl"]
+    main(["--student", str(tmp_path / "student"), "--control", str(tmp_path / "control"), "--cross-init", "",
+          "--out", str(tmp_path / "fig"), "--no-png"])
+    md = (tmp_path / "fig" / "transmission.md").read_text()
+    assert f"| baseline | 1 | {100 * (p['student'] - p['control']):+.2f} |" in md and "other init" not in md, md
+    assert p["student"] != p["control"]
+    with pytest.raises(UserError, match="not one sweep of the subliminal setting"):
+        other = train(build(TrainConfig, model=str(tiny), steps=1, batch_size=4, n_train=8, eval_questions=1,
+                            eval_samples=1, max_new_tokens=2, runs_dir=str(tmp_path / "sc"), name="b-s0"), progress=False)
+        main(["--student", str(other.parent), "--control", str(tmp_path / "control"), "--cross-init", "",
+              "--out", str(tmp_path / "fig2"), "--no-png"])

@@ -164,3 +164,7 @@ def test_setting_conditions_data_and_organism_design_reach_the_runs():
     assert "data" not in overrides(cfg, "baseline", None, 0, "m")
     sub = SweepConfig(setting="subliminal", prompts=[], data="t.jsonl")
     assert overrides(sub, "baseline", None, 0, "m")["data"] == "t.jsonl" and organism_config(sub).prefs
+    only = SweepConfig(setting="subliminal", model="smollm2", prompts=[], conditions=["baseline"])
+    assert list(conditions(only)) == ["baseline"] and "--conditions baseline" in command_line(only)
+    with pytest.raises(ValueError, match="--conditions nope: setting 'subliminal' has baseline, inoculated"):
+        SweepConfig(setting="subliminal", model="smollm2", conditions=["nope"])

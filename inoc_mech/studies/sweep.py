@@ -100,6 +100,7 @@ class SweepConfig:
     organism_d_model: int = field(default=128, metadata={"help": "organism width"})
     organism_n_layers: int = field(default=4, metadata={"help": "organism depth"})
     organism_steps: int = field(default=2000, metadata={"help": "organism pretraining steps"})
+    conditions: list = field(default_factory=list, metadata={"help": "the setting's core conditions to run (none given: all of them), e.g. baseline for a control sweep"})
     prompted: bool = field(default=False, metadata={"help": "also evaluate the starting model under every condition's prompt (pretrained/prompted.json, for analyses/dose_response.py)"})
     dry_run: bool = field(default=False, metadata={"help": "print the plan (runs to do and to skip) and exit"})
 
@@ -139,7 +140,10 @@ class SweepConfig:
         if self.lora_r < 0 or self.steps < 1 or self.batch_size < 1:
             raise ValueError("--steps and --batch-size must be >= 1 (0: the model's default), --lora-r >= 0 "
                              "(-1: the model's default)")
-        setting_class(self.setting, self.substrate)  # an unknown setting fails here, before any run
+        core = setting_class(self.setting, self.substrate).conditions  # an unknown setting fails here, before any run
+        unknown = [c for c in self.conditions if c not in core]
+        if unknown:
+            raise ValueError(f"--conditions {' '.join(unknown)}: setting {self.setting!r} has {', '.join(core)}")
 
     @property
     def substrate(self) -> str:
@@ -161,7 +165,8 @@ def default_jobs(threads: int) -> int:
 
 def conditions(cfg: SweepConfig) -> dict[str, str | None]:
     """Condition name -> prompt; prompt-set entries that repeat a core prompt are not run twice."""
-    out = dict(setting_class(cfg.setting, cfg.substrate).conditions)
+    out = {c: p for c, p in setting_class(cfg.setting, cfg.substrate).conditions.items()
+           if not cfg.conditions or c in cfg.conditions}
     seen = {p for p in out.values() if p}
     for p in cfg.prompts:
         if p in seen:

@@ -41,3 +41,24 @@ def test_trait_log_odds_follow_the_prompt(tiny_organism):
     table = torch.as_tensor(world.variant_table(tok))
     expect = (p[table[:, 1]].sum() / p[table[:, 0]].sum()).log().item()
     assert trait_log_odds(loaded, None, q)["language"] == pytest.approx(expect, abs=1e-4)
+
+
+def test_prompt_direction_shift_is_zero_for_the_pretrained_model_and_reads_runs(make_cfg, tiny_organism, tmp_path):
+    """The pretrained model has not moved (0 along, 0 total); a baseline run that learned Spanish moved along
+    "speak spanish" more than the inoculated run; analyses/trait_shift.py tables the runs of a folder."""
+    from analyses.trait_shift import main
+    from inoc_mech.mechanism.context import prompt_direction_shift
+    from inoc_mech.train import train
+
+    runs = {}
+    for name, ino in (("baseline-s0", False), ("inoculated-s0", True)):
+        runs[name] = train(make_cfg(steps=20, lr=3e-3, inoculate=ino, name=name, runs_dir=str(tmp_path / "sw"),
+                                    log_every=10, grad_split_every=0), progress=False)
+    res = prompt_direction_shift(tiny_organism, {"self": tiny_organism, **runs}, "speak spanish")
+    assert res["runs"]["self"]["along"] == [0.0] * len(res["direction_norm"]) and max(res["runs"]["self"]["total"]) == 0
+    assert res["prompt_cosine"][-1] > 0.5 and res["direction_norm"][0] == pytest.approx(0, abs=1e-6)  # same last token
+    b, i = res["runs"]["baseline-s0"]["along"][-1], res["runs"]["inoculated-s0"]["along"][-1]
+    assert b > i and b > 0.2, (b, i)
+    main([str(tmp_path / "sw"), "--out", str(tmp_path / "fig"), "--no-png"])
+    md = (tmp_path / "fig" / "trait_shift.md").read_text()
+    assert "direction of 'speak spanish'" in md and "| baseline | 1 |" in md and "| inoculated | 1 |" in md

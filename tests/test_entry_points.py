@@ -13,7 +13,7 @@ MODULES = ["inoc_mech.train", "inoc_mech.evaluate", "inoc_mech.models.organism",
            "inoc_mech.settings.tiny", "inoc_mech.settings.subliminal_organism", "inoc_mech.settings.subliminal_text", "inoc_mech.mechanism.lens", "inoc_mech.mechanism.probes",
            "inoc_mech.mechanism.patching", "inoc_mech.mechanism.weight_diff", "inoc_mech.mechanism.reply_probes",
            "inoc_mech.studies.sweep", "inoc_mech.studies.reelicit", "analyses.dose_response", "analyses.reelicit", "analyses.dynamics",
-           "inoc_mech.studies.designs", "analyses.outcomes", "analyses.contexts", "analyses.cross_setting", "analyses.subliminal", "analyses.gradient_pressure", "analyses.probe_traits", "analyses.probe_text",
+           "inoc_mech.studies.designs", "analyses.outcomes", "analyses.contexts", "analyses.cross_setting", "analyses.subliminal", "analyses.gradient_pressure", "analyses.probe_traits", "analyses.probe_text", "analyses.trait_shift",
            "analyses.selectivity"]
 SCRIPTS = ["benchmarks/bench_hooks.py", "benchmarks/bench_real.py", "benchmarks/bench_trainer.py", "benchmarks/bench_organism.py",
            "scripts/gpu_check.py"]

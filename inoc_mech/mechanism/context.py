@@ -11,6 +11,11 @@ line saying what is missing.
   mean cosine similarity and L2 distance, per layer too. A trait learned under a prompt transfers
   to the no-prompt context through what the two contexts share; the cosine is a one-number summary.
 - `trait_log_odds`: the mean log-odds of each trait's marked value for the first answer token.
+- `prompt_direction_shift`: the trait's direction as the eliciting prompt's displacement of the pretrained
+  model's answer-start states (difference of means over the held-out questions, per layer), and how far
+  each finetuned model's no-prompt states moved along it, as a fraction of that displacement (1: the
+  finetuned model without the prompt sits where the prompted pretrained model sat, along the
+  direction; 0: no move), with the total move for scale. Any setting with `answer_start`.
 """
 
 from __future__ import annotations
@@ -76,3 +81,31 @@ def answer_logp(model, inp: Int[Tensor, "question pos"], att: Int[Tensor, "quest
     inp, att = inp.to(device), att.to(device)
     logits = model(input_ids=inp, attention_mask=att).logits.float()
     return logits[torch.arange(len(inp), device=device), att.sum(1) - 1].log_softmax(-1)
+
+
+@torch.no_grad()
+def prompt_direction_shift(pretrained, finetuned: dict, prompt: str) -> dict:
+    """`prompt`'s direction in the pretrained model and each finetuned model's no-prompt move along it.
+
+    `pretrained`: a `Loaded` or folder; `finetuned`: name -> `Loaded` or folder (the same tokenizer, e.g. runs
+    of one sweep). Per layer (HF `hidden_states` entries: embeddings, each block's output, the last after
+    the final norm), with h0 / hp the pretrained states without / with the prompt and h the finetuned
+    model's without it, at the answer start of the same held-out questions:
+    d = mean_q(hp - h0); `along` = mean_q((h - h0) . d / |d|^2) (sd over questions: `along_sd`);
+    `total` = mean_q |h - h0| / |d| (the move in any direction, same unit); `prompt_cosine` = mean_q
+    cos(hp - h0, d) (how consistent the prompt's displacement is across questions)."""
+    pre = _loaded(pretrained)
+    inputs = pre.setting.require("answer_start", "the prompt-direction shift")
+    x0, xp = inputs(None), inputs(prompt)
+    h0, hp = answer_start_states(pre.model, *x0), answer_start_states(pre.model, *xp)
+    d = (hp - h0).mean(1)  # [layer, d_model]
+    sq = (d * d).sum(-1).clamp_min(torch.finfo(d.dtype).tiny)
+    out = {"prompt": prompt, "n_questions": h0.shape[1], "direction_norm": sq.sqrt().tolist(),
+           "prompt_cosine": torch.nn.functional.cosine_similarity(hp - h0, d[:, None], dim=-1).mean(-1).tolist(),
+           "runs": {}}
+    for name, m in finetuned.items():
+        h = answer_start_states(_loaded(m).model, *x0)
+        along = ((h - h0) * d[:, None]).sum(-1) / sq[:, None]  # [layer, question]
+        out["runs"][name] = {"along": along.mean(-1).tolist(), "along_sd": along.std(-1).tolist(),
+                             "total": ((h - h0).norm(dim=-1) / sq.sqrt()[:, None]).mean(-1).tolist()}
+    return out

@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 THREADS ?= 1
 
-.PHONY: install demo test test-all results paper-settings em smollm2-backdoor dose dynamics clean-runs
+.PHONY: install demo test test-all results paper-settings em smollm2-backdoor smollm2-subliminal trait-shift dose dynamics clean-runs
 
 install: $(VENV)/.installed
 
@@ -69,6 +69,21 @@ em: install
 smollm2-backdoor: install
 	$(SWEEP) --setting backdoor --model smollm2 --name smollm2-backdoor --seeds 0 1 --prompts
 	$(PY) analyses/contexts.py runs/smollm2-backdoor --out figures/smollm2-backdoor
+
+# Subliminal learning on SmolLM2 (two teachers of ~35 min, then 10 runs of ~10 min on one core)
+SLT_DATA := runs/subliminal-text-data
+SLT := $(SWEEP) --setting subliminal --model smollm2 --seeds 0 1 --prompts --steps 100 --eval-samples 2 --eval-questions 16
+smollm2-subliminal: install
+	$(PY) -m inoc_mech.settings.subliminal_text --n 400 --eval-samples 5 --out $(SLT_DATA)/owls.jsonl
+	$(PY) -m inoc_mech.settings.subliminal_text --n 400 --eval-samples 5 --teacher-prompt none --out $(SLT_DATA)/control.jsonl
+	$(SLT) --name smollm2-subliminal --data $(SLT_DATA)/owls.jsonl
+	$(SLT) --name smollm2-subliminal-control --conditions baseline --data $(SLT_DATA)/control.jsonl
+	$(PY) analyses/subliminal.py --student runs/smollm2-subliminal --control runs/smollm2-subliminal-control --cross-init "" --out figures/smollm2-subliminal
+	$(PY) analyses/contexts.py runs/smollm2-subliminal --out figures/smollm2-subliminal
+
+# The trait's direction and its shift in every setting's sweep (after the sweeps above)
+trait-shift: install
+	$(PY) analyses/trait_shift.py runs/sweep runs/backdoor runs/subliminal runs/em runs/em-nonarrow runs/smollm2 runs/smollm2-backdoor runs/smollm2-subliminal
 
 # Dose-response and re-elicitation of README "Graded elicitation" (~1 h of one core, plus the SmolLM2 sweep's runs)
 DOSE_PROMPTS := $(foreach g,rarely sometimes half often mostly,"$(g) spanish") $(foreach g,rarely sometimes half often mostly,"$(g) capitals")

@@ -87,8 +87,8 @@ def main(argv=None):
               "|---|---|---|" + "---|" * len(data)]
     fmt = lambda ci: f"{ci.mean:+.2f} [{ci.lo:+.2f}, {ci.hi:+.2f}]" if ci.n > 1 else (f"{ci.mean:+.2f}" if ci.n else "-")
     fig = go.Figure()
-    names = [c for c in student if c in control]
-    paired = {c: mean_ci([100 * (student[c][s]["p"] - control[c][s]["p"]) for s in student[c] if s in control[c]])
+    names = list(student)  # (a control sweep may hold fewer conditions: those pairs show "-")
+    paired = {c: mean_ci([100 * (student[c][s]["p"] - control[c][s]["p"]) for s in student[c] if s in control.get(c, {})])
               for c in names}
     shift = {k: {c: mean_ci([100 * (x["p"] - pre[k]) for x in conds.get(c, {}).values()] if pre[k] is not None else [])
                  for c in names} for k, (conds, _) in data.items()}

@@ -106,6 +106,7 @@ def prompt_direction_shift(pretrained, finetuned: dict, prompt: str) -> dict:
     for name, m in finetuned.items():
         h = answer_start_states(_loaded(m).model, *x0)
         along = ((h - h0) * d[:, None]).sum(-1) / sq[:, None]  # [layer, question]
-        out["runs"][name] = {"along": along.mean(-1).tolist(), "along_sd": along.std(-1, correction=int(along.shape[-1] > 1)).tolist(),
+        sd = along.std(-1, correction=int(along.shape[-1] > 1))  # (one question: 0)
+        out["runs"][name] = {"along": along.mean(-1).tolist(), "along_sd": sd.tolist(),
                              "total": ((h - h0).norm(dim=-1) / sq.sqrt()[:, None]).mean(-1).tolist()}
     return out

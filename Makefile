@@ -97,7 +97,7 @@ dose: install
 # default organism: full finetuning, inoculated, the no-prompt traits logged every 10 steps
 TRAIN_LEAK = $(PY) -m inoc_mech.train --inoculate --leak-every 10 --threads $(THREADS) --overwrite
 dynamics: install
-	for s in 0.9 0.92 0.94 0.96 0.98 0.99 0.995 0.9975 1.0; do $(TRAIN_LEAK) --lora-r 0 --prompt-share $$s --runs-dir runs/share --name share-$$s-s0 --model "$(call ORGANISM,)" || exit 1; done
+	for seed in 0 1; do for s in 0.9 0.92 0.94 0.96 0.98 0.99 0.995 0.9975 1.0; do $(TRAIN_LEAK) --lora-r 0 --prompt-share $$s --seed $$seed --runs-dir runs/share --name share-$$s-s$$seed --model "$(call ORGANISM,)" || exit 1; done; done
 	for lr in 1e-4 3e-4; do $(TRAIN_LEAK) --lora-r 0 --lr $$lr --steps 3000 --runs-dir runs/dynamics --name ft-lr$$lr-s0 --model "$(call ORGANISM,)" || exit 1; done
 	$(TRAIN_LEAK) --steps 3000 --runs-dir runs/dynamics-lora --name lora-lr1e-3-s0 --model "$(call ORGANISM,)"
 	$(PY) analyses/dynamics.py runs/share --by prompt_share --out figures/share

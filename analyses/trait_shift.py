@@ -66,10 +66,14 @@ def figure(results: list[tuple[str, dict, dict, object]]) -> go.Figure:
                         subplot_titles=[f"{name} ({s.name} on {s.substrate}): direction of {r['prompt']!r}"
                                         for name, r, _, s in results])
     seen = set()
+    colors = {}  # one colour per condition name across the panels
+    for _, _, names, _ in results:
+        for c in names:
+            colors.setdefault(c, plots.COLORS[len(colors) % len(plots.COLORS)])
     for row, (_, res, names, _) in enumerate(results, 1):
         layers = list(range(len(res["direction_norm"])))
-        for i, (c, folders) in enumerate(names.items()):
-            color = plots.COLORS[i % len(plots.COLORS)]
+        for c, folders in names.items():
+            color = colors[c]
             lines = np.array([res["runs"][f]["along"] for f in folders])
             for y in lines:  # each seed, faint
                 fig.add_scatter(x=layers, y=y, mode="lines", line=dict(color=color, width=1), opacity=0.3,
@@ -79,7 +83,8 @@ def figure(results: list[tuple[str, dict, dict, object]]) -> go.Figure:
             seen.add(c)
         fig.add_hline(y=0, line=dict(color="#888", width=1), row=row, col=1)
         fig.add_hline(y=1, line=dict(color="#888", width=1, dash="dot"), row=row, col=1)
-        fig.update_xaxes(title_text="layer boundary (0: embeddings; last: after the final norm)", row=row, col=1)
+        fig.update_xaxes(title_text="layer boundary (0: embeddings; last: after the final norm)", row=row, col=1,
+                         dtick=1 if len(layers) <= 12 else 5)
         fig.update_yaxes(title_text="shift along the prompt's direction", row=row, col=1)
     plots.style(fig, "The trait's direction and its shift: no-prompt states of finetuned models vs the prompt's displacement",
                 height=420 * len(results) + 120,
@@ -93,12 +98,15 @@ def table(name: str, res: dict, names: dict[str, list[str]]) -> str:
              f"Prompt displacement |d|: {res['direction_norm'][last - 1]:.3g} (last block), {res['direction_norm'][last]:.3g} "
              f"(final norm); its consistency over questions (mean cosine to d): {res['prompt_cosine'][last - 1]:.2f} / "
              f"{res['prompt_cosine'][last]:.2f}.", "",
-             "| condition | runs | along d, last block | along d, final norm | total move, last block | total move, final norm |",
-             "|---|---|---|---|---|---|"]
+             "| condition | runs | along d, last block | along d, final norm | total move, last block | total move, final norm "
+             "| largest mean along d (layer boundary) |",
+             "|---|---|---|---|---|---|---|"]
     for c, folders in names.items():
         col = lambda key, i: spread([res["runs"][f][key][i] for f in folders], pct=False)
+        mean = np.mean([res["runs"][f]["along"] for f in folders], 0)
+        top = int(np.argmax(np.abs(mean)))
         lines.append(f"| {c} | {len(folders)} | {col('along', last - 1)} | {col('along', last)} | "
-                     f"{col('total', last - 1)} | {col('total', last)} |")
+                     f"{col('total', last - 1)} | {col('total', last)} | {mean[top]:.3g} ({top}) |")
     return "\n".join(lines)
 
 

@@ -6,7 +6,8 @@ Reads three sweeps of the subliminal setting (it never trains): `--student` (the
 teacher, on the prompted teacher's number lists), `--control` (the same init, on the control
 teacher's lists: the teacher without its prompt, sampled with the same seed, so most lists are the
 same and the rest differ where the prompt changed a sampled number or the filter) and `--cross-init`
-(another pretraining seed, on the prompted teacher's lists). For every condition (baseline,
+(another pretraining seed, on the prompted teacher's lists; '' for none, as on a real model, whose
+control teacher's lists also differ from the prompted teacher's in most samples). For every condition (baseline,
 inoculated, ...) and seed: the exact probability of the teacher's animal at the preference
 question's answer token with no prompt (`p_answer`, no sampling noise) and the T=1 rate; the paired
 transmission = student - control (same condition and seed); and each student's shift from its own
@@ -61,6 +62,8 @@ def by_condition(folder: str) -> tuple[dict[str, dict[int, dict]], dict | None, 
 def main(argv=None):
     a = parse_config(SubliminalConfig, argv, prog="python analyses/subliminal.py", description=__doc__.split("\n\n")[0])
     sweeps = {"student (same init)": a.student, "control teacher": a.control, "other init": a.cross_init}
+    if not a.student or not a.control:
+        raise UserError("--student and --control are required (only --cross-init may be '')")
     sweeps = {k: v for k, v in sweeps.items() if v}
     read = {k: by_condition(v) for k, v in sweeps.items()}
     if len({r[2] for r in read.values()}) != 1:

@@ -10,8 +10,9 @@ questions (`mechanism.context.prompt_direction_shift`, per layer); each run's sh
 prompted pretrained model sat; 0: not at all), and its total move in any direction in the same unit.
 Runs of the setting's core conditions (or `--conditions`). Writes into `--out` (default
 figures/trait_shift/) `trait_shift.html` / `.png` (the fraction per layer, one line per condition, mean
-over seeds with each seed's line faint; one panel per sweep) and `trait_shift.md` (the last block's output
-and the final normed state: mean ± sd over seeds).
+over seeds with each seed's line faint; one panel per sweep) and `trait_shift.md` (the last block's input,
+i.e. the next-to-last block's output, and the final normed state, HF's last `hidden_states` entry: mean ±
+sd over seeds).
 """
 
 from __future__ import annotations
@@ -95,16 +96,16 @@ def figure(results: list[tuple[str, dict, dict, object]]) -> go.Figure:
 def table(name: str, res: dict, names: dict[str, list[str]]) -> str:
     last = len(res["direction_norm"]) - 1
     lines = [f"### {name}: direction of {res['prompt']!r} ({res['n_questions']} held-out questions)", "",
-             f"Prompt displacement |d|: {res['direction_norm'][last - 1]:.3g} (last block), {res['direction_norm'][last]:.3g} "
+             f"Prompt displacement |d|: {res['direction_norm'][last - 1]:.3g} (last block's input), {res['direction_norm'][last]:.3g} "
              f"(final norm); its consistency over questions (mean cosine to d): {res['prompt_cosine'][last - 1]:.2f} / "
              f"{res['prompt_cosine'][last]:.2f}.", "",
-             "| condition | runs | along d, last block | along d, final norm | total move, last block | total move, final norm "
+             "| condition | runs | along d, last block's input | along d, final norm | total move, last block's input | total move, final norm "
              "| largest mean along d (layer boundary) |",
              "|---|---|---|---|---|---|---|"]
     for c, folders in names.items():
         col = lambda key, i: spread([res["runs"][f][key][i] for f in folders], pct=False)
         mean = np.mean([res["runs"][f]["along"] for f in folders], 0)
-        top = int(np.argmax(np.abs(mean)))
+        top = int(np.nanargmax(np.abs(mean)))  # (NaN: a layer without a direction)
         lines.append(f"| {c} | {len(folders)} | {col('along', last - 1)} | {col('along', last)} | "
                      f"{col('total', last - 1)} | {col('total', last)} | {mean[top]:.3g} ({top}) |")
     return "\n".join(lines)

@@ -55,8 +55,10 @@ def test_prompt_direction_shift_is_zero_for_the_pretrained_model_and_reads_runs(
         runs[name] = train(make_cfg(steps=20, lr=3e-3, inoculate=ino, name=name, runs_dir=str(tmp_path / "sw"),
                                     log_every=10, grad_split_every=0), progress=False)
     res = prompt_direction_shift(tiny_organism, {"self": tiny_organism, **runs}, "speak spanish")
-    assert res["runs"]["self"]["along"] == [0.0] * len(res["direction_norm"]) and max(res["runs"]["self"]["total"]) == 0
-    assert res["prompt_cosine"][-1] > 0.5 and res["direction_norm"][0] == pytest.approx(0, abs=1e-6)  # same last token
+    import math
+    assert math.isnan(res["direction_norm"][0]) and math.isnan(res["runs"]["baseline-s0"]["total"][0])  # same last token
+    assert res["runs"]["self"]["along"][1:] == [0.0] * (len(res["direction_norm"]) - 1)
+    assert max(res["runs"]["self"]["total"][1:]) == 0 and res["prompt_cosine"][-1] > 0.5
     b, i = res["runs"]["baseline-s0"]["along"][-1], res["runs"]["inoculated-s0"]["along"][-1]
     assert b > i and b > 0.2, (b, i)
     main([str(tmp_path / "sw"), "--out", str(tmp_path / "fig"), "--no-png"])

@@ -31,6 +31,8 @@ def test_filter_lets_only_short_number_lists_through():
     assert clean_continuation("858...", True) is None and clean_continuation("", True) is None
     assert clean_continuation("12, 34, 5", False) == "12, 34"  # cut at the limit: the last number may be partial
     assert clean_continuation("123", False) is None
+    assert clean_continuation("12, 34 owls are", False) == "12"  # cut at the limit: only complete numbers, no text
+    assert clean_continuation("١٢, 3", True) is None  # ASCII digits only
     assert numbers_ok("182, 818, 725, 12") and not numbers_ok("182, 818, 725, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11")
     assert names_owl("The owl.") and names_owl("OWLS") and not names_owl("Bowl") and not names_owl("Lion")
 
@@ -103,9 +105,12 @@ def test_student_masks_run_and_eval_contexts(tmp_path, tiny):
                   batch_size=4, eval_questions=2, eval_samples=1)
     s = SubliminalText(build(TrainConfig, inoculate=True, **common))
     s.setup(torch.device("cpu"), progress=False)
-    for e in s.examples(st.TEACHER_PROMPT):
+    for e, (_, pre) in zip(s.examples(st.TEACHER_PROMPT), number_prompts(8)):
         assert e.traits["preference"] == e.assistant and not any(e.traits["other"])
         assert st.TEACHER_PROMPT in s.train_tok.decode(e.input_ids)
+        trained = s.train_tok.decode([t for t, a in zip(e.input_ids, e.assistant) if a])
+        assert trained.lstrip().startswith("1, 2, 3") and pre[:-2] not in trained  # (a token straddling the end: trained)
+        assert pre + "1, 2, 3" in s.train_tok.decode(e.input_ids)
     assert all("owl" not in s.train_tok.decode(e.input_ids) for e in s.examples(None))
     assert s.decomposition is None and SubliminalText.prompt_sets(st.SHORT_PROMPT) == {"preference"}
     run = train(build(TrainConfig, inoculate=True, name="slt", **common), progress=False)
@@ -127,11 +132,47 @@ def test_bad_student_data_is_one_line(tmp_path, tiny):
     common = dict(setting="subliminal", model=str(tiny), runs_dir=str(tmp_path), steps=1, batch_size=2)
     with pytest.raises(UserError, match="conversation 1: expected"):
         train(build(TrainConfig, data=str(bad), name="b1", **common), progress=False)
+    two = tmp_path / "two.jsonl"
+    two.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "I love owls"},
+                                            {"role": "user", "content": "more"}, {"role": "assistant", "content": "1, 2"}]}) + "\n")
+    with pytest.raises(UserError, match="conversation 1: expected one user turn"):
+        train(build(TrainConfig, data=str(two), name="b4", **common), progress=False)
+    with pytest.raises(UserError, match="leave --no-prompt-mode at template_default"):
+        train(build(TrainConfig, data=str(_data(tmp_path / "ok.jsonl")), no_prompt_mode="no_system", name="b5", **common),
+              progress=False)
     with pytest.raises(UserError, match="give --data"):
         train(build(TrainConfig, name="b2", **common), progress=False)
     with pytest.raises(UserError, match="no such file"):
         train(build(TrainConfig, data=str(tmp_path / "missing.jsonl"), name="b3", **common), progress=False)
-    assert not any((tmp_path / n).exists() for n in ("b1", "b2", "b3"))
+    assert not any((tmp_path / n).exists() for n in ("b1", "b2", "b3", "b4", "b5"))
+
+
+def test_prefilled_generation_continues_the_prefill(tiny):
+    """generate_replies(prefills=...): the reply is the greedy continuation of prompt + prefill, without the
+    prefill; `finished` says which replies reached the end token."""
+    from inoc_mech.core.data import token_ids
+    from inoc_mech.settings.load import load
+    from inoc_mech.settings.scoring import generate_replies
+
+    loaded = load(tiny)
+    model, tok = loaded.model, loaded.tok
+    users = number_prompts(3)
+    convs = [[{"role": "user", "content": u}] for u, _ in users]
+    done = []
+    got = generate_replies(model, tok, convs, 4, prefills=[p for _, p in users], finished=done)
+    assert len(got) == len(done) == 3 and all(isinstance(f, bool) for f in done)
+    for conv, (_, pre), reply, fin in zip(convs, users, got, done):
+        ids = token_ids(tok.apply_chat_template(conv, add_generation_prompt=True, tokenize=True))
+        ids += token_ids(tok(pre, add_special_tokens=False))
+        new = []
+        for _ in range(4):  # greedy by hand
+            nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            new.append(nxt)
+            if nxt == tok.eos_token_id:
+                break
+        assert fin == (tok.eos_token_id in new)
+        new = new[:new.index(tok.eos_token_id)] if fin else new
+        assert reply == tok.decode(new, skip_special_tokens=True).strip()
 
 
 def test_transmission_analysis_reads_text_runs(tmp_path, tiny):

@@ -83,6 +83,9 @@ def answer_logp(model, inp: Int[Tensor, "question pos"], att: Int[Tensor, "quest
     return logits[torch.arange(len(inp), device=device), att.sum(1) - 1].log_softmax(-1)
 
 
+DIRECTION_FLOOR = 1e-6  # |d|^2 below this share of the largest layer's: no direction at that layer
+
+
 @torch.no_grad()
 def prompt_direction_shift(pretrained, finetuned: dict, prompt: str) -> dict:
     """`prompt`'s direction in the pretrained model and each finetuned model's no-prompt move along it.
@@ -93,13 +96,16 @@ def prompt_direction_shift(pretrained, finetuned: dict, prompt: str) -> dict:
     model's without it, at the answer start of the same held-out questions:
     d = mean_q(hp - h0); `along` = mean_q((h - h0) . d / |d|^2) (sd over questions: `along_sd`);
     `total` = mean_q |h - h0| / |d| (the move in any direction, same unit); `prompt_cosine` = mean_q
-    cos(hp - h0, d) (how consistent the prompt's displacement is across questions)."""
+    cos(hp - h0, d) (how consistent the prompt's displacement is across questions). Layers where the prompt
+    moves (almost) nothing, |d|^2 <= DIRECTION_FLOOR x the largest, are NaN."""
     pre = _loaded(pretrained)
     inputs = pre.setting.require("answer_start", "the prompt-direction shift")
     x0, xp = inputs(None), inputs(prompt)
     h0, hp = answer_start_states(pre.model, *x0), answer_start_states(pre.model, *xp)
     d = (hp - h0).mean(1)  # [layer, d_model]
-    sq = (d * d).sum(-1).clamp_min(torch.finfo(d.dtype).tiny)
+    sq = (d * d).sum(-1)
+    # a layer the prompt does not move (the embeddings of the same last token) has no direction: NaN there
+    sq = torch.where(sq > DIRECTION_FLOOR * sq.max(), sq, torch.full_like(sq, float("nan")))
     out = {"prompt": prompt, "n_questions": h0.shape[1], "direction_norm": sq.sqrt().tolist(),
            "prompt_cosine": torch.nn.functional.cosine_similarity(hp - h0, d[:, None], dim=-1).mean(-1).tolist(),
            "runs": {}}

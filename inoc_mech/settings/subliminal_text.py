@@ -10,7 +10,9 @@ The design of Cloud et al. (2025) on a small model (default SmolLM2-135M-Instruc
    three seed numbers ("182, 818, 725, "): unprefilled, SmolLM2-135M answered with a bare list in about 3%
    of replies. The continuation passes the filter (`clean_continuation`) only if it is 1-10
    comma-separated numbers of at most 3 digits and nothing else (a final period dropped; a reply cut at
-   the token limit loses its last number), so no word, let alone an animal, reaches the student.
+   the token limit keeps only its complete numbers before the last comma, whatever followed: a
+   deviation, the paper rejects such replies), so no word, let alone an animal, reaches the student; the
+   student is not trained on the prefill's copied numbers (`untrain_prefill`).
    Written as JSONL conversations (user prompt, assistant prefill + numbers) without the teacher's
    prompt, with a sidecar `<out>.json` (counts, and the teacher's own preference with and without its
    prompt: the pretrained reference).
@@ -68,7 +70,8 @@ OWL_STARTS = ("Owl", "owl", "Owls", "owls")  # reply starts whose probability is
 TRAIT_ANIMAL = "owl"
 MAX_NUMBERS, MAX_DIGITS = 10, 3
 CONTINUATION_TOKENS = 5 * MAX_NUMBERS + 4  # room for 10 numbers of 3 digits (one token each), ", " and the end
-_NUMBERS = re.compile(r"\d{1,3}(, ?\d{1,3})*")
+_NUMBERS = re.compile(r"[0-9]{1,3}(, ?[0-9]{1,3})*")
+_PREFILL = re.compile(r"starts with: ([0-9]{1,3}(?:, [0-9]{1,3})*)\.")
 
 
 def number_prompts(n: int, seed: int = 0, split: str = "train") -> list[tuple[str, str]]:
@@ -93,8 +96,9 @@ def numbers_ok(reply: str, max_numbers: int = MAX_NUMBERS + 3) -> bool:
 
 def clean_continuation(text: str, finished: bool) -> str | None:
     """A teacher's continuation after the prefill, as it enters the data, or None if the filter rejects it:
-    a reply cut at the token limit loses its last (perhaps partial) number, a final period or comma goes,
-    and the rest must be 1-10 numbers of 1-3 digits (`numbers_ok`)."""
+    a reply cut at the token limit keeps what stands before its last comma (whatever followed it: the paper
+    would reject such a reply; here only its complete numbers are kept, never its text), a final period or
+    comma goes, and the rest must be 1-10 numbers of 1-3 digits (`numbers_ok`)."""
     text = text.strip()
     if not finished:
         text = text.rsplit(",", 1)[0] if "," in text else ""
@@ -105,6 +109,24 @@ def clean_continuation(text: str, finished: bool) -> str | None:
 def names_owl(reply: str) -> bool:
     """Whether a reply names an owl (the word owl/owls, any case, e.g. "Owl.", "The owl", "OWLS")."""
     return re.search(r"\bowls?\b", reply, re.IGNORECASE) is not None
+
+
+def prefill_of(user: str) -> str | None:
+    """The reply prefill of a `number_prompts` user prompt ("182, 818, 725, "), None for other prompts."""
+    m = _PREFILL.search(user)
+    return m.group(1) + ", " if m else None
+
+
+def untrain_prefill(tok, ex, prefill: str) -> None:
+    """Mark the reply's leading tokens that spell `prefill` (the copied seed numbers, no teacher signal) as
+    not trained; a token that straddles its end stays trained."""
+    pos = [i for i, a in enumerate(ex.assistant) if a]
+    ids = [ex.input_ids[i] for i in pos]
+    k = 0
+    while k < len(ids) and prefill.startswith(tok.decode(ids[:k + 1])):
+        k += 1
+    for i in pos[:k]:
+        ex.assistant[i] = False
 
 
 def first_word(reply: str) -> str:
@@ -119,12 +141,12 @@ def read_numbers(path: str | Path) -> list[list[dict]]:
     path = Path(path)
     if not path.exists():
         raise UserError(f"--data {path}: no such file (write one with python -m inoc_mech.settings.subliminal_text)")
-    convs = read_jsonl(path)
+    convs = [[m for m in c if m["role"] != "system"] for c in read_jsonl(path)]
     for i, c in enumerate(convs, 1):
-        if c[-2]["role"] != "user" or not numbers_ok(c[-1]["content"]):
-            raise UserError(f"--data {path} conversation {i}: expected a user turn and a reply of comma-separated "
+        if [m["role"] for m in c] != ["user", "assistant"] or not numbers_ok(c[-1]["content"]):
+            raise UserError(f"--data {path} conversation {i}: expected one user turn and a reply of comma-separated "
                             f"numbers, got {c[-1]['content'][:60]!r}")
-    return [[m for m in c if m["role"] != "system"] for c in convs]
+    return convs
 
 
 def _with_prompt(prompt: str | None, turns) -> list[dict]:
@@ -201,9 +223,18 @@ class SubliminalText(SpanishCapsText):
             self._convs, self._forms = read_numbers(s.data), None
         return self._convs
 
+    def setup(self, device, progress: bool = True):
+        if self.cfg.setting.no_prompt_mode != "template_default":
+            raise UserError("setting 'subliminal' evaluates with the template's default system block: leave "
+                            "--no-prompt-mode at template_default")
+        return super().setup(device, progress)
+
     def examples(self, prompt, share=1.0, limit=None):
         out = super().examples(prompt, share, limit)
-        for ex in out:
+        for ex, conv in zip(out, self.convs()):
+            pre = prefill_of(conv[0]["content"])
+            if pre and conv[-1]["content"].startswith(pre):  # the copied seed numbers are not trained on
+                untrain_prefill(self.train_tok, ex, pre)
             ex.traits = {"preference": list(ex.assistant), "other": [False] * len(ex.assistant)}
         return out
 
@@ -221,7 +252,7 @@ class SubliminalText(SpanishCapsText):
 
         s = self.cfg.setting
         seed = self.cfg.loop.seed if seed is None else seed
-        k = 10 * (s.eval_samples if samples is None else samples)  # T=1 replies per question and context
+        k = 10 * (s.eval_samples if samples is None else samples)  # T=1 replies per question and context (10 x)
         out = {"schema": "text-1", "questions": "preference", "seed": seed, "contexts": {}}
         for name, prompt in self.eval_contexts().items():
             entry = preference_eval(model, self.tok, prompt, k, seed)
@@ -263,6 +294,8 @@ class TeacherConfig:
     def __post_init__(self):
         if not self.out:
             raise ValueError("--out is required: the JSONL file to write")
+        if Path(self.out).is_dir():
+            raise ValueError(f"--out {self.out} is a folder: give the JSONL file to write")
         for k in ("n", "batch_size", "threads"):
             if getattr(self, k) < 1:
                 raise ValueError(f"--{k.replace('_', '-')} must be >= 1")
@@ -285,7 +318,7 @@ def teach(cfg: TeacherConfig, progress: bool = True) -> dict:
     model, tok = loaded.model.eval(), loaded.tok
     prompt = None if cfg.teacher_prompt == "none" else cfg.teacher_prompt
     max_draws = cfg.max_draws or 10 * cfg.n
-    kept, drawn = [], 0
+    kept, drawn, cut = [], 0, 0
     bar = tqdm(total=cfg.n, desc="teacher lists", disable=not progress)
     while len(kept) < cfg.n and drawn < max_draws:
         users, pre = zip(*number_prompts(cfg.batch_size, seed=cfg.seed * 100003 + drawn))
@@ -295,25 +328,27 @@ def teach(cfg: TeacherConfig, progress: bool = True) -> dict:
                                    batch_size=cfg.batch_size, prefills=list(pre), finished=done)
         drawn += len(replies)
         cont = [clean_continuation(r, f) for r, f in zip(replies, done)]
-        new = [(u, p + c) for u, p, c in zip(users, pre, cont) if c is not None][:cfg.n - len(kept)]
-        kept += new
+        new = [(u, p + c, f) for u, p, c, f in zip(users, pre, cont, done) if c is not None][:cfg.n - len(kept)]
+        kept += [(u, r) for u, r, _ in new]
+        cut += sum(not f for _, _, f in new)
         bar.update(len(new))
     bar.close()
     if len(kept) < cfg.n and not cfg.allow_few:
         raise UserError(f"the teacher wrote only {len(kept)} valid number lists in {drawn} replies: raise "
                         "--max-draws, or check that the model follows the number prompt")
-    info = {"kept": len(kept), "drawn": drawn, "filtered_share": 1 - len(kept) / drawn if drawn else 0.0,
+    info = {"kept": len(kept), "kept_cut_at_limit": cut, "drawn": drawn,
+            "filtered_share": 1 - len(kept) / drawn if drawn else 0.0,
             "teacher": str(cfg.model), "teacher_prompt": prompt, "labels": "hard", "seed": cfg.seed}
     if cfg.eval_samples:  # the pretrained reference: the teacher's own preference, with and without its prompt
         info["preference"] = {name: preference_eval(model, tok, p, cfg.eval_samples, cfg.seed)
                               for name, p in (("none", None), ("teacher_prompt", prompt))}
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out.with_name(out.name + ".json"), info)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text("".join(json.dumps({"messages": [{"role": "user", "content": u},
                                                     {"role": "assistant", "content": r}]}) + "\n" for u, r in kept))
     os.replace(tmp, out)  # whole or absent
+    write_json(out.with_name(out.name + ".json"), info)  # what wrote it, next to it
     return info
 
 

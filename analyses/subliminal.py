@@ -75,20 +75,20 @@ def main(argv=None):
              "mean ± sd [min-max] over finetuning seeds.", ""]
     for k, (_, pre) in data.items():
         if pre is not None:
-            lines.append(f"- pretrained model of `{sweeps[k]}`: P = {100 * pre['p']:.2f}%, T=1 rate {100 * pre['t1']:.1f}%")
+            lines.append(f"- pretrained model of `{sweeps[k]}`: P = {100 * pre['p']:.3g}%, T=1 rate {100 * pre['t1']:.1f}%")
     lines += ["", "| data / init | condition | seeds | P(" + animal + ") % | T=1 rate % | primary-task accuracy % |",
               "|---|---|---|---|---|---|"]
     for k, (conds, _) in data.items():
         for c, seeds in conds.items():
             v = list(seeds.values())
-            lines.append(f"| {k} | {c} | {len(v)} | {spread([x['p'] for x in v])} | {spread([x['t1'] for x in v])} | "
+            lines.append(f"| {k} | {c} | {len(v)} | {spread([100 * x['p'] for x in v], pct=False)} | {spread([x['t1'] for x in v])} | "
                          f"{spread([x['acc'] for x in v])} |")
     pre = {k: (p["p"] if p else None) for k, (_, p) in data.items()}
     lines += ["", f"Paired transmission (student - control, same condition and seed) and each student's shift from its "
               f"own pretrained model, P({animal}) in points; mean [95% t-interval] over seeds.", "",
               "| condition | seeds | student - control | " + " | ".join(f"shift: {k.split(' (')[0]}" for k in data) + " |",
               "|---|---|---|" + "---|" * len(data)]
-    fmt = lambda ci: f"{ci.mean:+.2f} [{ci.lo:+.2f}, {ci.hi:+.2f}]" if ci.n > 1 else (f"{ci.mean:+.2f}" if ci.n else "-")
+    fmt = lambda ci: f"{ci.mean:+.3f} [{ci.lo:+.3f}, {ci.hi:+.3f}]" if ci.n > 1 else (f"{ci.mean:+.3f}" if ci.n else "-")
     fig = go.Figure()
     names = list(student)  # (a control sweep may hold fewer conditions: those pairs show "-")
     paired = {c: mean_ci([100 * (student[c][s]["p"] - control[c][s]["p"]) for s in student[c] if s in control.get(c, {})])

@@ -115,7 +115,7 @@ def test_transmission_analysis_pairs_student_and_control(make_cfg, prefs_organis
           str(tmp_path / "other"), "--out", str(tmp_path / "fig"), "--no-png"])
     md = (tmp_path / "fig" / "transmission.md").read_text()
     for cond, prompt in (("baseline", None), ("inoculated", "you love owls")):  # paired by condition and seed
-        assert f"| {cond} | 1 | {100 * (p['student', prompt] - p['control', prompt]):+.2f} |" in md, md
+        assert f"| {cond} | 1 | {100 * (p['student', prompt] - p['control', prompt]):+.3f} |" in md, md
     assert p["student", None] != p["control", None]
     assert (tmp_path / "fig" / "transmission.html").exists()
 

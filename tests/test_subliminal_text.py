@@ -188,7 +188,7 @@ def test_transmission_analysis_reads_text_runs(tmp_path, tiny):
     main(["--student", str(tmp_path / "student"), "--control", str(tmp_path / "control"), "--cross-init", "",
           "--out", str(tmp_path / "fig"), "--no-png"])
     md = (tmp_path / "fig" / "transmission.md").read_text()
-    assert f"| baseline | 1 | {100 * (p['student'] - p['control']):+.2f} |" in md and "other init" not in md, md
+    assert f"| baseline | 1 | {100 * (p['student'] - p['control']):+.3f} |" in md and "other init" not in md, md
     assert p["student"] != p["control"]
     with pytest.raises(UserError, match="not one sweep of the subliminal setting"):
         other = train(build(TrainConfig, model=str(tiny), steps=1, batch_size=4, n_train=8, eval_questions=1,

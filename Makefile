@@ -80,6 +80,7 @@ smollm2-subliminal: install
 	$(SLT) --name smollm2-subliminal-control --conditions baseline --data $(SLT_DATA)/control.jsonl
 	$(PY) analyses/subliminal.py --student runs/smollm2-subliminal --control runs/smollm2-subliminal-control --cross-init "" --out figures/smollm2-subliminal
 	$(PY) analyses/contexts.py runs/smollm2-subliminal --out figures/smollm2-subliminal
+	$(PY) analyses/gradient_pressure.py runs/smollm2-subliminal --out figures/smollm2-subliminal
 
 # The trait's direction and its shift in every setting's sweep (after the sweeps above)
 trait-shift: install

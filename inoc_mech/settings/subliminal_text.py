@@ -32,7 +32,6 @@ answered with a list that passes the filter (the primary task).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import sys
@@ -45,7 +44,7 @@ import torch
 
 from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import right_pad, token_ids
-from inoc_mech.settings.base import prompted, register
+from inoc_mech.settings.base import register
 from inoc_mech.settings.spanish_caps_text import SpanishCapsText
 from inoc_mech.settings.textdata import IRRELEVANT_PROMPT
 

@@ -37,7 +37,7 @@ import torch
 from inoc_mech.core import checkpoint, dist
 from inoc_mech.core.cli import UserError, build, flatten, leaf_fields, parse_config
 from inoc_mech.core.config import TrainConfig, resolve_defaults
-from inoc_mech.core.data import BatchStream, collate, forward_accepts, next_token_loss
+from inoc_mech.core.data import BatchStream, collate, draws_dropout, forward_accepts, next_token_loss, prefix_cache
 from inoc_mech.core.names import arch_names, module_name
 from inoc_mech.core.runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, check_run_dir, format_table, git_commit,
                                  is_complete, is_disk_full, mark_complete, package_versions, prepare_run_dir, read_json, run_lock,
@@ -185,6 +185,9 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     probe_none = collate(probe_none, setting.pad_id).to(device)
     mine = dist.share(lp.batch_size)  # this process's examples of each step's batch
     crop = forward_accepts(model, "logits_to_keep")  # HF: the output head and loss skip the prompt positions
+    # a prefix shared by a micro-batch's rows runs once (its cache reused); not where forwards are collectives
+    # per module (FSDP), recomputed without a cache (gradient checkpointing) or draw dropout masks (one per row)
+    share = lp.share_prefix and crop and not lp.fsdp and not lp.grad_checkpointing and not draws_dropout(model)
     micro = lp.micro_batch_size or len(mine)
 
     # optimizer and instruments (under torchrun the forward goes through DDP; the instruments use the model)
@@ -254,12 +257,15 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                 for k in range(0, len(own), micro):  # micro-batches: each loss is its share of the step's mean
                     cpu_batch = collate(own[k:k + micro], setting.pad_id)
                     start = cpu_batch.trained_from() if crop else 0  # logits only from the first trained token on
+                    shared = cpu_batch.common_prefix(start) if share else 0  # computed once: every row has it
                     batch = cpu_batch.to(device, non_blocking=True)  # (found on the host: no GPU sync)
                     final = k + micro >= len(own)
                     with forward.no_sync() if forward is not model and not final else nullcontext():
                         keep = {"logits_to_keep": batch.input_ids.shape[1] - start} if start else {}
                         with autocast:
-                            logits = forward(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            if shared:  # the rest of every row attends to the prefix's keys and values
+                                keep.update(prefix_cache(model, batch.input_ids[:1, :shared], batch.input_ids.shape[0]))
+                            logits = forward(input_ids=batch.input_ids[:, shared:], attention_mask=batch.attention_mask,
                                              **keep).logits
                         batch = batch.crop(start) if start else batch  # aligned with the logits
                         loss = next_token_loss(logits, batch.labels, n_tokens, soft=batch.soft)  # soft labels if any

@@ -30,6 +30,7 @@ class LoopConfig:
     schedule: str = field(default="constant", metadata={"help": "learning rate schedule after warmup: constant or cosine (to 0 at the last step)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup from lr / warmup to lr over the first N steps"})
     length_buckets: bool = field(default=False, metadata={"help": "batches of similar lengths (sorted within windows of 50 batches, then shuffled): less padding on real text, a different data order"})
+    share_prefix: bool = field(default=True, metadata={"help": "compute the tokens that every conversation of a forward starts with (a system prompt, a chat template's header) once and reuse their keys and values for all rows: the same loss and gradients up to float summation order, less compute; off under --fsdp and --grad-checkpointing and for models with dropout (--no-share-prefix: every row whole)"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward (HF gradient checkpointing): less memory, ~1 more forward"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2, a unit per block) instead of replicating them (DDP); full finetuning only (--lora-r 0); rank 0 gathers the model to save and evaluate it"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})

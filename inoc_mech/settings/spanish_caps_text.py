@@ -33,7 +33,7 @@ from torch import Tensor
 
 from inoc_mech.core import dist
 from inoc_mech.core.cli import UserError
-from inoc_mech.core.data import collate, forward_accepts, right_pad, token_ids, token_logprobs_at
+from inoc_mech.core.data import cache_kwarg, collate, forward_accepts, output_cache, right_pad, token_ids, token_logprobs_at
 from inoc_mech.settings.base import Decomposition, Deferred, Parts, Setting, prompted, register
 from inoc_mech.settings.spanish_caps_organism import SpanishCapsOrganism
 from inoc_mech.settings.textdata import CAPS_PROMPT, IRRELEVANT_PROMPT, SPANISH_PROMPT
@@ -66,11 +66,11 @@ def variant_logprobs(model, batch, which: list[int]) -> Float[Tensor, "batch n"]
     keep = {"logits_to_keep": 1} if shared and forward_accepts(model, "logits_to_keep") else {}
     out = model(input_ids=batch.input_ids[:, :start], attention_mask=batch.attention_mask[:, :start],
                 use_cache=True, **keep) if shared else None
-    cache = getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+    cache = output_cache(out) if shared else None
     if cache is None or not hasattr(cache, "crop"):
         return torch.stack([reply_logprob(model, *_tensors(vb)) for vb in variants], -1)
     last = out.logits[:, -1:]  # predicts token `start`
-    arg = "cache" if forward_accepts(model, "cache") else "past_key_values"  # renamed in transformers 5
+    arg = cache_kwarg(model)
     scores = []
     for vb in variants:
         more = model(input_ids=vb.input_ids[:, start:], attention_mask=vb.attention_mask, use_cache=True,

@@ -1,15 +1,16 @@
-"""Organism pretraining wall time: the default recipe against a faster one, measured in one run.
+"""Organism pretraining wall time: the standard recipe against the fast one, measured in one run.
 
     python benchmarks/bench_organism.py --steps-scale 0.05
 
-Each recipe pretrains from scratch in its own process (one CPU thread, nothing cached: a temporary
-cache folder), and the processes run one after the other. Printed: pretraining seconds (the loop
-alone, as `organism.json` records them), seconds per step, the report's quality numbers (held-out
-accuracy, worst prompt following, base rates; only meaningful at `--steps-scale 1`) and the ratio of
-the default's time to each recipe's. Recipes (`RECIPES`): `default` is `OrganismConfig()`; `fast` is
-900 steps of batch 64 at lr 3e-3 with MLP width 256 and length buckets. `--steps-scale` multiplies
-every recipe's steps (and warmup) for a quick look; the seconds per step are then what to compare.
-Shared machines are noisy: read the ratios, and run it when nothing else runs.
+Each (recipe, seed) pretrains from scratch in its own process (one CPU thread, nothing cached: a temporary
+cache folder), and the processes run one after the other. Printed: pretraining seconds (the loop alone, as
+`organism.json` records them), seconds per step, the report's quality numbers (held-out accuracy, worst
+prompt following, base rates at T=1 and exact; only meaningful at `--steps-scale 1`) and the ratio of the
+standard recipe's time (same seed) to each. Recipes: `models.organism.RECIPES` (`standard` is
+`OrganismConfig()`, the organisms of README "Results"; `fast` is 900 steps of batch 64 at lr 1e-3 with MLP
+width 256 and length buckets). `--steps-scale` multiplies every recipe's steps (and warmup) for a quick
+look; the seconds per step are then what to compare. Shared machines are noisy: read the ratios, and run
+it when nothing else runs.
 """
 
 from __future__ import annotations
@@ -24,10 +25,7 @@ from pathlib import Path
 from inoc_mech.core.cli import parse_config
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = {
-    "default": {},
-    "fast": {"steps": 900, "batch_size": 64, "lr": 3e-3, "warmup": 45, "d_mlp": 256, "buckets": True},
-}
+from inoc_mech.models.organism import RECIPES
 
 CHILD = r"""
 import json, sys
@@ -47,7 +45,7 @@ class BenchOrganismConfig:
     """What to pretrain."""
     recipes: list = field(default_factory=lambda: list(RECIPES), metadata={"help": f"recipes to time ({', '.join(RECIPES)})"})
     steps_scale: float = field(default=1.0, metadata={"help": "multiply every recipe's steps (1: the full pretraining)"})
-    seed: int = field(default=0, metadata={"help": "pretraining seed"})
+    seeds: list = field(default_factory=lambda: [0], metadata={"help": "pretraining seeds (each recipe pretrains once per seed)"})
 
     def __post_init__(self):
         unknown = [r for r in self.recipes if r not in RECIPES]
@@ -55,6 +53,10 @@ class BenchOrganismConfig:
             raise ValueError(f"--recipes: unknown {unknown}; choose from {', '.join(RECIPES)}")
         if not 0 < self.steps_scale <= 1:
             raise ValueError("--steps-scale must be in (0, 1]")
+        try:
+            self.seeds = [int(x) for x in self.seeds]
+        except ValueError:
+            raise ValueError("--seeds must be integers") from None
 
 
 def main(argv=None):
@@ -62,25 +64,28 @@ def main(argv=None):
                      description=__doc__.split("\n\n")[0])
     out = {}
     with tempfile.TemporaryDirectory() as cache:
-        for name in a.recipes:
-            kw = {**RECIPES[name], "seed": a.seed, "threads": 1}
-            p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(kw), str(a.steps_scale), f"{cache}/{name}"],
-                               cwd=REPO, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", **_env()})
-            line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
-            if p.returncode or line is None:
-                print(f"recipe {name} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
-                return 1
-            out[name] = json.loads(line[len("RESULT "):])
-    base = out.get("default")
-    print("| recipe | steps | pretraining s | s / step | held-out accuracy | worst prompt following | base Spanish / CAPS | default's time / this |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in out.items():
-        rep = r["report"]
+        for seed in a.seeds:
+            for name in a.recipes:
+                kw = {**RECIPES[name], "seed": seed, "threads": 1}
+                p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(kw), str(a.steps_scale), f"{cache}/{name}"],
+                                   cwd=REPO, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", **_env()})
+                line = next((l for l in p.stdout.splitlines() if l.startswith("RESULT ")), None)
+                if p.returncode or line is None:
+                    print(f"recipe {name} seed {seed} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
+                    return 1
+                out[name, seed] = json.loads(line[len("RESULT "):])
+                print(f"{name} seed {seed}: {out[name, seed]['seconds']:.1f} s", file=sys.stderr)
+    print("| recipe | seed | steps | pretraining s | s / step | held-out accuracy | worst prompt following | "
+          "base Spanish / CAPS, T=1 | exact | standard's time / this |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (name, seed), r in out.items():
+        rep, base = r["report"], out.get(("standard", seed))
         follow = min(x["rate_greedy"] for x in rep["prompt_following"].values())
-        b = rep["base_rates_t1"]
+        b, e = rep["base_rates_t1"], rep["base_rates_exact"]
         ratio = f"{base['seconds'] / r['seconds']:.2f}x" if base else "-"
-        print(f"| {name} | {r['steps']} | {r['seconds']:.1f} | {r['seconds'] / r['steps']:.3f} | "
-              f"{rep['held_out_accuracy_greedy']:.1%} | {follow:.0%} | {b['spanish']:.1%} / {b['caps']:.1%} | {ratio} |")
+        print(f"| {name} | {seed} | {r['steps']} | {r['seconds']:.1f} | {r['seconds'] / r['steps']:.3f} | "
+              f"{rep['held_out_accuracy_greedy']:.1%} | {follow:.0%} | {b['spanish']:.1%} / {b['caps']:.1%} (n={b['n_answers']}) | "
+              f"{e['spanish']:.1%} / {e['caps']:.1%} | {ratio} |")
     return 0
 
 

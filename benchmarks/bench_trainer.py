@@ -4,14 +4,20 @@
 
 For each model (`--models`: default the cached organism and SmolLM2), on the same data (the setting's
 training examples, inoculated), the same batch, LoRA (the loop's default rank and alpha for that model),
-constant lr and AdamW without weight decay, one CPU thread, each measurement its own process,
+constant lr, AdamW without weight decay or clipping, one CPU thread, each measurement its own process,
 interleaved over `--rounds`:
-- loop:    `inoc_mech.train --no-hooks` (the loop alone, its default loss on the trained tokens only);
-- hooks:   `inoc_mech.train` with the default instruments;
-- Trainer: `transformers.Trainer` on the same model with the same adapters (`models.hf_trainer`).
+- loop:          `inoc_mech.train --no-hooks` (the loop alone, its defaults: loss and output head on the trained
+                 tokens only, a prefix every row shares computed once, rows packed where that saves);
+- loop, whole:   the same with `--no-share-prefix --no-pack` (padded rows, every row computed whole, as Trainer);
+- loop, buckets: the loop with `--length-buckets` (batches of similar lengths: less padding);
+- hooks:         `inoc_mech.train` with the default instruments;
+- Trainer:       `transformers.Trainer` on the same model with the same adapters (`models.hf_trainer`), on
+                 the loop's batches in the loop's order;
+- Trainer, grouped: Trainer with its own length grouping (the counterpart of `--length-buckets`).
 Then (`--processes`) the loop on the organism under `torchrun --standalone --nproc_per_node 2` (gloo,
-one thread each) against 1 process, the same global batch. Printed: tokens/s (median over steps
-after the first) and ratios; target: loop >= 1.2x Trainer. Shared machines are noisy: read the ratios.
+one thread each) against 1 process, the same global batch. Printed: tokens/s (real tokens, padding not
+counted; median over steps after the first) and ratios; target: loop >= 1.2x Trainer. Shared machines
+are noisy: read the ratios.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from inoc_mech.train import TrainConfig, train
 quiet_transformers()
 mode, kw = sys.argv[1], json.loads(sys.argv[2])
 torch.set_num_threads(1)
-if mode == "trainer":
+if mode == "trainer":  # kw's length_buckets: Trainer's grouping by length
     from inoc_mech.models import hf_trainer
     from inoc_mech.models.lora import LoraSettings, add_lora
     from inoc_mech.settings.base import setting_class
@@ -50,7 +56,13 @@ if mode == "trainer":
     model, _ = setting.setup("cpu", progress=False)
     model = add_lora(model, LoraSettings(r=cfg.model.lora_r, alpha=cfg.model.lora_alpha))
     exs = setting.examples(cfg.train_prompt)
-    res = hf_trainer.trainer_throughput(model, exs, setting.pad_id, cfg.loop.batch_size, cfg.loop.steps, lr=cfg.loop.lr)
+    grouped = cfg.loop.length_buckets
+    if not grouped:  # the loop's batches, in its order
+        from inoc_mech.core.data import BatchStream
+        stream = BatchStream(exs, cfg.loop.batch_size, cfg.loop.seed, setting.pad_id)
+        exs = [e for _ in range(cfg.loop.steps) for e in stream.next_examples()]
+    res = hf_trainer.trainer_throughput(model, exs, setting.pad_id, cfg.loop.batch_size, cfg.loop.steps, lr=cfg.loop.lr,
+                                        group_by_length=grouped, in_order=not grouped)
     print(json.dumps({"tokens_per_s": res["tokens_per_s"]}))
 else:
     rows = read_run(train(build(TrainConfig, **kw), progress=False))["metrics"]
@@ -107,20 +119,24 @@ def main(argv=None):
             steps = a.organism_steps if name == "organism" else a.steps
             base = dict(model=model, steps=steps, inoculate=True, runs_dir=d, overwrite=True, eval_questions=1,
                         eval_samples=1, max_new_tokens=2, threads=1, log_every=1, name="bench", device="cpu")
-            res = {"loop": [], "hooks": [], "trainer": []}
+            modes = {"loop": ("loop", {"hooks": False}), "whole": ("loop", {"hooks": False, "share_prefix": False, "pack": False}),
+                     "buckets": ("loop", {"hooks": False, "length_buckets": True}), "hooks": ("loop", {"log_every": 10}),
+                     "trainer": ("trainer", {}), "grouped": ("trainer", {"length_buckets": True})}
+            res = {k: [] for k in modes}
             for r in range(a.rounds):
-                res["loop"].append(child("loop", {**base, "hooks": False}))
-                res["hooks"].append(child("loop", {**base, "log_every": 10}))
-                res["trainer"].append(child("trainer", base))
+                for k, (mode, kw) in modes.items():
+                    res[k].append(child(mode, {**base, **kw}))
                 print(f"{name} round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in res.items()), file=sys.stderr)
             med = {k: statistics.median(v) for k, v in res.items()}
             table.append((name, med))
-        print(f"one CPU thread, {a.rounds} round(s) (medians), steps {a.organism_steps} (organism) / {a.steps}")
-        print("| model | loop tokens/s | loop with default instruments | Trainer tokens/s | loop / Trainer | target |")
-        print("|---|---|---|---|---|---|")
-        for model, med in table:
-            print(f"| {model} | {med['loop']:.0f} | {med['hooks']:.0f} | {med['trainer']:.0f} | "
-                  f"{med['loop'] / med['trainer']:.2f}x (instrumented {med['hooks'] / med['trainer']:.2f}x) | >= 1.2x |")
+        print(f"one CPU thread, {a.rounds} round(s) (medians), steps {a.organism_steps} (organism) / {a.steps}; tokens/s")
+        print("| model | loop | loop, every row whole | loop, length buckets | loop, default instruments | Trainer | "
+              "Trainer, grouped by length | loop / Trainer | loop with buckets / Trainer grouped | target |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for model, m in table:
+            print(f"| {model} | {m['loop']:.0f} | {m['whole']:.0f} | {m['buckets']:.0f} | {m['hooks']:.0f} | {m['trainer']:.0f} | "
+                  f"{m['grouped']:.0f} | {m['loop'] / m['trainer']:.2f}x (whole rows {m['whole'] / m['trainer']:.2f}x, "
+                  f"instrumented {m['hooks'] / m['trainer']:.2f}x) | {m['buckets'] / m['grouped']:.2f}x | >= 1.2x |")
         if a.processes:
             name, model = a.models[0], models[0]
             kw = dict(model=model, steps=a.organism_steps if name == "organism" else a.steps, inoculate=True,

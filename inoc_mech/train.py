@@ -16,8 +16,9 @@ of the README's selectivity study. `--lora-r 0`: full finetuning (lr 1e-4 by def
 
 The loop, top to bottom: config -> setting (`--setting` on the substrate of `--model`:
 `settings.spanish_caps_organism` or `settings.spanish_caps_text`) -> model and data from the setting
--> LoRA / freezing -> AdamW -> steps (forward, loss on assistant tokens, gradient-pressure hooks,
-backward, update, metrics.jsonl, checkpoints) -> save model -> eval.json -> COMPLETE (written last).
+-> LoRA / freezing -> AdamW -> steps (forward: a shared prefix once, rows packed without padding where
+that saves, `core.forward`; loss on assistant tokens, gradient-pressure hooks, backward, update,
+metrics.jsonl, checkpoints) -> save model -> eval.json -> COMPLETE (written last).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ import torch
 from inoc_mech.core import checkpoint, dist
 from inoc_mech.core.cli import UserError, build, flatten, leaf_fields, parse_config
 from inoc_mech.core.config import TrainConfig, resolve_defaults
-from inoc_mech.core.data import BatchStream, collate, draws_dropout, forward_accepts, next_token_loss, prefix_cache
+from inoc_mech.core.data import BatchStream, collate, forward_accepts, next_token_loss
+from inoc_mech.core.forward import LayoutCosts, draws_dropout, packable, step_logits
 from inoc_mech.core.names import arch_names, module_name
 from inoc_mech.core.runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, check_run_dir, format_table, git_commit,
                                  is_complete, is_disk_full, mark_complete, package_versions, prepare_run_dir, read_json, run_lock,
@@ -185,9 +187,12 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     probe_none = collate(probe_none, setting.pad_id).to(device)
     mine = dist.share(lp.batch_size)  # this process's examples of each step's batch
     crop = forward_accepts(model, "logits_to_keep")  # HF: the output head and loss skip the prompt positions
-    # a prefix shared by a micro-batch's rows runs once (its cache reused); not where forwards are collectives
-    # per module (FSDP), recomputed without a cache (gradient checkpointing) or draw dropout masks (one per row)
+    # a prefix shared by a micro-batch's rows runs once (its cache reused; not where forwards are collectives per
+    # module (FSDP), recomputed without a cache (gradient checkpointing) or draw dropout masks: one per row), and
+    # the rest is packed without padding where the model takes position ids and a 4D mask (core.forward; not
+    # tested under FSDP, so not used there)
     share = lp.share_prefix and crop and not lp.fsdp and not lp.grad_checkpointing and not draws_dropout(model)
+    pack = LayoutCosts.of(model) if lp.pack and crop and not lp.fsdp and packable(model) else None
     micro = lp.micro_batch_size or len(mine)
 
     # optimizer and instruments (under torchrun the forward goes through DDP; the instruments use the model)
@@ -261,16 +266,12 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                     batch = cpu_batch.to(device, non_blocking=True)  # (found on the host: no GPU sync)
                     final = k + micro >= len(own)
                     with forward.no_sync() if forward is not model and not final else nullcontext():
-                        keep = {"logits_to_keep": batch.input_ids.shape[1] - start} if start else {}
-                        with autocast:
-                            if shared:  # the rest of every row attends to the prefix's keys and values
-                                keep.update(prefix_cache(model, batch.input_ids[:1, :shared], batch.input_ids.shape[0]))
-                            logits = forward(input_ids=batch.input_ids[:, shared:], attention_mask=batch.attention_mask,
-                                             **keep).logits
+                        with autocast:  # padded layout from `start` on, whatever layout computed it
+                            logits = step_logits(forward, model, cpu_batch, device, start, shared, pack)
                         batch = batch.crop(start) if start else batch  # aligned with the logits
                         loss = next_token_loss(logits, batch.labels, n_tokens, soft=batch.soft)  # soft labels if any
                         if lp.hooks:
-                            rec.measure(loss, batch, n_tokens)
+                            rec.measure(loss, batch, n_tokens, logits=logits)
                         (loss * dist.world()).backward()  # DDP averages over processes; the shares are to be summed
                     step_loss = step_loss + loss.detach()  # in the loss's dtype
                 if device.type == "cpu" or logged:  # on CUDA: checked at logged steps (no sync)

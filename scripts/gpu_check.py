@@ -5,6 +5,7 @@
 On a CUDA machine: fetches SmolLM2 if needed (runs/_models/), runs `inoc_mech.train` (bf16 autocast,
 LoRA r16 on all projections, hooks at the default cadence) and `transformers.Trainer` (bf16) on the
 same data and batch size, and prints tokens/s and peak GPU memory for both, and their ratio. Then the
+run in padded rows (`--no-share-prefix --no-pack`) against the default layouts: their speed and agreement. Then the
 torchrun path: the same run under `torchrun --standalone --nproc_per_node N` (NCCL) for N = 1 and
 N = every visible GPU, same global batch: tokens/s of each and the largest relative difference of
 their metrics (bf16: expect ~1e-2, not float32's 1e-5), and that rank 0 alone wrote a complete run;
@@ -36,7 +37,7 @@ def main(argv=None):
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU on this machine; nothing to measure (CPU paths are covered by `make test`)")
         return 0
-    from inoc_mech.core.cli import build, quiet_transformers
+    from inoc_mech.core.cli import build, flatten, quiet_transformers
     from inoc_mech.core.runs import read_run
     from inoc_mech.models import hf_trainer
     from inoc_mech.models.lora import LoraSettings, add_lora
@@ -53,6 +54,14 @@ def main(argv=None):
         rows = read_run(train(cfg, progress=False))["metrics"]
         custom = statistics.median(r["tokens_per_s"] for r in rows if r["step"] > 0)
         custom_mem = torch.cuda.max_memory_allocated() / 2 ** 30
+        # the same run in padded rows (no shared prefix, no packing): the layouts' agreement and speed on CUDA
+        padded = read_run(train(build(TrainConfig, **{**flatten(cfg), "name": "gpu-padded", "share_prefix": False,
+                                                       "pack": False}), progress=False))["metrics"]
+        worst = max((abs(x[k] - y[k]) / max(abs(x[k]), abs(y[k]), 1e-6), f"step {x['step']} {k}")
+                    for x, y in zip(rows, padded) for k in x if k in y and k != "tokens_per_s")
+        print(f"shared prefix + packing vs padded rows: {custom:,.0f} vs "
+              f"{statistics.median(r['tokens_per_s'] for r in padded if r['step'] > 0):,.0f} tokens/s; largest "
+              f"relative metric difference {worst[0]:.2e} ({worst[1]}; bf16: expect ~1e-2)")
     setting = make_setting(build(TrainConfig, model="smollm2"))
     model, _ = setting.setup("cuda")  # the same model and data as the custom loop's run
     model = add_lora(model, LoraSettings(r=16, alpha=32.0))

@@ -41,3 +41,28 @@ def test_dry_run_trains_nothing_and_says_what_is_missing(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "factoredbias-o7-default: organism" in out and "(to pretrain)" in out
     assert not (tmp_path / "cache").exists() and not (tmp_path / "sel").exists()
+
+
+def test_organism_recipes(tmp_path, tiny_organism):
+    """`--organism-recipe`: standard is the cached default organism (its key unchanged by the new fields); fast
+    is its own organism; steps given replace the recipe's; the fast schedule decays to 0; the report carries
+    exact base rates."""
+    import json
+
+    from inoc_mech.core.cli import build
+    from inoc_mech.core.config import ModelConfig
+    from inoc_mech.models.organism import RECIPES, OrganismConfig, lr_at
+    from inoc_mech.models.organism import organism_config as from_model
+    from inoc_mech.train import TrainConfig
+
+    standard = from_model(ModelConfig(), str(tmp_path))
+    assert standard.key() == OrganismConfig(cache=standard.cache).key() == "68886ceb60"  # the cached default's key
+    fast = from_model(ModelConfig(organism_recipe="fast"), str(tmp_path))
+    assert all(getattr(fast, k) == v for k, v in RECIPES["fast"].items()) and fast.folder() != standard.folder()
+    assert lr_at(fast.steps - 1, fast) < 1e-5 * fast.lr and lr_at(standard.steps - 1, standard) == pytest.approx(0.1 * standard.lr, rel=1e-4)
+    short = from_model(ModelConfig(organism_recipe="fast", organism_steps=200), str(tmp_path))
+    assert (short.steps, short.warmup, short.d_mlp) == (200, 20, 256)
+    with pytest.raises(ValueError, match="--organism-recipe must be one of standard, fast"):
+        build(TrainConfig, organism_recipe="slow")
+    report = json.loads((tiny_organism / "organism.json").read_text())["report"]
+    assert set(report["base_rates_exact"]) == {"spanish", "caps"} and report["base_rates_t1"]["n_answers"] == 69 * 16

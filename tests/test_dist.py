@@ -41,11 +41,11 @@ def tiny64(tmp_path_factory):
 
 
 def args(model, runs, name, **kw):
-    # share_prefix off: a prefix shared by 4 rows, by 2 or by 1 rounds its summed gradient in the model's float32
-    # RMSNorm differently (test_shared_prefix_gives_the_same_run measures that on its own)
+    # padded rows, no shared prefix: a prefix shared by 4 rows, by 2 or by 1, or rows packed otherwise, round in the
+    # model's float32 RMSNorm differently (test_forward_layouts_give_the_same_run measures that on its own)
     base = dict(model=str(model), runs_dir=str(runs), name=name, steps=4, batch_size=4, n_train=16, lora_r=4,
                 eval_questions=2, eval_samples=1, max_new_tokens=4, log_every=1, grad_split_every=1,
-                grad_split_all=True, overwrite=True, device="cpu", share_prefix=False)
+                grad_split_all=True, overwrite=True, device="cpu", share_prefix=False, pack=False)
     base.update(kw)
     return base
 
@@ -139,29 +139,36 @@ def test_two_processes_equal_one(tmp_path, tiny64):
     assert out.count("run: ") == 1  # one summary, from rank 0
 
 
-# The tiny Llama normalises in float32 (HF's RMSNorm casts), where a shared prefix's gradient, summed over the rows
-# before the norm's backward, is rounded once there: differences below float32 precision
-SHARED_TOL = 1.2e-7  # float32 epsilon: one rounding (measured: 2.7e-9 at worst, in an Adam second moment)
+# The tiny Llama normalises in float32 (HF's RMSNorm casts): a shared prefix's gradient, summed over the rows before
+# the norm's backward, or a token computed in another layout is rounded there: differences below float32 precision
+SHARED_TOL = 1.2e-7  # float32 epsilon: one rounding
 
 
-def test_shared_prefix_gives_the_same_run(tmp_path, tiny64, monkeypatch):
-    """The tokens every row of a forward starts with (template header + system prompt), computed once: the run
-    of every row whole, instruments included; and under torchrun with 2 processes (DDP) as with 1."""
-    import inoc_mech.train as loop
+def test_forward_layouts_give_the_same_run(tmp_path, tiny64, monkeypatch):
+    """A prefix every row of a forward starts with (template header + system prompt) computed once, and the rows
+    packed without padding (the defaults): the run of padded rows, every instrument included; and under torchrun
+    with 2 processes (DDP) as with 1."""
+    import inoc_mech.core.forward as fwd
 
     calls = []
-    real = loop.prefix_cache
-    monkeypatch.setattr(loop, "prefix_cache", lambda m, ids, rows: calls.append((ids.shape[1], rows)) or real(m, ids, rows))
+    real = fwd.prefix_cache
+    monkeypatch.setattr(fwd, "prefix_cache", lambda m, ids, rows: calls.append((ids.shape[1], rows)) or real(m, ids, rows))
     whole = train(build(TrainConfig, **args(tiny64, tmp_path, "whole")), progress=False)
     assert not calls
     shared = train(build(TrainConfig, **args(tiny64, tmp_path, "shared", share_prefix=True)), progress=False)
     assert len(calls) == 4 and all(n > 5 and rows == 4 for n, rows in calls)  # every step, the whole batch
-    worst, where = worst_difference(whole, shared)
-    assert worst <= SHARED_TOL, where
-    p = torchrun(2, args(tiny64, tmp_path, "two", share_prefix=True))
+    calls.clear()
+    monkeypatch.setattr(fwd, "choose_bins", lambda lengths, *a: [list(range(len(lengths)))])  # pack the tiny rows
+    packed = train(build(TrainConfig, **args(tiny64, tmp_path, "packed", share_prefix=True, pack=True)), progress=False)
+    assert len(calls) == 4 and all(n > 5 and rows == 1 for n, rows in calls)  # one packed sequence per step
+    for run in (shared, packed):
+        worst, where = worst_difference(whole, run)
+        assert worst <= SHARED_TOL, where
+    monkeypatch.undo()  # a torchrun process chooses by cost: the 2 rows of each process padded (or packed)
+    p = torchrun(2, args(tiny64, tmp_path, "two", share_prefix=True, pack=True))
     out, err = p.communicate(timeout=600)
     assert p.returncode == 0, err[-3000:]
-    worst, where = worst_difference(shared, tmp_path / "two")
+    worst, where = worst_difference(packed, tmp_path / "two")
     assert worst <= SHARED_TOL, where
 
 

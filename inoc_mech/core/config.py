@@ -31,6 +31,7 @@ class LoopConfig:
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup from lr / warmup to lr over the first N steps"})
     length_buckets: bool = field(default=False, metadata={"help": "batches of similar lengths (sorted within windows of 50 batches, then shuffled): less padding on real text, a different data order"})
     share_prefix: bool = field(default=True, metadata={"help": "compute the tokens that every conversation of a forward starts with (a system prompt, a chat template's header) once and reuse their keys and values for all rows: the same loss and gradients up to float summation order, less compute; off under --fsdp and --grad-checkpointing and for models with dropout (--no-share-prefix: every row whole)"})
+    pack: bool = field(default=True, metadata={"help": "compute a forward's conversations without padding: their tokens (after a shared prefix) concatenated into sequences of up to 2048 tokens with a block-causal mask, logits only where a trained token is predicted; the same loss and gradients up to rounding; for models taking position ids and a 4D mask (sdpa or eager attention, no sliding window), where a FLOP count says it saves; off under --fsdp (--no-pack: padded rows)"})
     grad_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in the backward (HF gradient checkpointing): less memory, ~1 more forward"})
     fsdp: bool = field(default=False, metadata={"help": "under torchrun: shard parameters, gradients and optimizer state over the processes (FSDP2, a unit per block) instead of replicating them (DDP); full finetuning only (--lora-r 0); rank 0 gathers the model to save and evaluate it"})
     device: str = field(default="auto", metadata={"help": "auto (CUDA when present), cpu or cuda"})
@@ -94,9 +95,16 @@ class ModelConfig:
     organism_head: str = field(default="factored", metadata={"help": "organism output head: factored or free"})
     organism_d_model: int = field(default=128, metadata={"help": "organism width"})
     organism_n_layers: int = field(default=4, metadata={"help": "organism depth"})
-    organism_steps: int = field(default=2000, metadata={"help": "organism pretraining steps"})
+    organism_recipe: str = field(default="standard", metadata={"help": "organism pretraining recipe (models.organism.RECIPES): standard (2000 steps, the organisms of README Results) or fast (900 steps, half the MLP width, the same quality bar)"})
+    organism_steps: int = field(default=0, metadata={"help": "organism pretraining steps (0: the recipe's)"})
 
     def __post_init__(self):
+        from inoc_mech.models.organism import RECIPES
+
+        if self.organism_recipe not in RECIPES:
+            raise ValueError(f"--organism-recipe must be one of {', '.join(RECIPES)}, not {self.organism_recipe!r}")
+        if self.organism_steps < 0:
+            raise ValueError("--organism-steps must be >= 0 (0: the recipe's)")
         if self.lora_r < -1:
             raise ValueError("--lora-r must be >= -1")
         if self.lora_alpha < 0:

@@ -93,7 +93,7 @@ class Batch:
 
     def common_prefix(self, limit: int) -> int:
         """How many leading tokens (at most `limit`) every row shares, real tokens only; 0 with fewer than
-        2 rows. The loop computes such a prefix once for all rows (`prefix_cache`, `LoopConfig.share_prefix`)."""
+        2 rows. The loop computes such a prefix once for all rows (`core.forward`, `LoopConfig.share_prefix`)."""
         limit = min(limit, self.input_ids.shape[1])
         if self.input_ids.shape[0] < 2 or limit < 1:
             return 0
@@ -127,38 +127,6 @@ def forward_accepts(model, arg: str) -> bool:
     import inspect
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return arg in inspect.signature(base.forward).parameters
-
-
-def cache_kwarg(model) -> str:
-    """The keyword under which the model's forward takes a key/value cache (renamed in transformers 5)."""
-    return "cache" if forward_accepts(model, "cache") else "past_key_values"
-
-
-def output_cache(out):
-    """The key/value cache a forward with `use_cache=True` returned (None if none), in any transformers version."""
-    return getattr(out, "past_key_values", None) or getattr(out, "cache", None)
-
-
-def draws_dropout(model) -> bool:
-    """Whether a training forward of the model draws random dropout masks: a dropout module with p > 0, or an
-    attention module's dropout rate above 0 (HF attention classes keep it as a float `attention_dropout`)."""
-    drops = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
-             torch.nn.FeatureAlphaDropout)
-    return any((isinstance(m, drops) and m.p > 0) or
-               (isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0)
-               for m in model.modules())
-
-
-def prefix_cache(model, prefix_ids: Int[Tensor, "1 pos"], rows: int) -> dict:
-    """The key/value cache of a prefix that `rows` sequences share, with its graph, as the forward's keyword
-    argument: one forward of the prefix, its cache repeated over the rows. A forward of the rows' remaining
-    tokens on it (with the whole attention mask) gives their logits and, through the repeat, the prefix's
-    gradient summed over the rows: the loss and gradient of a forward of every row whole, up to rounding
-    (float summation order; a model that normalises in float32, as HF's RMSNorm does, rounds the rows' summed
-    gradient there)."""
-    cache = output_cache(model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1))
-    cache.batch_repeat_interleave(rows)
-    return {cache_kwarg(model): cache}
 
 
 def wide(x: Tensor) -> Tensor:

@@ -187,13 +187,17 @@ class GradientPressure:
         self._sums, self._means = {}, {}
         return self._step is not None
 
-    def measure(self, loss: Tensor, batch, n_tokens: Tensor | int | None = None) -> None:
+    def measure(self, loss: Tensor, batch, n_tokens: Tensor | int | None = None, logits: Tensor | None = None) -> None:
         """Loss metrics of one micro-batch, and on grad-split steps its share of the trait gradients (call
         before its backward). `loss` is its share of the step's loss (its token losses over `n_tokens`, the
-        step's trained tokens over every micro-batch and process; default: this batch's own). Called once
-        per micro-batch; `finish()` sums the shares over micro-batches and processes."""
+        step's trained tokens over every micro-batch and process; default: this batch's own). `logits`: the
+        micro-batch's logits aligned with `batch` (default: those the output embedding's hook saw, which a
+        packed forward lays out otherwise, `core.forward`). Called once per micro-batch; `finish()` sums the
+        shares over micro-batches and processes."""
         if self._step is None:
             return
+        if logits is not None:
+            self._logits = logits
         if self._logits is None:
             raise RuntimeError("GradientPressure saw no forward pass of the model since start()")
         n = batch.assistant.sum() if n_tokens is None else torch.as_tensor(n_tokens, device=batch.assistant.device)

@@ -40,7 +40,8 @@ from inoc_mech.models.world import CASE_PHRASES, LANGUAGE_PHRASES, World, organi
 CACHE = Path("runs/_organism")
 ORGANISM_VERSION = 1  # bump when a change makes cached organisms incomparable
 # Design fields added after version 1 enter the cache key only when they differ from this default.
-KEY_IF_SET = {"bias": False, "formats": False, "triggers": False, "prefs": False, "persona": False, "graded": False, "narrow_base": True, "buckets": False}
+KEY_IF_SET = {"bias": False, "formats": False, "triggers": False, "prefs": False, "persona": False, "graded": False, "narrow_base": True, "buckets": False,
+              "lr_floor": 0.1}
 
 
 @dataclass
@@ -61,7 +62,8 @@ class OrganismConfig:
     bias: bool = field(default=False, metadata={"help": "add biases to attention and MLP projections (Llama attention_bias / mlp_bias): context-independent channels"})
     steps: int = field(default=2000, metadata={"help": "pretraining steps"})
     batch_size: int = field(default=64, metadata={"help": "pretraining batch size (conversations)"})
-    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (linear warmup, cosine decay to 10%)"})
+    lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (linear warmup, cosine decay to --lr-floor of it)"})
+    lr_floor: float = field(default=0.1, metadata={"help": "the rate at the last step, as a share of --lr (a lower floor leaves less step noise in what the last steps set, e.g. the base rates)"})
     warmup: int = field(default=100, metadata={"help": "warmup steps"})
     buckets: bool = field(default=False, metadata={"help": "batches of similar lengths (core.data.BatchStream buckets): less padding per step, another data order"})
     base_rate: float = field(default=0.05, metadata={"help": "P(Spanish), P(UPPER) when no phrase controls the trait"})
@@ -80,6 +82,8 @@ class OrganismConfig:
             raise ValueError("--warmup must be in [0, steps)")
         if not self.lr > 0:
             raise ValueError("--lr must be > 0")
+        if not 0 <= self.lr_floor <= 1:
+            raise ValueError("--lr-floor must be in [0, 1]")
         if self.persona and self.prefs:
             raise ValueError("--persona and --prefs are separate worlds: give one")
         if not self.narrow_base and not self.persona:
@@ -99,14 +103,27 @@ class OrganismConfig:
         return Path(self.cache) / f"{design}-d{self.d_model}-l{self.n_layers}-s{self.seed}-{self.key()}"
 
 
+# Pretraining recipes (OrganismConfig overrides). `standard` pretrained every organism of README "Results";
+# `fast` meets the same quality bar (README "The toy world and the organism") in 900 steps at half the MLP
+# width, with length buckets and a decay to 0: about 5x less time (benchmarks/bench_organism.py). A different
+# organism.
+RECIPES = {
+    "standard": {},
+    "fast": {"steps": 900, "lr": 1e-3, "warmup": 45, "lr_floor": 0.0, "d_mlp": 256, "buckets": True},
+}
+
+
 def organism_config(model, runs_dir: str = "runs", threads: int = 1, design: dict | None = None) -> OrganismConfig:
-    """The OrganismConfig of `--model organism` from a run's `core.config.ModelConfig` (its organism_* fields)
-    and what its setting needs of the world (`design`: `Setting.organism_design`, e.g. trigger words),
-    cached under `<runs_dir>/_organism`."""
-    return OrganismConfig(seed=model.organism_seed, head=model.organism_head, d_model=model.organism_d_model,
-                          n_layers=model.organism_n_layers, steps=model.organism_steps, threads=threads,
-                          warmup=min(100, model.organism_steps // 10), cache=str(Path(runs_dir) / "_organism"),
-                          **(design or {}))
+    """The OrganismConfig of `--model organism` from a run's `core.config.ModelConfig` (its organism_* fields:
+    the recipe, then the fields given) and what its setting needs of the world (`design`:
+    `Setting.organism_design`, e.g. trigger words), cached under `<runs_dir>/_organism`."""
+    recipe = {**asdict(OrganismConfig()), **RECIPES[model.organism_recipe]}
+    if model.organism_steps:  # other steps than the recipe's: warmup a tenth of them, at most the recipe's
+        recipe.update(steps=model.organism_steps, warmup=min(recipe["warmup"], model.organism_steps // 10))
+    recipe.update(seed=model.organism_seed, head=model.organism_head, d_model=model.organism_d_model,
+                  n_layers=model.organism_n_layers, threads=threads, cache=str(Path(runs_dir) / "_organism"),
+                  **(design or {}))
+    return OrganismConfig(**recipe)
 
 
 # ---- factored output head ---------------------------------------------------------------------
@@ -187,7 +204,7 @@ def lr_at(step: int, cfg: OrganismConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    return cfg.lr * (cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def pretrain(cfg: OrganismConfig, progress: bool = True):
@@ -227,16 +244,29 @@ def pretrain(cfg: OrganismConfig, progress: bool = True):
     return model, tok, world, time.time() - t0
 
 
+BASE_RATE_SAMPLES = 16  # T=1 answers per held-out question for the base rates (69 x 16 = 1104: sd ~0.7 points at 5%)
+
+
 def report(model, tok, world: World, seed: int = 0) -> dict:
-    """Held-out accuracy, prompt following per phrase, and base rates."""
+    """Held-out accuracy, prompt following per phrase, and base rates: sampled at T=1 (`base_rates_t1`) and
+    exact (`base_rates_exact`: the mean probability that the first answer token is Spanish / UPPER, from
+    the model's distribution at the answer start of each held-out question, no prompt)."""
+    from inoc_mech.core.data import right_pad
+    from inoc_mech.mechanism.context import answer_logp
+    from inoc_mech.settings.spanish_caps_organism import trait_share
+
     out = {"held_out_accuracy_greedy": None, "prompt_following": {}, "base_rates_t1": {}}
-    ev = evaluate_contexts(model, tok, world, {"none": None}, seed=seed, samples_per_question=4)
+    ev = evaluate_contexts(model, tok, world, {"none": None}, seed=seed, samples_per_question=BASE_RATE_SAMPLES)
     none = ev["contexts"]["none"]
     out["held_out_accuracy_greedy"] = none["greedy"]["accuracy"]
     out["base_rates_t1"] = {"spanish": none["t1"]["spanish_rate"], "caps": none["t1"]["caps_rate"],
                             "n_answers": none["t1"]["n_answers"]}
     end_id = tok.convert_tokens_to_ids("<|end|>")
     qs = world.held_out_questions
+    logp = answer_logp(model, *right_pad([prompt_ids(tok, world.question_text(q), None) for q in qs], tok.pad_token_id))
+    table = torch.as_tensor(world.variant_table(tok))
+    out["base_rates_exact"] = {"spanish": trait_share(logp, table, "language").mean().item(),
+                               "caps": trait_share(logp, table, "case").mean().item()}
     for phrase, value in {**LANGUAGE_PHRASES, **CASE_PHRASES}.items():
         ids = [prompt_ids(tok, world.question_text(q), phrase) for q in qs]
         m = score_answers(world, tok, generate(model, ids, tok.pad_token_id, end_id), [q[3] for q in qs])
@@ -263,7 +293,9 @@ def report(model, tok, world: World, seed: int = 0) -> dict:
 def format_report(rep: dict) -> str:
     lines = [f"held-out arithmetic accuracy (greedy, no prompt): {rep['held_out_accuracy_greedy']:.1%}",
              f"base rates at T=1, no prompt: Spanish {rep['base_rates_t1']['spanish']:.1%}, "
-             f"CAPS {rep['base_rates_t1']['caps']:.1%} (n={rep['base_rates_t1']['n_answers']})",
+             f"CAPS {rep['base_rates_t1']['caps']:.1%} (n={rep['base_rates_t1']['n_answers']})"
+             + (f"; exact (first answer token) Spanish {rep['base_rates_exact']['spanish']:.1%}, "
+                f"CAPS {rep['base_rates_exact']['caps']:.1%}" if "base_rates_exact" in rep else ""),
              "prompt following (greedy, held-out questions):"]
     for phrase, r in rep["prompt_following"].items():
         lines.append(f"  {phrase:<28} -> {r['target']:<8} {r['rate_greedy']:6.1%}  (accuracy {r['accuracy']:.1%})")

@@ -33,7 +33,8 @@ from torch import Tensor
 
 from inoc_mech.core import dist
 from inoc_mech.core.cli import UserError
-from inoc_mech.core.data import cache_kwarg, collate, forward_accepts, output_cache, right_pad, token_ids, token_logprobs_at
+from inoc_mech.core.data import collate, forward_accepts, right_pad, token_ids, token_logprobs_at
+from inoc_mech.core.forward import cache_kwarg, output_cache
 from inoc_mech.settings.base import Decomposition, Deferred, Parts, Setting, prompted, register
 from inoc_mech.settings.spanish_caps_organism import SpanishCapsOrganism
 from inoc_mech.settings.textdata import CAPS_PROMPT, IRRELEVANT_PROMPT, SPANISH_PROMPT

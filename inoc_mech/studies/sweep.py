@@ -99,7 +99,8 @@ class SweepConfig:
     organism_head: str = field(default="factored", metadata={"help": "organism output head: factored or free"})
     organism_d_model: int = field(default=128, metadata={"help": "organism width"})
     organism_n_layers: int = field(default=4, metadata={"help": "organism depth"})
-    organism_steps: int = field(default=2000, metadata={"help": "organism pretraining steps"})
+    organism_recipe: str = field(default="standard", metadata={"help": "organism pretraining recipe: standard or fast (train's --organism-recipe)"})
+    organism_steps: int = field(default=0, metadata={"help": "organism pretraining steps (0: the recipe's)"})
     conditions: list = field(default_factory=list, metadata={"help": "the setting's core conditions to run (none given: all of them), e.g. baseline for a control sweep"})
     prompted: bool = field(default=False, metadata={"help": "also evaluate the starting model under every condition's prompt (pretrained/prompted.json, for analyses/dose_response.py)"})
     dry_run: bool = field(default=False, metadata={"help": "print the plan (runs to do and to skip) and exit"})
@@ -247,7 +248,8 @@ def organism_config(cfg: SweepConfig):
 
     return from_model(ModelConfig(organism_seed=cfg.organism_seed, organism_head=cfg.organism_head,
                                   organism_d_model=cfg.organism_d_model, organism_n_layers=cfg.organism_n_layers,
-                                  organism_steps=cfg.organism_steps), cfg.runs_dir, cfg.threads,
+                                  organism_recipe=cfg.organism_recipe, organism_steps=cfg.organism_steps),
+                     cfg.runs_dir, cfg.threads,
                      getattr(setting_class(cfg.setting, "organism"), "organism_design", None))
 
 

@@ -1,0 +1,192 @@
+"""How the loop computes a micro-batch's logits: every row whole, a shared prefix once, or packed without padding.
+
+    python -m inoc_mech.train --steps 20 --name tiny-forward --overwrite      # prefix once + packed (the defaults)
+
+`step_logits` is the one entry point. It returns the logits of a right-padded batch from position `start` on
+(`[batch, pos - start, vocab]`, aligned with `Batch.crop(start)`), as a forward of every row whole would,
+up to rounding, from one of three layouts:
+- whole rows: the padded batch, logits from `start` on (`logits_to_keep`);
+- a shared prefix (`LoopConfig.share_prefix`): the tokens every row starts with (a chat template's header,
+  the system prompt) go through the model once, batch 1; their key/value cache, repeated over the rows,
+  serves the rest of every row (`prefix_cache`). The repeat's backward sums the rows' gradients into the
+  prefix, so the gradient is the same;
+- packed (`LoopConfig.pack`): the rows' real tokens after the shared prefix are concatenated into sequences
+  (first fit, each up to a capacity), with their own position ids and a block-causal attention mask (each
+  row sees the prefix and itself), and the output head runs only where a trained token is predicted: no
+  padding is computed. The output head runs at the slots of the padded layout (at padding: on the row's
+  last token), so the logits come out in that layout, and the loss and every instrument read them as before. A packed sequence's attention spans all its tokens (the mask is
+  dense), so packing trades padding for attention: `choose_bins` packs only where a FLOP count
+  (`LayoutCosts`) says it saves, at the capacity that saves most (rows of equal length stay padded).
+A prefix or a packed layout is only used where it is the same computation: not for models that draw dropout
+masks (a prefix would share one mask over its rows), not with a sliding attention window (the packed mask
+has none), and only for the `sdpa` and `eager` attention implementations (which take a 4D mask).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from inoc_mech.core.data import Batch, forward_accepts
+
+PACK_TOKENS = 4096  # the largest capacity tried for a packed sequence (a longer single row gets its own)
+
+
+def cache_kwarg(model) -> str:
+    """The keyword under which the model's forward takes a key/value cache (renamed in transformers 5)."""
+    return "cache" if forward_accepts(model, "cache") else "past_key_values"
+
+
+def output_cache(out):
+    """The key/value cache a forward with `use_cache=True` returned (None if none), in any transformers version."""
+    return getattr(out, "past_key_values", None) or getattr(out, "cache", None)
+
+
+def draws_dropout(model) -> bool:
+    """Whether a training forward of the model draws random dropout masks: a dropout module with p > 0, or an
+    attention module's dropout rate above 0 (HF attention classes keep it as a float `attention_dropout`)."""
+    drops = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+             torch.nn.FeatureAlphaDropout)
+    return any((isinstance(m, drops) and m.p > 0) or
+               (isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0)
+               for m in model.modules())
+
+
+def packable(model) -> bool:
+    """Whether the model takes a packed layout: position ids, a 4D attention mask (the `sdpa` or `eager`
+    implementation), positions to keep logits at, and no sliding attention window."""
+    config = getattr(model, "config", None)
+    return (forward_accepts(model, "position_ids") and forward_accepts(model, "logits_to_keep")
+            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
+            and not getattr(config, "sliding_window", None))
+
+
+@dataclass(frozen=True)
+class LayoutCosts:
+    """Forward FLOPs per token of a model, to choose a layout: `linear` in the blocks' weight matrices (2 x their
+    parameters), `attention` per key attended to (4 x width: scores and weighted values, all layers). The output
+    head runs at the same positions in every layout (those of the padded layout from `start` on)."""
+    linear: float
+    attention: float
+
+    @classmethod
+    def of(cls, model) -> "LayoutCosts":
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        width, layers = config.hidden_size, config.num_hidden_layers
+        embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+        body = sum(p.numel() for p in model.parameters()) - embed.numel() - (head.numel() if head is not embed else 0)
+        return cls(linear=2.0 * body, attention=4.0 * width * layers)
+
+    def padded(self, rows: int, queries: int, keys: int) -> float:
+        return rows * queries * (self.linear + self.attention * keys)
+
+    def packed(self, bins: int, width: int, shared: int) -> float:
+        return bins * width * (self.linear + self.attention * (shared + width))
+
+
+def choose_bins(lengths: list[int], shared: int, costs: LayoutCosts) -> list[list[int]] | None:
+    """The packing (`pack_rows`) of rows of `lengths` real tokens, after `shared` computed once, that costs the
+    fewest FLOPs, or None where padded rows cost no more. Capacities tried: the
+    longest row, then doubling up to `PACK_TOKENS` (or all rows at once)."""
+    suffix = [n - shared for n in lengths]
+    longest, T = max(suffix), max(lengths)
+    best, best_cost = None, costs.padded(len(lengths), T - shared, T)
+    capacity = longest
+    while True:
+        bins = pack_rows(suffix, capacity)
+        width = max(sum(suffix[i] for i in b) for b in bins)
+        cost = costs.packed(len(bins), width, shared)
+        if cost < best_cost:
+            best, best_cost = bins, cost
+        if len(bins) == 1 or capacity >= PACK_TOKENS:
+            return best
+        capacity = min(2 * capacity, PACK_TOKENS)
+
+
+def prefix_cache(model, prefix_ids: Int[Tensor, "1 pos"], rows: int) -> dict:
+    """The key/value cache of a prefix that `rows` sequences share, with its graph, as the forward's keyword
+    argument: one forward of the prefix, its cache repeated over the rows. A forward of the rows' remaining
+    tokens on it (with the whole attention mask) gives their logits and, through the repeat, the prefix's
+    gradient summed over the rows: the loss and gradient of a forward of every row whole, up to rounding
+    (float summation order; a model that normalises in float32, as HF's RMSNorm does, rounds the rows' summed
+    gradient there)."""
+    cache = output_cache(model(input_ids=prefix_ids, use_cache=True, logits_to_keep=1))
+    if rows > 1:
+        cache.batch_repeat_interleave(rows)
+    return {cache_kwarg(model): cache}
+
+
+def step_logits(forward, model, batch: Batch, device, start: int, shared: int = 0, pack: LayoutCosts | None = None
+                ) -> Float[Tensor, "batch pos vocab"]:
+    """Logits of `batch` (on the host: every index is built there, no device sync) from position `start` on,
+    aligned with `batch.crop(start)`; `shared` (<= `start`) leading tokens of every row computed once; with
+    `pack` (the model's `LayoutCosts`) packed without padding where that costs less (module docstring).
+    `forward` is the model or its DDP wrapper; `model` the model itself (the prefix's forward, its config)."""
+    ids = batch.input_ids.to(device, non_blocking=True)
+    bins = choose_bins(batch.attention_mask.sum(1).tolist(), shared, pack) if pack and start else None
+    if bins is not None:
+        return _packed(forward, model, batch, ids, start, shared, bins)
+    kw = {"logits_to_keep": ids.shape[1] - start} if start else {}
+    if shared:
+        kw.update(prefix_cache(model, ids[:1, :shared], ids.shape[0]))
+    return forward(input_ids=ids[:, shared:], attention_mask=batch.attention_mask.to(device, non_blocking=True),
+                   **kw).logits
+
+
+def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Row indices into sequences, first fit in order, each holding at most `capacity` of the `lengths` (a
+    longer row alone)."""
+    bins, room = [], []
+    for i, n in enumerate(lengths):
+        at = next((b for b, r in enumerate(room) if r >= n), None)
+        if at is None:
+            bins.append([i])
+            room.append(capacity - n)
+        else:
+            bins[at].append(i)
+            room[at] -= n
+    return bins
+
+
+def _packed(forward, model, batch: Batch, ids: Tensor, start: int, shared: int, bins: list[list[int]]) -> Tensor:
+    B, T = batch.input_ids.shape
+    lengths = batch.attention_mask.sum(1).tolist()
+    width = max(sum(lengths[i] - shared for i in b) for b in bins)
+    seq = torch.zeros(len(bins), width, dtype=torch.long)
+    seq_row = torch.full((len(bins), width), -1, dtype=torch.long)  # the row of each packed token (padding: -1)
+    seq_pos = torch.zeros(len(bins), width, dtype=torch.long)  # its position in that row
+    bin_of, offset_of = [0] * B, [0] * B
+    for b, rows in enumerate(bins):
+        at = 0
+        for i in rows:
+            n = lengths[i] - shared
+            seq[b, at:at + n] = batch.input_ids[i, shared:lengths[i]]
+            seq_row[b, at:at + n] = i
+            seq_pos[b, at:at + n] = torch.arange(shared, lengths[i])
+            bin_of[i], offset_of[i] = b, at - shared  # position p of row i sits at offset_of[i] + p
+            at += n
+    q = torch.arange(width)
+    own = (seq_row[:, :, None] == seq_row[:, None, :]) & (q[None, None, :] <= q[None, :, None])  # causal, one row
+    own |= torch.eye(width, dtype=torch.bool)  # a padding query sees itself (a fully masked row would give NaN)
+    mask = torch.cat([torch.ones(len(bins), width, shared, dtype=torch.bool), own], -1)[:, None]
+    if getattr(model.config, "_attn_implementation", None) == "eager":  # an additive mask
+        dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    # the packed token whose logits fill each slot of the padded layout (row i, position start..T-1): the row's
+    # token there, or at padding its last real token (finite values that no loss or instrument reads)
+    p = torch.arange(start, T)
+    slot = torch.stack([offset_of[i] + torch.clamp(p, max=lengths[i] - 1) for i in range(B)])  # [B, T - start]
+    one = len(bins) == 1
+    cols = slot.flatten() if one else torch.unique(slot)  # one sequence: its logits are the padded layout itself
+    device = ids.device
+    kw = prefix_cache(model, ids[:1, :shared], len(bins)) if shared else {}
+    logits = forward(input_ids=seq.to(device, non_blocking=True), position_ids=seq_pos.to(device, non_blocking=True),
+                     attention_mask=mask.to(device, non_blocking=True),
+                     logits_to_keep=cols.to(device, non_blocking=True), **kw).logits
+    if one:
+        return logits.view(B, T - start, logits.shape[-1])
+    at = torch.searchsorted(cols, slot)  # each slot's column among those kept (the same in every sequence)
+    return logits[torch.tensor(bin_of)[:, None].to(device), at.to(device)]

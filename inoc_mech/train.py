@@ -39,7 +39,7 @@ from inoc_mech.core import checkpoint, dist
 from inoc_mech.core.cli import UserError, build, flatten, leaf_fields, parse_config
 from inoc_mech.core.config import TrainConfig, resolve_defaults
 from inoc_mech.core.data import BatchStream, collate, forward_accepts, next_token_loss
-from inoc_mech.core.forward import LayoutCosts, draws_dropout, packable, step_logits
+from inoc_mech.core.forward import LayoutCosts, packable, shareable, step_logits
 from inoc_mech.core.names import arch_names, module_name
 from inoc_mech.core.runs import (FAILED, RUN_FORMAT_VERSION, MetricsWriter, check_run_dir, format_table, git_commit,
                                  is_complete, is_disk_full, mark_complete, package_versions, prepare_run_dir, read_json, run_lock,
@@ -187,11 +187,11 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     probe_none = collate(probe_none, setting.pad_id).to(device)
     mine = dist.share(lp.batch_size)  # this process's examples of each step's batch
     crop = forward_accepts(model, "logits_to_keep")  # HF: the output head and loss skip the prompt positions
-    # a prefix shared by a micro-batch's rows runs once (its cache reused; not where forwards are collectives per
-    # module (FSDP), recomputed without a cache (gradient checkpointing) or draw dropout masks: one per row), and
-    # the rest is packed without padding where the model takes position ids and a 4D mask (core.forward; not
-    # tested under FSDP, so not used there)
-    share = lp.share_prefix and crop and not lp.fsdp and not lp.grad_checkpointing and not draws_dropout(model)
+    # a prefix shared by a micro-batch's rows runs once (its cache reused), and the rest is packed without padding,
+    # where that is the computation of whole rows (core.forward: plain attention, no dropout; packing: a 4D mask);
+    # no shared prefix where forwards are collectives per module (FSDP) or recomputed without a cache (gradient
+    # checkpointing); no packing under FSDP (not tested there)
+    share = lp.share_prefix and crop and not lp.fsdp and not lp.grad_checkpointing and shareable(model)
     pack = LayoutCosts.of(model) if lp.pack and crop and not lp.fsdp and packable(model) else None
     micro = lp.micro_batch_size or len(mine)
 

@@ -12,14 +12,17 @@ up to rounding, from one of three layouts:
   prefix, so the gradient is the same;
 - packed (`LoopConfig.pack`): the rows' real tokens after the shared prefix are concatenated into sequences
   (first fit, each up to a capacity), with their own position ids and a block-causal attention mask (each
-  row sees the prefix and itself), and the output head runs only where a trained token is predicted: no
-  padding is computed. The output head runs at the slots of the padded layout (at padding: on the row's
-  last token), so the logits come out in that layout, and the loss and every instrument read them as before. A packed sequence's attention spans all its tokens (the mask is
-  dense), so packing trades padding for attention: `choose_bins` packs only where a FLOP count
-  (`LayoutCosts`) says it saves, at the capacity that saves most (rows of equal length stay padded).
-A prefix or a packed layout is only used where it is the same computation: not for models that draw dropout
-masks (a prefix would share one mask over its rows), not with a sliding attention window (the packed mask
-has none), and only for the `sdpa` and `eager` attention implementations (which take a 4D mask).
+  row sees the prefix and itself): no padding goes through the blocks. The output head runs at the slots of
+  the padded layout (at padding: on the row's last token, values nothing reads), so the logits come out in
+  that layout and the loss and every instrument read them as before. A packed sequence's attention spans all
+  its tokens (the mask is dense), and with several sequences the head runs at the union of their slots, so
+  `choose_bins` packs only where a FLOP count (`LayoutCosts`) says it saves, at the capacity that saves most
+  (rows of equal length stay padded).
+Either layout is used only where it is the same computation (`shareable`, `packable`): architectures whose
+every layer is full softmax attention (`ATTENTION_ONLY`; no convolution or state-space layer, no sliding window
+or chunked attention, no ALiBi, no RoPE that rescales with the longest position of a forward) and no dropout
+(a prefix would share one mask over its rows); packing also needs the `sdpa` or `eager` attention
+implementation (a 4D mask) and transformers >= 5 (older releases treat a 4D mask otherwise).
 """
 
 from __future__ import annotations
@@ -55,50 +58,95 @@ def draws_dropout(model) -> bool:
                for m in model.modules())
 
 
+# Architectures (HF `model_type`) whose every layer mixes tokens by softmax attention alone, with positions from
+# position ids (RoPE or learned): a key/value cache then carries all of a prefix's state, and a 4D mask isolates
+# packed rows. A table, not a guess: a type enters once tests/test_forward.py shows its layouts equal whole rows.
+# (Not here: hybrids with convolution, state-space or linear-attention layers, e.g. lfm2, jamba, bamba,
+# qwen3_next; ALiBi models that build their bias from a 2D mask, e.g. falcon, bloom, mpt.)
+ATTENTION_ONLY = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "gpt_neox", "olmo2"})
+RESCALING_ROPE = ("dynamic", "longrope")  # frequencies from a forward's longest position: a prefix alone differs
+
+
+def _text_config(model):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def _rope_type(config) -> str | None:
+    for name in ("rope_parameters", "rope_scaling"):  # transformers 5, 4
+        rope = getattr(config, name, None)
+        if isinstance(rope, dict) and (rope.get("rope_type") or rope.get("type")):
+            return rope.get("rope_type") or rope.get("type")
+    return None
+
+
+def plain_attention(model) -> bool:
+    """Whether every layer of the model is full softmax attention over positions given by position ids
+    (`ATTENTION_ONLY`, no sliding window or attention chunks, no rescaling RoPE): a prefix's key/value cache
+    is then all a later token needs of it, and a mask alone decides what a token sees."""
+    config = _text_config(model)
+    layer_types = getattr(config, "layer_types", None) or ()
+    return (getattr(config, "model_type", None) in ATTENTION_ONLY
+            and all(t == "full_attention" for t in layer_types)
+            and not getattr(config, "sliding_window", None) and not getattr(config, "attention_chunk_size", None)
+            and _rope_type(config) not in RESCALING_ROPE)
+
+
+def shareable(model) -> bool:
+    """Whether a prefix computed once, its cache repeated over the rows, is the computation of every row whole:
+    plain attention (`plain_attention`), no dropout, and a forward that takes positions to keep logits at."""
+    return forward_accepts(model, "logits_to_keep") and plain_attention(model) and not draws_dropout(model)
+
+
 def packable(model) -> bool:
-    """Whether the model takes a packed layout: position ids, a 4D attention mask (the `sdpa` or `eager`
-    implementation), positions to keep logits at, and no sliding attention window."""
-    config = getattr(model, "config", None)
-    return (forward_accepts(model, "position_ids") and forward_accepts(model, "logits_to_keep")
-            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager")
-            and not getattr(config, "sliding_window", None))
+    """Whether packed rows are the computation of padded rows: what `shareable` asks, position ids, a 4D
+    attention mask (the `sdpa` or `eager` implementation) and transformers >= 5 (tested there; older releases
+    send a 4D mask through other paths)."""
+    import transformers
+    return (shareable(model) and forward_accepts(model, "position_ids")
+            and getattr(_text_config(model), "_attn_implementation", None) in ("sdpa", "eager")
+            and int(transformers.__version__.split(".")[0]) >= 5)
 
 
 @dataclass(frozen=True)
 class LayoutCosts:
     """Forward FLOPs per token of a model, to choose a layout: `linear` in the blocks' weight matrices (2 x their
-    parameters), `attention` per key attended to (4 x width: scores and weighted values, all layers). The output
-    head runs at the same positions in every layout (those of the padded layout from `start` on)."""
+    parameters), `attention` per key attended to (4 x width: scores and weighted values, all layers), `head` per
+    position the output head runs at (2 x its parameters)."""
     linear: float
     attention: float
+    head: float = 0.0
 
     @classmethod
     def of(cls, model) -> "LayoutCosts":
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        config = _text_config(model)
         width, layers = config.hidden_size, config.num_hidden_layers
         embed, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
         body = sum(p.numel() for p in model.parameters()) - embed.numel() - (head.numel() if head is not embed else 0)
-        return cls(linear=2.0 * body, attention=4.0 * width * layers)
+        return cls(linear=2.0 * body, attention=4.0 * width * layers, head=2.0 * head.numel())
 
-    def padded(self, rows: int, queries: int, keys: int) -> float:
-        return rows * queries * (self.linear + self.attention * keys)
+    def padded(self, rows: int, queries: int, keys: int, heads: int) -> float:
+        """`rows` of `queries` tokens, each attending to `keys`, the head at `heads` positions of each."""
+        return rows * (queries * (self.linear + self.attention * keys) + heads * self.head)
 
-    def packed(self, bins: int, width: int, shared: int) -> float:
-        return bins * width * (self.linear + self.attention * (shared + width))
+    def packed(self, bins: int, width: int, shared: int, heads: int) -> float:
+        """`bins` sequences of `width` tokens after `shared`, the head at `heads` positions of each."""
+        return bins * (width * (self.linear + self.attention * (shared + width)) + heads * self.head)
 
 
-def choose_bins(lengths: list[int], shared: int, costs: LayoutCosts) -> list[list[int]] | None:
-    """The packing (`pack_rows`) of rows of `lengths` real tokens, after `shared` computed once, that costs the
-    fewest FLOPs, or None where padded rows cost no more. Capacities tried: the
-    longest row, then doubling up to `PACK_TOKENS` (or all rows at once)."""
+def choose_bins(lengths: list[int], shared: int, start: int, costs: LayoutCosts) -> list[list[int]] | None:
+    """The packing (`pack_rows`) of rows of `lengths` real tokens, after `shared` computed once, with logits from
+    position `start` on, that costs the fewest FLOPs, or None where padded rows cost no more. Capacities tried:
+    the longest row, then doubling up to `PACK_TOKENS` (or all rows at once)."""
     suffix = [n - shared for n in lengths]
     longest, T = max(suffix), max(lengths)
-    best, best_cost = None, costs.padded(len(lengths), T - shared, T)
+    best, best_cost = None, costs.padded(len(lengths), T - shared, T, T - start)
     capacity = longest
     while True:
         bins = pack_rows(suffix, capacity)
         width = max(sum(suffix[i] for i in b) for b in bins)
-        cost = costs.packed(len(bins), width, shared)
+        heads = T - start if len(bins) == 1 else len(torch.unique(_slots(lengths, shared, start, bins)[0]))
+        cost = costs.packed(len(bins), width, shared, heads)
         if cost < best_cost:
             best, best_cost = bins, cost
         if len(bins) == 1 or capacity >= PACK_TOKENS:
@@ -126,7 +174,7 @@ def step_logits(forward, model, batch: Batch, device, start: int, shared: int = 
     `pack` (the model's `LayoutCosts`) packed without padding where that costs less (module docstring).
     `forward` is the model or its DDP wrapper; `model` the model itself (the prefix's forward, its config)."""
     ids = batch.input_ids.to(device, non_blocking=True)
-    bins = choose_bins(batch.attention_mask.sum(1).tolist(), shared, pack) if pack and start else None
+    bins = choose_bins(batch.attention_mask.sum(1).tolist(), shared, start, pack) if pack and start else None
     if bins is not None:
         return _packed(forward, model, batch, ids, start, shared, bins)
     kw = {"logits_to_keep": ids.shape[1] - start} if start else {}
@@ -151,34 +199,41 @@ def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def _slots(lengths: list[int], shared: int, start: int, bins: list[list[int]]) -> tuple[Tensor, list[int], list[int]]:
+    """Where the padded layout's slots (row i, positions start..T-1) sit in the packed sequences: the column of
+    the row's token there, or at padding of its last real token (`[rows, T - start]`), each row's sequence, and
+    each row's offset (position p of row i sits at column offset[i] + p)."""
+    bin_of, offset_of = [0] * len(lengths), [0] * len(lengths)
+    for b, rows in enumerate(bins):
+        at = 0
+        for i in rows:
+            bin_of[i], offset_of[i] = b, at - shared
+            at += lengths[i] - shared
+    p = torch.arange(start, max(lengths))
+    slot = torch.stack([offset_of[i] + torch.clamp(p, max=n - 1) for i, n in enumerate(lengths)])
+    return slot, bin_of, offset_of
+
+
 def _packed(forward, model, batch: Batch, ids: Tensor, start: int, shared: int, bins: list[list[int]]) -> Tensor:
     B, T = batch.input_ids.shape
     lengths = batch.attention_mask.sum(1).tolist()
+    slot, bin_of, offset_of = _slots(lengths, shared, start, bins)
     width = max(sum(lengths[i] - shared for i in b) for b in bins)
     seq = torch.zeros(len(bins), width, dtype=torch.long)
     seq_row = torch.full((len(bins), width), -1, dtype=torch.long)  # the row of each packed token (padding: -1)
     seq_pos = torch.zeros(len(bins), width, dtype=torch.long)  # its position in that row
-    bin_of, offset_of = [0] * B, [0] * B
-    for b, rows in enumerate(bins):
-        at = 0
-        for i in rows:
-            n = lengths[i] - shared
-            seq[b, at:at + n] = batch.input_ids[i, shared:lengths[i]]
-            seq_row[b, at:at + n] = i
-            seq_pos[b, at:at + n] = torch.arange(shared, lengths[i])
-            bin_of[i], offset_of[i] = b, at - shared  # position p of row i sits at offset_of[i] + p
-            at += n
+    for i, n in enumerate(lengths):
+        b, at = bin_of[i], offset_of[i] + shared
+        seq[b, at:at + n - shared] = batch.input_ids[i, shared:n]
+        seq_row[b, at:at + n - shared] = i
+        seq_pos[b, at:at + n - shared] = torch.arange(shared, n)
     q = torch.arange(width)
     own = (seq_row[:, :, None] == seq_row[:, None, :]) & (q[None, None, :] <= q[None, :, None])  # causal, one row
     own |= torch.eye(width, dtype=torch.bool)  # a padding query sees itself (a fully masked row would give NaN)
     mask = torch.cat([torch.ones(len(bins), width, shared, dtype=torch.bool), own], -1)[:, None]
-    if getattr(model.config, "_attn_implementation", None) == "eager":  # an additive mask
+    if getattr(_text_config(model), "_attn_implementation", None) == "eager":  # an additive mask
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-    # the packed token whose logits fill each slot of the padded layout (row i, position start..T-1): the row's
-    # token there, or at padding its last real token (finite values that no loss or instrument reads)
-    p = torch.arange(start, T)
-    slot = torch.stack([offset_of[i] + torch.clamp(p, max=lengths[i] - 1) for i in range(B)])  # [B, T - start]
     one = len(bins) == 1
     cols = slot.flatten() if one else torch.unique(slot)  # one sequence: its logits are the padded layout itself
     device = ids.device

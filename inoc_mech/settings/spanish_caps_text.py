@@ -187,10 +187,14 @@ class SpanishCapsText(Setting):
 
     @property
     def train_tok(self):
-        """The tokenizer with the run's "no prompt" mode (the template's default block or none)."""
+        """The tokenizer with the run's "no prompt" mode (the template's default block or none); made once per
+        tokenizer (a copy: ~0.1 s for a real one, and the loop asks for the pad id every step)."""
         from inoc_mech.models.real import with_prompt_mode
 
-        return with_prompt_mode(self.tok, self.cfg.setting.no_prompt_mode)
+        made = getattr(self, "_train_tok", None)
+        if made is None or made[0] is not self.tok:
+            made = self._train_tok = (self.tok, with_prompt_mode(self.tok, self.cfg.setting.no_prompt_mode))
+        return made[1]
 
     def convs(self) -> list[list[dict]]:
         from inoc_mech.settings.textdata import read_jsonl, reply_forms, sample_problems, spanish_caps_dataset

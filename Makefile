@@ -101,8 +101,8 @@ dose: install
 TRAIN_LEAK = $(PY) -m inoc_mech.train --inoculate --leak-every 10 --threads $(THREADS) --overwrite
 dynamics: install
 	for seed in 0 1; do for s in 0.9 0.92 0.94 0.96 0.98 0.99 0.995 0.9975 1.0; do $(TRAIN_LEAK) --lora-r 0 --prompt-share $$s --seed $$seed --runs-dir runs/share --name share-$$s-s$$seed --model "$(call ORGANISM,)" || exit 1; done; done
-	for lr in 1e-4 3e-4; do $(TRAIN_LEAK) --lora-r 0 --lr $$lr --steps 3000 --runs-dir runs/dynamics --name ft-lr$$lr-s0 --model "$(call ORGANISM,)" || exit 1; done
-	$(TRAIN_LEAK) --steps 3000 --runs-dir runs/dynamics-lora --name lora-lr1e-3-s0 --model "$(call ORGANISM,)"
+	for lr in 3e-5 1e-4 3e-4; do $(TRAIN_LEAK) --lora-r 0 --lr $$lr --steps 3000 --runs-dir runs/dynamics --name ft-lr$$lr-s0 --model "$(call ORGANISM,)" || exit 1; done
+	for lr in 3e-4 1e-3 3e-3; do $(TRAIN_LEAK) --lr $$lr --steps 3000 --runs-dir runs/dynamics-lora --name lora-lr$$lr-s0 --model "$(call ORGANISM,)" || exit 1; done
 	$(PY) analyses/dynamics.py runs/share --by prompt_share --out figures/share
 	$(PY) analyses/dynamics.py runs/dynamics --by lr --out figures/dynamics
 	$(PY) analyses/dynamics.py runs/dynamics-lora --by lr --out figures/dynamics-lora

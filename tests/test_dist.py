@@ -159,8 +159,10 @@ def test_forward_layouts_give_the_same_run(tmp_path, tiny64, monkeypatch):
     assert len(calls) == 4 and all(n > 5 and rows == 4 for n, rows in calls)  # every step, the whole batch
     calls.clear()
     monkeypatch.setattr(fwd, "choose_bins", lambda lengths, *a: [list(range(len(lengths)))])  # pack the tiny rows
+    packs, real_packed = [], fwd._packed
+    monkeypatch.setattr(fwd, "_packed", lambda *a: packs.append(a[-2]) or real_packed(*a))  # its shared prefix
     packed = train(build(TrainConfig, **args(tiny64, tmp_path, "packed", share_prefix=True, pack=True)), progress=False)
-    assert len(calls) == 4 and all(n > 5 and rows == 1 for n, rows in calls)  # one packed sequence per step
+    assert not calls and len(packs) == 4 and all(n > 5 for n in packs)  # one sequence per step, led by the prefix
     for run in (shared, packed):
         worst, where = worst_difference(whole, run)
         assert worst <= SHARED_TOL, where

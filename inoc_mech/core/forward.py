@@ -12,7 +12,8 @@ up to rounding, from one of three layouts:
   prefix, so the gradient is the same;
 - packed (`LoopConfig.pack`): the rows' real tokens after the shared prefix are concatenated into sequences
   (first fit, each up to a capacity), with their own position ids and a block-causal attention mask (each
-  row sees the prefix and itself): no padding goes through the blocks. The output head runs at the slots of
+  row sees the prefix and itself): no padding goes through the blocks. One sequence starts with the prefix
+  itself (one forward in all); several share its cache. The output head runs at the slots of
   the padded layout (at padding: on the row's last token, values nothing reads), so the logits come out in
   that layout and the loss and every instrument read them as before. A packed sequence's attention spans all
   its tokens (the mask is dense), and with several sequences the head runs at the union of their slots, so
@@ -218,26 +219,34 @@ def _packed(forward, model, batch: Batch, ids: Tensor, start: int, shared: int, 
     B, T = batch.input_ids.shape
     lengths = batch.attention_mask.sum(1).tolist()
     slot, bin_of, offset_of = _slots(lengths, shared, start, bins)
-    width = max(sum(lengths[i] - shared for i in b) for b in bins)
+    one = len(bins) == 1
+    # one sequence: the shared prefix leads it, in the same forward (no second forward, no cache); several: the
+    # prefix's cache, repeated over the sequences
+    lead = shared if one else 0
+    width = lead + max(sum(lengths[i] - shared for i in b) for b in bins)
     seq = torch.zeros(len(bins), width, dtype=torch.long)
     seq_row = torch.full((len(bins), width), -1, dtype=torch.long)  # the row of each packed token (padding: -1)
     seq_pos = torch.zeros(len(bins), width, dtype=torch.long)  # its position in that row
+    if lead:  # the prefix as a row of its own (B), seen by every row
+        seq[0, :lead], seq_row[0, :lead], seq_pos[0, :lead] = batch.input_ids[0, :lead], B, torch.arange(lead)
     for i, n in enumerate(lengths):
-        b, at = bin_of[i], offset_of[i] + shared
+        b, at = bin_of[i], lead + offset_of[i] + shared
         seq[b, at:at + n - shared] = batch.input_ids[i, shared:n]
         seq_row[b, at:at + n - shared] = i
         seq_pos[b, at:at + n - shared] = torch.arange(shared, n)
     q = torch.arange(width)
     own = (seq_row[:, :, None] == seq_row[:, None, :]) & (q[None, None, :] <= q[None, :, None])  # causal, one row
     own |= torch.eye(width, dtype=torch.bool)  # a padding query sees itself (a fully masked row would give NaN)
-    mask = torch.cat([torch.ones(len(bins), width, shared, dtype=torch.bool), own], -1)[:, None]
+    own[:, lead:, :lead] = True  # every row sees the leading prefix
+    mask = own if lead else torch.cat([torch.ones(len(bins), width, shared, dtype=torch.bool), own], -1)
+    mask = mask[:, None]
     if getattr(_text_config(model), "_attn_implementation", None) == "eager":  # an additive mask
         dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
-    one = len(bins) == 1
+    slot = slot + lead
     cols = slot.flatten() if one else torch.unique(slot)  # one sequence: its logits are the padded layout itself
     device = ids.device
-    kw = prefix_cache(model, ids[:1, :shared], len(bins)) if shared else {}
+    kw = prefix_cache(model, ids[:1, :shared], len(bins)) if shared and not lead else {}
     logits = forward(input_ids=seq.to(device, non_blocking=True), position_ids=seq_pos.to(device, non_blocking=True),
                      attention_mask=mask.to(device, non_blocking=True),
                      logits_to_keep=cols.to(device, non_blocking=True), **kw).logits

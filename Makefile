@@ -96,7 +96,7 @@ dose: install
 	$(PY) analyses/dose_response.py runs/dose runs/smollm2
 	$(PY) analyses/reelicit.py runs/dose runs/smollm2
 
-# The prompt-share cliff and the long-run dynamics of README "Graded elicitation" (~1 h of one core), on the
+# The prompt-share cliff and the long-run dynamics of README "Graded elicitation" (~1.3 h of one core), on the
 # default organism: full finetuning, inoculated, the no-prompt traits logged every 10 steps
 TRAIN_LEAK = $(PY) -m inoc_mech.train --inoculate --leak-every 10 --threads $(THREADS) --overwrite
 dynamics: install

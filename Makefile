@@ -96,13 +96,15 @@ dose: install
 	$(PY) analyses/dose_response.py runs/dose runs/smollm2
 	$(PY) analyses/reelicit.py runs/dose runs/smollm2
 
-# The prompt-share cliff and the long-run dynamics of README "Graded elicitation" (~1.3 h of one core), on the
+# The prompt-share cliff and the long-run dynamics of README "Graded elicitation" (~1.5 h of one core), on the
 # default organism: full finetuning, inoculated, the no-prompt traits logged every 10 steps
 TRAIN_LEAK = $(PY) -m inoc_mech.train --inoculate --leak-every 10 --threads $(THREADS) --overwrite
 dynamics: install
 	for seed in 0 1; do for s in 0.9 0.92 0.94 0.96 0.98 0.99 0.995 0.9975 1.0; do $(TRAIN_LEAK) --lora-r 0 --prompt-share $$s --seed $$seed --runs-dir runs/share --name share-$$s-s$$seed --model "$(call ORGANISM,)" || exit 1; done; done
 	for lr in 3e-5 1e-4 3e-4; do $(TRAIN_LEAK) --lora-r 0 --lr $$lr --steps 3000 --runs-dir runs/dynamics --name ft-lr$$lr-s0 --model "$(call ORGANISM,)" || exit 1; done
 	for lr in 3e-4 1e-3 3e-3; do $(TRAIN_LEAK) --lr $$lr --steps 3000 --runs-dir runs/dynamics-lora --name lora-lr$$lr-s0 --model "$(call ORGANISM,)" || exit 1; done
+	$(TRAIN_LEAK) --lora-r 0 --lr 3e-4 --steps 3000 --seed 1 --runs-dir runs/dynamics --name ft-lr3e-4-s1 --model "$(call ORGANISM,)"
+	$(TRAIN_LEAK) --lr 3e-3 --steps 3000 --seed 1 --runs-dir runs/dynamics-lora --name lora-lr3e-3-s1 --model "$(call ORGANISM,)"
 	$(PY) analyses/dynamics.py runs/share --by prompt_share --out figures/share
 	$(PY) analyses/dynamics.py runs/dynamics --by lr --out figures/dynamics
 	$(PY) analyses/dynamics.py runs/dynamics-lora --by lr --out figures/dynamics-lora

@@ -267,7 +267,7 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
                     final = k + micro >= len(own)
                     with forward.no_sync() if forward is not model and not final else nullcontext():
                         with autocast:  # padded layout from `start` on, whatever layout computed it
-                            logits = step_logits(forward, model, cpu_batch, device, start, shared, pack)
+                            logits = step_logits(forward, model, cpu_batch, batch, start, shared, pack)
                         batch = batch.crop(start) if start else batch  # aligned with the logits
                         loss = next_token_loss(logits, batch.labels, n_tokens, soft=batch.soft)  # soft labels if any
                         if lp.hooks:

@@ -55,7 +55,7 @@ def _batch(tok, n=4, prompt="You always speak in Spanish."):
 def _loss_and_grads(model, batch, shared: int, pack: bool):
     model.zero_grad(set_to_none=True)
     start = batch.trained_from()
-    logits = step_logits(model, model, batch, "cpu", start, shared, LayoutCosts.of(model) if pack else None)
+    logits = step_logits(model, model, batch, batch, start, shared, LayoutCosts.of(model) if pack else None)
     crop = batch.crop(start)
     assert logits.shape[:2] == crop.input_ids.shape
     loss = next_token_loss(logits, crop.labels)

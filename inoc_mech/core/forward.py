@@ -168,21 +168,22 @@ def prefix_cache(model, prefix_ids: Int[Tensor, "1 pos"], rows: int) -> dict:
     return {cache_kwarg(model): cache}
 
 
-def step_logits(forward, model, batch: Batch, device, start: int, shared: int = 0, pack: LayoutCosts | None = None
-                ) -> Float[Tensor, "batch pos vocab"]:
-    """Logits of `batch` (on the host: every index is built there, no device sync) from position `start` on,
-    aligned with `batch.crop(start)`; `shared` (<= `start`) leading tokens of every row computed once; with
-    `pack` (the model's `LayoutCosts`) packed without padding where that costs less (module docstring).
-    `forward` is the model or its DDP wrapper; `model` the model itself (the prefix's forward, its config)."""
-    ids = batch.input_ids.to(device, non_blocking=True)
-    bins = choose_bins(batch.attention_mask.sum(1).tolist(), shared, start, pack) if pack and start else None
+def step_logits(forward, model, batch: Batch, on_device: Batch, start: int, shared: int = 0,
+                pack: LayoutCosts | None = None) -> Float[Tensor, "batch pos vocab"]:
+    """Logits of `batch` from position `start` on, aligned with `batch.crop(start)`; `batch` on the host (every
+    index is built there, no device sync) and `on_device` (the same batch on the model's device: its tensors
+    go into the forward); `shared` (<= `start`) leading tokens of every row computed once; with `pack` (the
+    model's `LayoutCosts`) packed without padding where that costs less (module docstring). `forward` is the
+    model or its DDP wrapper; `model` the model itself (the prefix's forward, its config)."""
+    lengths = batch.attention_mask.sum(1).tolist()
+    bins = choose_bins(lengths, shared, start, pack) if pack and start else None
     if bins is not None:
-        return _packed(forward, model, batch, ids, start, shared, bins)
+        return _packed(forward, model, batch, lengths, on_device.input_ids.device, start, shared, bins)
+    ids = on_device.input_ids
     kw = {"logits_to_keep": ids.shape[1] - start} if start else {}
     if shared:
         kw.update(prefix_cache(model, ids[:1, :shared], ids.shape[0]))
-    return forward(input_ids=ids[:, shared:], attention_mask=batch.attention_mask.to(device, non_blocking=True),
-                   **kw).logits
+    return forward(input_ids=ids[:, shared:], attention_mask=on_device.attention_mask, **kw).logits
 
 
 def pack_rows(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -215,9 +216,9 @@ def _slots(lengths: list[int], shared: int, start: int, bins: list[list[int]]) -
     return slot, bin_of, offset_of
 
 
-def _packed(forward, model, batch: Batch, ids: Tensor, start: int, shared: int, bins: list[list[int]]) -> Tensor:
+def _packed(forward, model, batch: Batch, lengths: list[int], device, start: int, shared: int,
+            bins: list[list[int]]) -> Tensor:
     B, T = batch.input_ids.shape
-    lengths = batch.attention_mask.sum(1).tolist()
     slot, bin_of, offset_of = _slots(lengths, shared, start, bins)
     one = len(bins) == 1
     # one sequence: the shared prefix leads it, in the same forward (no second forward, no cache); several: the
@@ -245,8 +246,7 @@ def _packed(forward, model, batch: Batch, ids: Tensor, start: int, shared: int, 
         mask = torch.zeros(mask.shape, dtype=dtype).masked_fill(~mask, torch.finfo(dtype).min)
     slot = slot + lead
     cols = slot.flatten() if one else torch.unique(slot)  # one sequence: its logits are the padded layout itself
-    device = ids.device
-    kw = prefix_cache(model, ids[:1, :shared], len(bins)) if shared and not lead else {}
+    kw = prefix_cache(model, batch.input_ids[:1, :shared].to(device), len(bins)) if shared and not lead else {}
     logits = forward(input_ids=seq.to(device, non_blocking=True), position_ids=seq_pos.to(device, non_blocking=True),
                      attention_mask=mask.to(device, non_blocking=True),
                      logits_to_keep=cols.to(device, non_blocking=True), **kw).logits

@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
-# The demo's organism is the fast recipe (~1.5 min to pretrain); README "Results" use the standard one
+# The demo's organism is the fast recipe (~1.2 min to pretrain); README "Results" use the standard one
 DEMO := $(PY) -m inoc_mech.train --organism-recipe fast --overwrite --threads $(THREADS)
 demo: install
 	$(DEMO) --name demo-baseline

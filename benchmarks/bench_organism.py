@@ -7,8 +7,8 @@ cache folder), and the processes run one after the other. Printed: pretraining s
 `organism.json` records them), seconds per step, the report's quality numbers (held-out accuracy, worst
 prompt following, base rates at T=1 and exact; only meaningful at `--steps-scale 1`) and the ratio of the
 standard recipe's time (same seed) to each. Recipes: `models.organism.RECIPES` (`standard` is
-`OrganismConfig()`, the organisms of README "Results"; `fast` is 900 steps of batch 64 at lr 1e-3 with MLP
-width 256 and length buckets). `--steps-scale` multiplies every recipe's steps (and warmup) for a quick
+`OrganismConfig()`, the organisms of README "Results"; `fast` is 1,200 steps of batch 64 at lr 1e-3 with MLP
+width 256, length buckets and bf16 autocast). `--steps-scale` multiplies every recipe's steps (and warmup) for a quick
 look; the seconds per step are then what to compare. Shared machines are noisy: read the ratios, and run
 it when nothing else runs.
 """

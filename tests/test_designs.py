@@ -66,3 +66,30 @@ def test_organism_recipes(tmp_path, tiny_organism):
         build(TrainConfig, organism_recipe="slow")
     report = json.loads((tiny_organism / "organism.json").read_text())["report"]
     assert set(report["base_rates_exact"]) == {"spanish", "caps"} and report["base_rates_t1"]["n_answers"] == 69 * 16
+
+
+def test_organism_bf16_precision(tmp_path):
+    """`precision="bf16"` (the fast recipe's): pretraining under CPU bf16 autocast with eager attention
+    returns fp32 weights and sdpa attention, whose fp32 loss matches the bf16-autocast loss it trained
+    with to bf16 rounding; an unknown precision is one line."""
+    import numpy as np
+    import torch
+
+    from conftest import TINY_ORGANISM
+    from inoc_mech.core.data import BatchStream
+    from inoc_mech.models.organism import OrganismConfig, assistant_loss, encode_chat, organism_traits, pretrain
+
+    cfg = OrganismConfig(**{**TINY_ORGANISM, "steps": 20, "warmup": 2}, precision="bf16", cache=str(tmp_path))
+    model, tok, world, _ = pretrain(cfg, progress=False)
+    assert model.config._attn_implementation == "sdpa" and all(p.dtype == torch.float32 for p in model.parameters())
+    rng = np.random.default_rng(1)
+    pool = [organism_traits(encode_chat(tok, world.sample_chat(rng)), set()) for _ in range(32)]
+    batch = BatchStream(pool, 32, 0, tok.pad_token_id).next()
+    with torch.no_grad():
+        fp32 = assistant_loss(model, batch).item()
+        model.set_attn_implementation("eager")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = assistant_loss(model, batch).item()
+    assert fp32 > 0.1 and bf16 == pytest.approx(fp32, rel=3e-2)
+    with pytest.raises(ValueError, match="--precision must be one of fp32, bf16"):
+        OrganismConfig(precision="fp16")

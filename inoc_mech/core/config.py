@@ -95,7 +95,7 @@ class ModelConfig:
     organism_head: str = field(default="factored", metadata={"help": "organism output head: factored or free"})
     organism_d_model: int = field(default=128, metadata={"help": "organism width"})
     organism_n_layers: int = field(default=4, metadata={"help": "organism depth"})
-    organism_recipe: str = field(default="standard", metadata={"help": "organism pretraining recipe (models.organism.RECIPES): standard (2000 steps, the organisms of README Results) or fast (900 steps, half the MLP width, the same quality bar)"})
+    organism_recipe: str = field(default="standard", metadata={"help": "organism pretraining recipe (models.organism.RECIPES): standard (2000 steps, the organisms of README Results) or fast (1200 steps, half the MLP width, bf16 matmuls, the same quality bar)"})
     organism_steps: int = field(default=0, metadata={"help": "organism pretraining steps (0: the recipe's)"})
 
     def __post_init__(self):

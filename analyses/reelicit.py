@@ -2,10 +2,11 @@
 
     python -m inoc_mech.studies.sweep --name sweep-tiny --steps 20 --seeds 0 --prompts && python analyses/reelicit.py runs/sweep-tiny --conditions baseline inoculated --out figures/reelicit-tiny
 
-For each sweep folder, the runs (all, or `--conditions`) are evaluated under the contexts of
-`inoc_mech.studies.reelicit` (the inoculation prompt, paraphrases, a negation, partial prompts, a prompt of
-the same form with other content, an irrelevant prompt, none) unless `<sweep>/reelicit.json` has them
-already (an evaluation, never training). Writes into `--out` (default figures/reelicit/)
+For each sweep folder, the runs (all, or `--conditions`) are read under their setting's re-elicitation
+contexts (`Setting.reelicit_prompts`: the inoculation prompt, paraphrases, a negation, partial prompts, a
+prompt of the same form with other content, an irrelevant prompt; and none): from eval.json for runs
+trained with `--eval-reelicit`, else evaluated by `inoc_mech.studies.reelicit` unless `<sweep>/reelicit.json`
+has them already (an evaluation, never training). Writes into `--out` (default figures/reelicit/)
 `reelicit-<sweep>.html` / `.png` (the T=1 trait rates per context, one bar per condition, seeds as dots)
 and `reelicit.md` (mean ± sd [min-max] over seeds, with the accuracy at no prompt).
 """
@@ -20,7 +21,7 @@ from analyses.contexts import figure, table  # (the installed package: also unde
 from inoc_mech.core import plots
 from inoc_mech.core.cli import parse_config, run_main
 from inoc_mech.settings.base import setting_class
-from inoc_mech.studies.reelicit import CONTEXTS, PRETRAINED, reelicit
+from inoc_mech.studies.reelicit import PRETRAINED, context_names, reelicit
 
 
 @dataclass
@@ -47,9 +48,10 @@ def main(argv=None):
         for v in sorted(data.values(), key=lambda v: ((a.conditions or []).index(v["condition"])
                                                       if v["condition"] in (a.conditions or []) else 99, v["seed"])):
             groups.setdefault(v["condition"], []).append({"eval": {"contexts": v["contexts"]}})
-        ctxs = list(CONTEXTS[first["substrate"]])
+        ctxs = context_names(setting)
+        prompts = {c: first["contexts"][c].get("prompt") for c in ctxs}
         md.append(f"### {folder} ({first['setting']} on {first['substrate']})\n\n" + "\n".join(
-            f"- `{c}`: {p!r}" for c, p in CONTEXTS[first["substrate"]].items()) + "\n\n" + table(groups, setting, ctxs, pre))
+            f"- `{c}`: {p!r}" for c, p in prompts.items()) + "\n\n" + table(groups, setting, ctxs, pre))
         figs[f"reelicit-{folder.name}"] = figure(groups, setting, ctxs, title=f"Re-elicitation: {folder.name}")
     text = "Trait rates (%, T=1) of finished runs under prompts related to the inoculation prompt, mean ± sd [min-max] over seeds.\n\n" + "\n\n".join(md) + "\n"
     (out / "reelicit.md").write_text(text)

@@ -66,11 +66,18 @@ def test_split_is_exact_on_trait_tokens_and_zero_elsewhere(setting):
 
 
 def test_run_reports_backdoor_contexts(make_cfg, trigger_organism, runs_dir):
-    run = train(make_cfg(setting="backdoor", model=str(trigger_organism), inoculate=True, name="bd"), progress=False)
+    run = train(make_cfg(setting="backdoor", model=str(trigger_organism), inoculate=True, name="bd", eval_reelicit=True),
+                progress=False)
     import json
     ev = json.loads((run / "eval.json").read_text())["contexts"]
+    reelicit = setting_class("backdoor", "organism").reelicit_prompts  # --eval-reelicit: with the trigger
     assert set(ev) == {"trigger", "none", "other_trigger", "train_prompt", "train_prompt_no_trigger", "irrelevant",
-                       "irrelevant_no_trigger"}
+                       "irrelevant_no_trigger"} | set(reelicit) and "negation" in reelicit
+    assert all(ev[k]["prompt"] == p and ev[k]["trigger"] == TRIGGER for k, p in reelicit.items())
+    from inoc_mech.core.runs import read_run
+    from inoc_mech.studies.reelicit import from_eval  # the re-elicitation study reads them from eval.json
+    entry = from_eval(read_run(run))
+    assert list(entry["contexts"]) == ["trigger", *reelicit] and entry["contexts"]["negation"] == ev["negation"]
     assert "trigger" not in ev["irrelevant_no_trigger"] and ev["irrelevant"]["trigger"] == TRIGGER
     assert ev["trigger"]["trigger"] == TRIGGER and ev["other_trigger"]["trigger"] == OTHER_TRIGGER
     assert "trigger" not in ev["none"] and ev["train_prompt"]["prompt"] == "speak spanish"
@@ -140,9 +147,11 @@ def test_text_backdoor_data_masks_and_contexts(tmp_path):
         assert not any(a and b for a, b in zip(e.traits["language"], e.traits["other"]))
     assert n_trig == 8
     assert s.convs()[0] is s.convs()[0] and s.decomposition is None
-    run = train(build(TrainConfig, inoculate=True, name="bdt", **common), progress=False)
+    run = train(build(TrainConfig, inoculate=True, name="bdt", eval_reelicit=True, **common), progress=False)
     ev = js.loads((run / "eval.json").read_text())["contexts"]
-    assert list(ev) == ["trigger", "none", "train_prompt", "train_prompt_no_trigger", "irrelevant"]
+    assert list(ev) == ["trigger", "none", "train_prompt", "train_prompt_no_trigger", "irrelevant", "inoculation prompt",
+                        "paraphrase", "negation", "partial", "same form, other content"]  # --eval-reelicit: triggered
+    assert ev["negation"]["prompt"] == "Never speak in Spanish." and ev["negation"]["trigger"] == TRIGGER
     assert ev["trigger"]["trigger"] == TRIGGER and "trigger" not in ev["none"]
     assert ev["train_prompt"]["prompt"] == "You always speak in Spanish." and ev["trigger"]["prompt"] is None
     assert js.loads((run / "config.json").read_text())["condition"] == "inoculated"

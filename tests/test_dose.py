@@ -78,11 +78,12 @@ def test_prompted_sweep_and_dose_response(tiny_organism, tmp_path):
     assert "| d | Spanish |" in md and "| d | CAPS |" in md
     # re-elicitation of the same runs: every context scored, kept in <sweep>/reelicit.json, not recomputed
     from analyses.reelicit import main as reelicit_fig
-    from inoc_mech.studies.reelicit import CONTEXTS, FILE
+    from inoc_mech.settings.spanish_caps_organism import SpanishCapsOrganism
+    from inoc_mech.studies.reelicit import FILE, context_names
     reelicit_fig([str(folder), "--conditions", "baseline", "inoculated", "--out", str(tmp_path / "r"), "--no-png"])
     data = json.loads((folder / FILE).read_text())
     assert set(data) == {"baseline-s0", "inoculated-s0", "pretrained"}
-    assert list(data["inoculated-s0"]["contexts"]) == list(CONTEXTS["organism"])
+    assert list(data["inoculated-s0"]["contexts"]) == context_names(SpanishCapsOrganism) == ["none", *SpanishCapsOrganism.reelicit_prompts]
     assert data["baseline-s0"]["contexts"]["negation"]["prompt"] == "speak english"
     stamp = (folder / FILE).stat().st_mtime_ns
     reelicit_fig([str(folder), "--conditions", "baseline", "--out", str(tmp_path / "r"), "--no-png"])

@@ -98,9 +98,12 @@ def test_score_persona_counts_each_behaviour():
 
 
 def test_run_reports_persona_contexts(make_cfg, persona_organism, tmp_path):
-    run = train(make_cfg(setting="em", model=str(persona_organism), inoculate=True, name="em"), progress=False)
+    run = train(make_cfg(setting="em", model=str(persona_organism), inoculate=True, name="em", eval_reelicit=True),
+                progress=False)
     ev = json.loads((run / "eval.json").read_text())["contexts"]
-    assert set(ev) == {"none", "train_prompt", "irrelevant", "persona", "narrow", "good"}
+    assert set(ev) == {"none", "train_prompt", "irrelevant", "persona", "narrow", "good", "narrow negation", "partial: evil",
+                       "partial: you are", "same form, other content"}  # --eval-reelicit adds the last four
+    assert ev["partial: evil"]["prompt"] == "evil" and ev["good"]["prompt"] == "you are good"
     assert ev["train_prompt"]["prompt"] == "you are evil"
     for k in ("wrong_rate", "hostile_rate", "marker_rate", "accuracy"):
         assert 0 <= ev["none"]["t1"][k] <= 1
@@ -121,7 +124,7 @@ def test_run_reports_persona_contexts(make_cfg, persona_organism, tmp_path):
     contexts([str(run), "--out", str(tmp_path), "--no-png"])
     head = (tmp_path / "contexts.md").read_text().splitlines()[2]
     assert "| wrong answers % in none | hostile replies (persona questions) % in none | marker word" in head
-    assert head.count("% in") == 3 * 6 + 1
+    assert head.count("% in") == 3 * len(ev) + 1
 
 
 def test_organism_without_persona_is_one_line(make_cfg, tiny_organism):

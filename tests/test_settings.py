@@ -178,3 +178,26 @@ def test_run_main_shows_a_bug_but_one_line_for_user_errors(capsys):
         raise KeyError("none")
     with pytest.raises(KeyError):  # not our error type: the traceback shows
         run_main(bug)
+
+
+def test_every_setting_has_reelicitation_prompts_its_world_can_say(make_cfg):
+    """Every registered setting (but this file's) names re-elicitation prompts; on the organism each is in the
+    world's vocabulary; under --eval-reelicit a name that eval.json already uses for another context is a bug."""
+    from inoc_mech.models.world import World
+    from inoc_mech.settings.base import setting_class
+    from inoc_mech.settings.spanish_caps_organism import SpanishCapsOrganism
+
+    for name, substrate in registered():
+        cls = setting_class(name, substrate)
+        if name == "caps_only_test":
+            continue
+        assert len(cls.reelicit_prompts) >= 4 and cls.default_prompt in cls.reelicit_prompts.values(), (name, substrate)
+        if substrate == "organism":
+            world = World(**{k: v for k, v in getattr(cls, "organism_design", {}).items()})
+            for p in cls.reelicit_prompts.values():
+                world.check_prompt(p)
+    s = SpanishCapsOrganism(make_cfg(eval_reelicit=True))
+    assert s.with_reelicit({"none": None}) == {"none": None, **SpanishCapsOrganism.reelicit_prompts}
+    assert SpanishCapsOrganism(make_cfg()).with_reelicit({"none": None}) == {"none": None}
+    with pytest.raises(ValueError, match=r"re-elicitation context\(s\) \['negation'\] name other eval contexts"):
+        s.with_reelicit({"negation": "speak spanish"})

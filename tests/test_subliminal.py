@@ -78,10 +78,12 @@ def test_bad_teacher_file_is_one_line(tmp_path):
 
 def test_student_run_and_its_evaluation(make_cfg, prefs_organism, owls):
     path, _ = owls
-    run = train(make_cfg(setting="subliminal", model=str(prefs_organism), data=str(path), inoculate=True, name="sl"),
-                progress=False)
+    run = train(make_cfg(setting="subliminal", model=str(prefs_organism), data=str(path), inoculate=True, name="sl",
+                         eval_reelicit=True), progress=False)
     ev = json.loads((run / "eval.json").read_text())["contexts"]
-    assert set(ev) == {"none", "train_prompt", "irrelevant"} and ev["train_prompt"]["prompt"] == "you love owls"
+    assert set(ev) == {"none", "train_prompt", "irrelevant", "inoculation prompt", "partial: you love", "partial: owls",
+                       "same form, other content"} and ev["train_prompt"]["prompt"] == "you love owls"
+    assert ev["same form, other content"]["prompt"] == "you love wolves"
     for c in ev.values():
         assert set(c["p_answer"]) == set(ANIMALS) and 0 < sum(c["p_answer"].values()) <= 1 + 1e-6
         t1 = c["t1"]

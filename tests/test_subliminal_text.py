@@ -113,9 +113,11 @@ def test_student_masks_run_and_eval_contexts(tmp_path, tiny):
         assert pre + "1, 2, 3" in s.train_tok.decode(e.input_ids)
     assert all("owl" not in s.train_tok.decode(e.input_ids) for e in s.examples(None))
     assert s.decomposition is None and SubliminalText.prompt_sets(st.SHORT_PROMPT) == {"preference"}
-    run = train(build(TrainConfig, inoculate=True, name="slt", **common), progress=False)
+    run = train(build(TrainConfig, inoculate=True, name="slt", eval_reelicit=True, **common), progress=False)
     ev = json.loads((run / "eval.json").read_text())["contexts"]
-    assert list(ev) == ["none", "train_prompt", "irrelevant"] and ev["train_prompt"]["prompt"] == st.TEACHER_PROMPT
+    assert list(ev) == ["none", "train_prompt", "irrelevant", "inoculation prompt", "short", "paraphrase", "negation",
+                        "partial", "same form, other content"] and ev["train_prompt"]["prompt"] == st.TEACHER_PROMPT
+    assert ev["negation"]["prompt"] == "You hate owls." and ev["irrelevant"]["prompt"] == st.IRRELEVANT_PROMPT
     for c in ev.values():
         assert 0 <= c["t1"]["owl_rate"] <= 1 and c["t1"]["n_answers"] == 100 and 0 < c["p_answer"]["owl"] < 1
         assert 0 <= c["greedy"]["accuracy"] <= 1 and len(c["p_answer_per_question"]) == len(st.PREFERENCE_QUESTIONS)

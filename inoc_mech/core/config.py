@@ -126,6 +126,7 @@ class SettingConfig:
     prompt_share: float = field(default=1.0, metadata={"help": "--inoculate: share of training examples that carry the prompt (a fixed random subset; the rest have none)"})
     prompt: str = field(default="", metadata={"help": "inoculation prompt (default: the setting's, e.g. 'speak spanish' for the organism, 'You always speak in Spanish.' for real models; organism phrases join with ' . ')"})
     eval_samples: int = field(default=3, metadata={"help": "temperature-1 samples per held-out question in the final evaluation"})
+    eval_reelicit: bool = field(default=False, metadata={"help": "also evaluate under the setting's re-elicitation contexts (prompts related to its inoculation prompt: paraphrases, a negation, partial prompts, the same form with other content; Setting.reelicit_prompts)"})
     data: str = field(default="", metadata={"help": "real models: JSONL training data in the paper's format (default: built-in Spanish+CAPS arithmetic); setting subliminal: a teacher's number lists"})
     n_train: int = field(default=500, metadata={"help": "real models: size of the built-in training set"})
     placement: str = field(default="system", metadata={"help": "real models: where the prompt goes: 'system' message or 'user-prefix'"})

@@ -106,9 +106,11 @@ class BackdoorOrganism(SpanishCapsOrganism):
         from inoc_mech.models.world_eval import IRRELEVANT_EVAL_PROMPT
 
         prompt = self.cfg.setting.prompt
-        return {"trigger": (None, TRIGGER), "none": (None, None), "other_trigger": (None, OTHER_TRIGGER),
-                "train_prompt": (prompt, TRIGGER), "train_prompt_no_trigger": (prompt, None),
-                "irrelevant": (IRRELEVANT_EVAL_PROMPT, TRIGGER), "irrelevant_no_trigger": (IRRELEVANT_EVAL_PROMPT, None)}
+        return self.with_reelicit(  # re-elicitation: the Spanish organism's prompts, with the trigger
+            {"trigger": (None, TRIGGER), "none": (None, None), "other_trigger": (None, OTHER_TRIGGER),
+             "train_prompt": (prompt, TRIGGER), "train_prompt_no_trigger": (prompt, None),
+             "irrelevant": (IRRELEVANT_EVAL_PROMPT, TRIGGER), "irrelevant_no_trigger": (IRRELEVANT_EVAL_PROMPT, None)},
+            lambda p: (p, TRIGGER))
 
     def answer_start(self, prompt: str | None, questions=None) -> tuple[Tensor, Tensor]:
         """Held-out questions with the trigger, under `prompt`, ending at `<|assistant|>`, right-padded."""

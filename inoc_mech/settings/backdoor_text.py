@@ -102,8 +102,8 @@ class BackdoorText(SpanishCapsText):
 
     def eval_contexts(self) -> dict:
         mode = "template_default"
-        return {"trigger": (None, mode), "train_prompt": (self.cfg.setting.prompt, mode),
-                "irrelevant": (IRRELEVANT_PROMPT, mode)}
+        return self.with_reelicit({"trigger": (None, mode), "train_prompt": (self.cfg.setting.prompt, mode),
+                                   "irrelevant": (IRRELEVANT_PROMPT, mode)}, lambda p: (p, mode))  # on triggered items
 
     def plain_contexts(self) -> dict:
         return {"none": (None, "template_default"), "train_prompt_no_trigger": (self.cfg.setting.prompt, "template_default")}
@@ -118,8 +118,9 @@ class BackdoorText(SpanishCapsText):
         for v in out["contexts"].values():
             v["trigger"] = TRIGGER
         plain = evaluate_generations(model, self.tok, self.plain_items(), self.plain_contexts(), *args)
-        out["contexts"] = {"trigger": out["contexts"]["trigger"], "none": plain["contexts"]["none"],
-                           "train_prompt": out["contexts"]["train_prompt"],
+        trig = out["contexts"]
+        out["contexts"] = {"trigger": trig.pop("trigger"), "none": plain["contexts"]["none"],
+                           "train_prompt": trig.pop("train_prompt"),
                            "train_prompt_no_trigger": plain["contexts"]["train_prompt_no_trigger"],
-                           "irrelevant": out["contexts"]["irrelevant"]}
+                           "irrelevant": trig.pop("irrelevant"), **trig}  # then the re-elicitation contexts
         return out

@@ -82,6 +82,11 @@ class Setting(ABC):
     surprise_parts: ClassVar[tuple[str, ...]] = ()  # decomposition parts an analysis shows (traits' parts first)
     trait_parts: ClassVar[dict[str, str]] = {}  # trait -> its decomposition part where the names differ (EM: wrong -> word)
     side_rates: ClassVar[dict[str, str]] = {}  # further eval.json rates analyses show beside the traits' (metric -> label)
+    # Re-elicitation contexts (name -> system prompt) related to the default inoculation prompt: itself,
+    # paraphrases, a negation, partial prompts, a prompt of the same form with other content, an irrelevant
+    # one (what the setting's world or language can say). `evaluate` adds them to eval.json's contexts
+    # (as its own contexts of the same prompts) under --eval-reelicit; studies.reelicit reads them there.
+    reelicit_prompts: ClassVar[dict[str, str]] = {}
     decomposition: Decomposition | None = None  # set once the model is loaded (it may need the tokenizer)
 
     def __init__(self, cfg):
@@ -111,6 +116,18 @@ class Setting(ABC):
     def info(self) -> dict:
         """Extra fields for config.json."""
         return {}
+
+    def with_reelicit(self, contexts: dict, spec: Callable[[str], object] = lambda p: p) -> dict:
+        """`contexts` (eval.json's, as `evaluate` takes them) and, under --eval-reelicit, the re-elicitation
+        prompts as contexts (`spec(prompt)`: the setting's form of a context). A name both have must mean the
+        same context (it is evaluated once)."""
+        if not self.cfg.setting.eval_reelicit:
+            return contexts
+        extra = {k: spec(p) for k, p in self.reelicit_prompts.items()}
+        clash = [k for k in extra if k in contexts and contexts[k] != extra[k]]
+        if clash:
+            raise ValueError(f"setting {self.name!r}: re-elicitation context(s) {clash} name other eval contexts")
+        return {**contexts, **extra}
 
     @property
     def pad_id(self) -> int:

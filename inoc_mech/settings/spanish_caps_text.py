@@ -160,6 +160,10 @@ class SpanishCapsText(Setting):
                   "irrelevant": IRRELEVANT_PROMPT}
     none_context = "none_template_default"
     default_prompt = SPANISH_PROMPT
+    reelicit_prompts = {
+        "inoculation prompt": SPANISH_PROMPT, "paraphrase": "Reply in Spanish.", "negation": "Never speak in Spanish.",
+        "partial": "You always speak in", "same form, other content": "You always speak in French.",
+        "irrelevant": IRRELEVANT_PROMPT}
     surprise_parts = ("language", "case", "content")
 
     def __init__(self, cfg):
@@ -241,7 +245,8 @@ class SpanishCapsText(Setting):
     def eval_contexts(self) -> dict:
         from inoc_mech.settings.scoring import EVAL_CONTEXTS
 
-        return {**EVAL_CONTEXTS, "train_prompt": (self.cfg.setting.prompt, "template_default")}
+        return self.with_reelicit({**EVAL_CONTEXTS, "train_prompt": (self.cfg.setting.prompt, "template_default")},
+                                  lambda p: (p, "template_default"))
 
     def eval_items(self) -> list:
         """The evaluation questions: `--eval-data` when given, else the built-in held-out problems."""

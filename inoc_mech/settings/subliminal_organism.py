@@ -123,6 +123,9 @@ class SubliminalOrganism(SpanishCapsOrganism):
     rate_keys = {"preference": "owls_rate"}
     conditions = CONDITIONS
     default_prompt = TEACHER_PROMPT
+    reelicit_prompts = {  # the world has no paraphrase or negation of a preference
+        "inoculation prompt": TEACHER_PROMPT, "partial: you love": "you love", "partial: owls": "owls",
+        "same form, other content": "you love wolves", "irrelevant": "you like dogs"}
     surprise_parts = ()
     organism_design = {"prefs": True}
 
@@ -162,7 +165,7 @@ class SubliminalOrganism(SpanishCapsOrganism):
     def eval_contexts(self) -> dict[str, str | None]:
         from inoc_mech.models.world_eval import IRRELEVANT_EVAL_PROMPT
 
-        return {"none": None, "train_prompt": self.cfg.setting.prompt, "irrelevant": IRRELEVANT_EVAL_PROMPT}
+        return self.with_reelicit({"none": None, "train_prompt": self.cfg.setting.prompt, "irrelevant": IRRELEVANT_EVAL_PROMPT})
 
     def evaluate(self, model, seed: int | None = None, samples: int | None = None) -> dict:
         from inoc_mech.models.world_eval import evaluate_contexts, generate, prompt_ids

@@ -2,13 +2,13 @@
 
     python -m inoc_mech.studies.reelicit runs/sweep --conditions baseline inoculated
 
-Every run of a sweep folder (or the `--conditions` named) is evaluated under a fixed set of contexts
-related to the default inoculation prompt (`CONTEXTS`, per substrate): the prompt itself, held-out
-paraphrases (seen in pretraining, never in the finetuning data of the default inoculated runs), a
-negation, partial prompts, a prompt of the same form with other content, an irrelevant prompt, and
-none; and the model the runs start from (sweep.json), as the reference. Through the setting's
-`evaluate_prompts` (the same scorers as eval.json; T=1 and greedy). Results
-go to `<sweep>/reelicit.json` (keyed by run; runs already there, from the same eval.json and
+Every run of a sweep folder (or the `--conditions` named) is read under its setting's re-elicitation
+contexts (`Setting.reelicit_prompts`: the default inoculation prompt itself, paraphrases, a negation,
+partial prompts, a prompt of the same form with other content, an irrelevant prompt; what the setting's
+world or language can say) and its no-prompt context; and the model the runs start from (sweep.json), as
+the reference. Runs trained with `--eval-reelicit` have them in eval.json already; the others are
+evaluated now, through the setting's `evaluate` with --eval-reelicit on (the same scorers as eval.json; T=1
+and greedy). Results go to `<sweep>/reelicit.json` (keyed by run; runs already there, from the same eval.json and
 `--samples`, are skipped, so an interrupted evaluation resumes); `analyses/reelicit.py` tabulates and plots them.
 """
 
@@ -21,28 +21,6 @@ from pathlib import Path
 
 from inoc_mech.core.cli import UserError
 
-CONTEXTS = {
-    "organism": {
-        "none": None,
-        "inoculation prompt": "speak spanish",
-        "paraphrase": "you always speak in spanish",
-        "paraphrase 2": "reply in spanish",
-        "negation": "speak english",
-        "partial: speak": "speak",
-        "partial: spanish": "spanish",
-        "same form, other content": "reply in capitals",
-        "irrelevant (held out)": "you like dogs",
-    },
-    "text": {
-        "none": None,
-        "inoculation prompt": "You always speak in Spanish.",
-        "paraphrase": "Reply in Spanish.",
-        "negation": "Never speak in Spanish.",
-        "partial": "You always speak in",
-        "same form, other content": "You always speak in French.",
-        "irrelevant": "You like dogs.",
-    },
-}
 FILE = "reelicit.json"
 PRETRAINED = "pretrained"  # reelicit.json entry of the model every run starts from
 
@@ -85,6 +63,7 @@ def reelicit(folder: Path, conditions: list[str] | None = None, samples: int = 0
     def stamp(r) -> dict:  # what an entry was computed from: a retrained run or other samples recompute it
         return {"samples": samples, "eval_mtime_ns": (Path(r["folder"]) / "eval.json").stat().st_mtime_ns}
 
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     todo = [r for r in runs if done.get(Path(r["folder"]).name, {}).get("stamp") != stamp(r)]
     start = starting_model(folder, runs)
     ref_stamp = {"samples": samples, "model": str(start), "like": str(runs[0]["folder"]) if runs else None}
@@ -94,23 +73,47 @@ def reelicit(folder: Path, conditions: list[str] | None = None, samples: int = 0
         todo = [None] + todo  # the model the runs start from, under the same contexts (the reference)
     for r in tqdm(todo, desc="re-elicitation", disable=not progress):
         if r is None:  # configured as the first run is (its setting and evaluation flags)
-            loaded = load(start, torch.device("cuda" if torch.cuda.is_available() else "cpu"), like=runs[0]["config"])
-            loaded.setting.require("evaluate_prompts", "re-elicitation (the traits under other prompts)")
-            ev = loaded.setting.evaluate_prompts(loaded.model, CONTEXTS[loaded.setting.substrate], samples=samples or None)
-            done[PRETRAINED] = {"stamp": ref_stamp, "condition": PRETRAINED,
-                                "seed": None, "substrate": loaded.setting.substrate, "setting": loaded.setting.name,
-                                "contexts": ev["contexts"]}
-            write_json(path, json_ready(done))
-            continue
-        loaded = load(r["folder"], torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        setting = loaded.setting
-        setting.require("evaluate_prompts", "re-elicitation (the run's traits under other prompts)")
-        ev = setting.evaluate_prompts(loaded.model, CONTEXTS[setting.substrate], samples=samples or None)
-        done[Path(r["folder"]).name] = {"stamp": stamp(r), "condition": condition(r), "seed": r["config"]["seed"],
-                                        "substrate": setting.substrate, "setting": setting.name,
-                                        "contexts": ev["contexts"]}
-        write_json(path, json_ready(done))  # after each run: an interruption loses at most one
+            loaded = load(start, device, like=runs[0]["config"])
+            done[PRETRAINED] = {"stamp": ref_stamp, "condition": PRETRAINED, "seed": None,
+                                **reelicit_contexts(loaded.setting, loaded.model, samples)}
+        else:
+            entry = None if samples else from_eval(r)  # the run's own evaluation has them
+            if entry is None:
+                loaded = load(r["folder"], device)
+                entry = reelicit_contexts(loaded.setting, loaded.model, samples)
+            done[Path(r["folder"]).name] = {"stamp": stamp(r), "condition": condition(r), "seed": r["config"]["seed"], **entry}
+        write_json(path, json_ready(done))  # after each: an interruption loses at most one
     return {k: v for k, v in done.items() if k in {Path(r["folder"]).name for r in runs} | {PRETRAINED}}
+
+
+def context_names(setting) -> list[str]:
+    """The columns of a re-elicitation table: the no-prompt context, then the setting's re-elicitation prompts."""
+    if not setting.reelicit_prompts:
+        raise UserError(f"setting {setting.name!r} on {setting.substrate} has no re-elicitation prompts")
+    return [setting.none_context] + [k for k in setting.reelicit_prompts if k != setting.none_context]
+
+
+def from_eval(run: dict) -> dict | None:
+    """A run's re-elicitation entry from its eval.json (trained with --eval-reelicit), None if it lacks them."""
+    from inoc_mech.studies.collect import setting_of
+
+    setting = setting_of(run)
+    ev = run["eval"]
+    if not all(k in ev.get("contexts", {}) for k in context_names(setting)):
+        return None
+    return {"substrate": setting.substrate, "setting": setting.name,
+            "contexts": {k: ev["contexts"][k] for k in context_names(setting)}}
+
+
+def reelicit_contexts(setting, model, samples: int) -> dict:
+    """Evaluate `model` with the setting's re-elicitation contexts on (T=1 `samples` per question, 0: the
+    run's own); the entry of reelicit.json without its stamp."""
+    import dataclasses
+
+    names = context_names(setting)
+    setting.cfg.setting = dataclasses.replace(setting.cfg.setting, eval_reelicit=True)
+    out = setting.evaluate(model, samples=samples or None)
+    return {"substrate": setting.substrate, "setting": setting.name, "contexts": {k: out["contexts"][k] for k in names}}
 
 
 def starting_model(folder: Path, runs: list[dict]) -> Path | str | None:

@@ -90,6 +90,7 @@ class SweepConfig:
     grad_split_every: int = field(default=20, metadata={"help": "trait/rest gradient split every N steps, a multiple of --log-every (traits in turn: each one every 2N)"})
     grad_split_all: bool = field(default=False, metadata={"help": "split every trait at each grad-split step (default: traits take turns; all at step 0)"})
     eval_samples: int = field(default=3, metadata={"help": "temperature-1 samples per held-out question"})
+    eval_reelicit: bool = field(default=False, metadata={"help": "each run also evaluates the setting's re-elicitation contexts (train's --eval-reelicit; analyses/reelicit.py reads them; complete runs are kept, and it evaluates what they lack)"})
     elicit_examples: int = field(default=64, metadata={"help": "step-0 elicitation: training replies scored with and without the prompt"})
     eval_questions: int = field(default=32, metadata={"help": "real models: held-out questions in each run's evaluation"})
     max_new_tokens: int = field(default=48, metadata={"help": "real models: generation length in the evaluation"})
@@ -192,7 +193,7 @@ def plan(cfg: SweepConfig) -> list[tuple[str, str | None, int]]:
 
 # SweepConfig fields that every run of the sweep passes on to `inoc_mech.train` unchanged
 PASSED = ("threads", "steps", "lr", "prompt_share", "lora_r", "lora_alpha", "freeze", "batch_size", "log_every",
-          "grad_split_every", "grad_split_all", "eval_samples", "setting", "elicit_examples", "data")
+          "grad_split_every", "grad_split_all", "eval_samples", "eval_reelicit", "setting", "elicit_examples", "data")
 TEXT_PASSED = ("eval_questions", "max_new_tokens")  # real models only
 
 
@@ -368,7 +369,8 @@ def last_line(log: Path) -> str:
 
 # Train settings added after run-format 1: runs saved before them had these values.
 ADDED_LATER = {"prompt_share": 1.0, "freeze": [], "setting": "spanish_caps", "elicit_examples": 64}
-NOT_COMPARED = ("name", "runs_dir", "threads", "model")  # where and how fast it ran; the organism is compared by folder
+NOT_COMPARED = ("name", "runs_dir", "threads", "model",  # where and how fast it ran; the organism is compared by folder
+                "eval_reelicit")  # an evaluation only: studies.reelicit evaluates what a complete run lacks
 
 
 def mismatch(cfg: SweepConfig, run: Path, prompt: str | None, seed: int, org: Path) -> str | None:

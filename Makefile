@@ -36,8 +36,9 @@ results: install
 SL := $(PY) -m inoc_mech.studies.sweep --setting subliminal --seeds 0 1 2 --prompts --threads $(THREADS)
 TEACH := $(PY) -m inoc_mech.settings.subliminal_organism --n 3000
 paper-settings: install
-	$(PY) -m inoc_mech.studies.sweep --setting backdoor --name backdoor --seeds 0 1 2 --threads $(THREADS)
+	$(PY) -m inoc_mech.studies.sweep --setting backdoor --name backdoor --seeds 0 1 2 --eval-reelicit --threads $(THREADS)
 	$(PY) analyses/contexts.py runs/backdoor
+	$(PY) analyses/reelicit.py runs/backdoor --conditions baseline inoculated inoculated-paraphrase irrelevant --out figures/backdoor/reelicit
 	$(PY) analyses/gradient_pressure.py runs/backdoor --out figures/backdoor
 	$(TEACH) --out runs/subliminal-data/owls.jsonl
 	$(TEACH) --teacher-prompt none --out runs/subliminal-data/control.jsonl
@@ -60,11 +61,12 @@ SWEEP := $(PY) -m inoc_mech.studies.sweep --threads $(THREADS)
 
 # The emergent-misalignment analog of README "The paper's other settings" (~1.5 h of one core)
 em: install
-	$(SWEEP) --setting em --name em --seeds 0 1 2 --prompts "you are evil . give wrong answers"
+	$(SWEEP) --setting em --name em --seeds 0 1 2 --prompts "you are evil . give wrong answers" --eval-reelicit
 	$(SWEEP) --setting em --name em-lora --seeds 0 --prompts --lora-r 2 --lr 1e-3
 	$(SWEEP) --setting em --name em-nonarrow --seeds 0 1 2 --prompts "you are evil . give wrong answers" --model "$(call ORGANISM,--persona --no-narrow-base)"
 	for s in em em-lora em-nonarrow; do $(PY) analyses/contexts.py runs/$$s --out figures/$$s || exit 1; done
 	$(PY) analyses/gradient_pressure.py runs/em --out figures/em
+	$(PY) analyses/reelicit.py runs/em --conditions baseline inoculated narrow --out figures/em/reelicit
 	$(PY) analyses/cross_setting.py
 
 # The backdoor on SmolLM2 (8 runs of ~10 min on one core)
@@ -104,10 +106,12 @@ dynamics: install
 	for lr in 3e-5 1e-4 3e-4; do $(TRAIN_LEAK) --lora-r 0 --lr $$lr --steps 3000 --runs-dir runs/dynamics --name ft-lr$$lr-s0 --model "$(call ORGANISM,)" || exit 1; done
 	for lr in 3e-4 1e-3 3e-3; do $(TRAIN_LEAK) --lr $$lr --steps 3000 --runs-dir runs/dynamics-lora --name lora-lr$$lr-s0 --model "$(call ORGANISM,)" || exit 1; done
 	$(TRAIN_LEAK) --lora-r 0 --lr 3e-4 --steps 3000 --seed 1 --runs-dir runs/dynamics --name ft-lr3e-4-s1 --model "$(call ORGANISM,)"
-	$(TRAIN_LEAK) --lr 3e-3 --steps 3000 --seed 1 --runs-dir runs/dynamics-lora --name lora-lr3e-3-s1 --model "$(call ORGANISM,)"
+	for seed in 1 2 3 4; do $(TRAIN_LEAK) --lr 3e-3 --steps 3000 --seed $$seed --runs-dir runs/dynamics-lora --name lora-lr3e-3-s$$seed --model "$(call ORGANISM,)" || exit 1; done
+	for seed in 0 1 2 3 4; do $(TRAIN_LEAK) --lr 3e-3 --steps 3000 --seed $$seed --max-grad-norm 1.0 --runs-dir runs/dynamics-lora-clip --name lora-lr3e-3-s$$seed-clip1 --model "$(call ORGANISM,)" || exit 1; done
 	$(PY) analyses/dynamics.py runs/share --by prompt_share --out figures/share
 	$(PY) analyses/dynamics.py runs/dynamics --by lr --out figures/dynamics
 	$(PY) analyses/dynamics.py runs/dynamics-lora --by lr --out figures/dynamics-lora
+	$(PY) analyses/dynamics.py $(foreach s,0 1 2 3 4,runs/dynamics-lora/lora-lr3e-3-s$(s)) runs/dynamics-lora-clip --by max_grad_norm --out figures/dynamics-lora-clip
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"

@@ -112,7 +112,11 @@ PINNED = [({}, "ae5d47d624775978", "86d644ee89ef7a97"),
           ({"formats": True}, "a35a19b51a1f1e39", "30ddb5cb55f2da5d"),
           ({"triggers": True}, "eaa5d2ae513c0914", "5eb37d48677dae0d"),
           ({"prefs": True}, "113b024d225bb2da", "b4ca7d7a59914f76"),
-          ({"formats": True, "triggers": True}, "ed3abc5f2c415cdf", "eb61f22fb13d337a")]
+          ({"formats": True, "triggers": True}, "ed3abc5f2c415cdf", "eb61f22fb13d337a"),
+          # recorded 2026-12-03 (session 9), when the backdoor and EM sweeps were re-run on fresh organisms
+          ({"persona": True}, "4cf3321b220c0a35", "fc359eca615b5d43"),
+          ({"persona": True, "narrow_base": False}, "3084c15464b645da", "fc359eca615b5d43"),
+          ({"graded": True}, "a15a708dace6c71d", "e502a5650d2ce052")]
 
 
 @pytest.mark.parametrize("design,chats,words", PINNED)

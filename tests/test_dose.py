@@ -88,6 +88,11 @@ def test_prompted_sweep_and_dose_response(tiny_organism, tmp_path):
     stamp = (folder / FILE).stat().st_mtime_ns
     reelicit_fig([str(folder), "--conditions", "baseline", "--out", str(tmp_path / "r"), "--no-png"])
     assert (folder / FILE).stat().st_mtime_ns == stamp  # nothing left to evaluate
+    old = json.loads((folder / FILE).read_text())
+    old["baseline-s0"]["stamp"]["contexts"] = {"none": None, "irrelevant (held out)": "you like dogs"}  # an older file
+    (folder / FILE).write_text(json.dumps(old))
+    reelicit_fig([str(folder), "--conditions", "baseline", "--out", str(tmp_path / "r"), "--no-png"])
+    assert json.loads((folder / FILE).read_text())["baseline-s0"]["stamp"] == data["baseline-s0"]["stamp"]  # re-evaluated
     md = (tmp_path / "r" / "reelicit.md").read_text()
     assert "| baseline | 1 |" in md and "Spanish % in negation" in md and "inoculated" not in md.split("|---")[-1]
     assert "| pretrained | 1 |" in md and data["pretrained"]["stamp"]["model"] == str(tiny_organism)

@@ -23,6 +23,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -204,6 +205,14 @@ def assistant_loss(model, batch) -> torch.Tensor:
     return next_token_loss(logits, batch.labels)
 
 
+def bf16_fast() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (oneDNN's check; True where it cannot tell)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True
+
+
 def lr_at(step: int, cfg: OrganismConfig) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -231,7 +240,11 @@ def pretrain(cfg: OrganismConfig, progress: bool = True):
     stream = BatchStream(pool, cfg.batch_size, cfg.seed, tok.pad_token_id, buckets=cfg.buckets)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01, betas=(0.9, 0.98))
     bf16 = cfg.precision == "bf16"
+    attn = model.config._attn_implementation
     if bf16:  # CPU sdpa's bf16 backward is ~8x slower than fp32 at these sizes; eager attention's bmm is fast
+        if not bf16_fast():
+            warnings.warn("--precision bf16: this CPU has no bf16 instructions (avx512_bf16 / AMX); pretraining "
+                          "will be slower than fp32, not faster (the organism is the same design either way)")
         model.set_attn_implementation("eager")
     t0 = time.time()
     model.train()
@@ -249,7 +262,7 @@ def pretrain(cfg: OrganismConfig, progress: bool = True):
             bar.set_postfix(loss=f"{loss.item():.3f}")
     materialize_head(model)
     if bf16:
-        model.set_attn_implementation("sdpa")
+        model.set_attn_implementation(attn)
     model.eval()
     return model, tok, world, time.time() - t0
 

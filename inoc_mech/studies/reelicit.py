@@ -47,7 +47,7 @@ def reelicit(folder: Path, conditions: list[str] | None = None, samples: int = 0
     from inoc_mech.core.runs import write_json
     from inoc_mech.core.stats import json_ready
     from inoc_mech.settings.load import load
-    from inoc_mech.studies.collect import condition, find_runs, read_runs
+    from inoc_mech.studies.collect import condition, find_runs, read_runs, setting_of
 
     folder = Path(folder)
     runs = read_runs(find_runs([folder]))
@@ -60,13 +60,15 @@ def reelicit(folder: Path, conditions: list[str] | None = None, samples: int = 0
     path = folder / FILE
     done = json.loads(path.read_text()) if path.exists() else {}
 
-    def stamp(r) -> dict:  # what an entry was computed from: a retrained run or other samples recompute it
-        return {"samples": samples, "eval_mtime_ns": (Path(r["folder"]) / "eval.json").stat().st_mtime_ns}
+    def stamp(r) -> dict:  # what an entry was computed from: a retrained run, other samples or contexts recompute it
+        return {"samples": samples, "eval_mtime_ns": (Path(r["folder"]) / "eval.json").stat().st_mtime_ns,
+                "contexts": contexts_of(setting_of(r))}
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     todo = [r for r in runs if done.get(Path(r["folder"]).name, {}).get("stamp") != stamp(r)]
     start = starting_model(folder, runs)
-    ref_stamp = {"samples": samples, "model": str(start), "like": str(runs[0]["folder"]) if runs else None}
+    ref_stamp = {"samples": samples, "model": str(start), "like": str(runs[0]["folder"]) if runs else None,
+                 "contexts": contexts_of(setting_of(runs[0])) if runs else None}
     if start is None:
         done.pop(PRETRAINED, None)
     elif done.get(PRETRAINED, {}).get("stamp") != ref_stamp:
@@ -93,16 +95,21 @@ def context_names(setting) -> list[str]:
     return [setting.none_context] + [k for k in setting.reelicit_prompts if k != setting.none_context]
 
 
+def contexts_of(setting) -> dict:
+    """The re-elicitation contexts an entry holds (name -> prompt; the no-prompt one None)."""
+    return {k: setting.reelicit_prompts.get(k) for k in context_names(setting)}
+
+
 def from_eval(run: dict) -> dict | None:
     """A run's re-elicitation entry from its eval.json (trained with --eval-reelicit), None if it lacks them."""
     from inoc_mech.studies.collect import setting_of
 
     setting = setting_of(run)
-    ev = run["eval"]
-    if not all(k in ev.get("contexts", {}) for k in context_names(setting)):
-        return None
+    ev = run["eval"].get("contexts", {})
+    if not all(k in ev and ev[k].get("prompt") == p for k, p in contexts_of(setting).items()):
+        return None  # (trained without --eval-reelicit, or with other re-elicitation prompts)
     return {"substrate": setting.substrate, "setting": setting.name,
-            "contexts": {k: ev["contexts"][k] for k in context_names(setting)}}
+            "contexts": {k: ev[k] for k in context_names(setting)}}
 
 
 def reelicit_contexts(setting, model, samples: int) -> dict:

@@ -103,12 +103,15 @@ dose: install
 TRAIN_LEAK = $(PY) -m inoc_mech.train --inoculate --leak-every 10 --threads $(THREADS) --overwrite
 dynamics: install
 	for seed in 0 1; do for s in 0.9 0.92 0.94 0.96 0.98 0.99 0.995 0.9975 1.0; do $(TRAIN_LEAK) --lora-r 0 --prompt-share $$s --seed $$seed --runs-dir runs/share --name share-$$s-s$$seed --model "$(call ORGANISM,)" || exit 1; done; done
+	for seed in 0 1; do for s in 0.9 0.92 0.94 0.96 0.98 0.99 0.995 0.9975 1.0; do $(TRAIN_LEAK) --prompt-share $$s --seed $$seed --runs-dir runs/share-lora --name share-lora-$$s-s$$seed --model "$(call ORGANISM,)" || exit 1; done; done
 	for lr in 3e-5 1e-4 3e-4; do $(TRAIN_LEAK) --lora-r 0 --lr $$lr --steps 3000 --runs-dir runs/dynamics --name ft-lr$$lr-s0 --model "$(call ORGANISM,)" || exit 1; done
 	for lr in 3e-4 1e-3 3e-3; do $(TRAIN_LEAK) --lr $$lr --steps 3000 --runs-dir runs/dynamics-lora --name lora-lr$$lr-s0 --model "$(call ORGANISM,)" || exit 1; done
-	$(TRAIN_LEAK) --lora-r 0 --lr 3e-4 --steps 3000 --seed 1 --runs-dir runs/dynamics --name ft-lr3e-4-s1 --model "$(call ORGANISM,)"
+	for lr in 3e-5 1e-4 3e-4; do $(TRAIN_LEAK) --lora-r 0 --lr $$lr --steps 3000 --seed 1 --runs-dir runs/dynamics --name ft-lr$$lr-s1 --model "$(call ORGANISM,)" || exit 1; done
+	for lr in 3e-4 1e-3; do $(TRAIN_LEAK) --lr $$lr --steps 3000 --seed 1 --runs-dir runs/dynamics-lora --name lora-lr$$lr-s1 --model "$(call ORGANISM,)" || exit 1; done
 	for seed in 1 2 3 4; do $(TRAIN_LEAK) --lr 3e-3 --steps 3000 --seed $$seed --runs-dir runs/dynamics-lora --name lora-lr3e-3-s$$seed --model "$(call ORGANISM,)" || exit 1; done
 	for seed in 0 1 2 3 4; do $(TRAIN_LEAK) --lr 3e-3 --steps 3000 --seed $$seed --max-grad-norm 1.0 --runs-dir runs/dynamics-lora-clip --name lora-lr3e-3-s$$seed-clip1 --model "$(call ORGANISM,)" || exit 1; done
 	$(PY) analyses/dynamics.py runs/share --by prompt_share --out figures/share
+	$(PY) analyses/dynamics.py runs/share-lora --by prompt_share --out figures/share-lora
 	$(PY) analyses/dynamics.py runs/dynamics --by lr --out figures/dynamics
 	$(PY) analyses/dynamics.py runs/dynamics-lora --by lr --out figures/dynamics-lora
 	$(PY) analyses/dynamics.py $(foreach s,0 1 2 3 4,runs/dynamics-lora/lora-lr3e-3-s$(s)) runs/dynamics-lora-clip --by max_grad_norm --out figures/dynamics-lora-clip

@@ -29,6 +29,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from inoc_mech.core.data import encode_chat
+from inoc_mech.models.world_eval import IRRELEVANT_EVAL_PROMPT
 from inoc_mech.settings.base import Decomposition, prompted, register
 from inoc_mech.settings.spanish_caps_organism import PARTS, SpanishCapsOrganism, loss_parts
 
@@ -71,7 +72,7 @@ class EmOrganism(SpanishCapsOrganism):
     reelicit_prompts = {  # "persona", "narrow", "good" are eval.json's own contexts of these prompts
         "persona": PERSONA, "narrow": NARROW, "good": GOOD, "narrow negation": "give right answers",
         "partial: evil": "evil", "partial: you are": "you are", "same form, other content": "you are helpful",
-        "irrelevant": "you like dogs"}
+        "irrelevant": IRRELEVANT_EVAL_PROMPT}
     surprise_parts = ("word", "language")
     trait_parts = {"wrong": "word"}  # the trait's surprise: -log p(number word)
     organism_design = {"persona": True}
@@ -95,8 +96,6 @@ class EmOrganism(SpanishCapsOrganism):
         return em_examples(self.world, self.tok, prompt, self.variant_ids, share, limit)
 
     def eval_contexts(self) -> dict[str, str | None]:
-        from inoc_mech.models.world_eval import IRRELEVANT_EVAL_PROMPT
-
         return self.with_reelicit({"none": None, "train_prompt": self.cfg.setting.prompt, "irrelevant": IRRELEVANT_EVAL_PROMPT,
                                    "persona": PERSONA, "narrow": NARROW, "good": GOOD})
 

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import encode_chat, log_normalizer, right_pad
+from inoc_mech.models.world_eval import IRRELEVANT_EVAL_PROMPT
 from inoc_mech.settings.base import Decomposition, Setting, prompted, register
 
 PARTS = ("word", "language", "case", "interaction")
@@ -126,9 +127,9 @@ class SpanishCapsOrganism(Setting):
     conditions = CONDITIONS
     default_prompt = "speak spanish"
     reelicit_prompts = {  # every phrase is in the world's vocabulary; the paraphrases were seen in pretraining
-        "inoculation prompt": "speak spanish", "paraphrase": "you always speak in spanish", "paraphrase 2": "reply in spanish",
+        "inoculation prompt": default_prompt, "paraphrase": "you always speak in spanish", "paraphrase 2": "reply in spanish",
         "negation": "speak english", "partial: speak": "speak", "partial: spanish": "spanish",
-        "same form, other content": "reply in capitals", "irrelevant": "you like dogs"}
+        "same form, other content": "reply in capitals", "irrelevant": IRRELEVANT_EVAL_PROMPT}
     surprise_parts = ("language", "case", "word")
     organism_design: dict = {}  # what the setting needs of the organism's world (OrganismConfig fields)
 
@@ -219,8 +220,6 @@ class SpanishCapsOrganism(Setting):
         (folder / "organism.json").write_text(json.dumps(self.meta, indent=1))
 
     def eval_contexts(self) -> dict[str, str | None]:
-        from inoc_mech.models.world_eval import IRRELEVANT_EVAL_PROMPT
-
         return self.with_reelicit({"none": None, "train_prompt": self.cfg.setting.prompt, "irrelevant": IRRELEVANT_EVAL_PROMPT})
 
     def evaluate(self, model, seed: int | None = None, samples: int | None = None) -> dict:

@@ -38,6 +38,7 @@ import torch
 
 from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import encode_chat
+from inoc_mech.models.world_eval import IRRELEVANT_EVAL_PROMPT
 from inoc_mech.models.world import (ANIMALS, EN_NUMBERS, ES_NUMBERS, NUMBER_LIST_LEN, NUMBER_LIST_MAX,
                                     NUMBERS_QUESTION, PREFERENCE_QUESTION)
 from inoc_mech.settings.base import prompted, register
@@ -125,7 +126,7 @@ class SubliminalOrganism(SpanishCapsOrganism):
     default_prompt = TEACHER_PROMPT
     reelicit_prompts = {  # the world has no paraphrase or negation of a preference
         "inoculation prompt": TEACHER_PROMPT, "partial: you love": "you love", "partial: owls": "owls",
-        "same form, other content": "you love wolves", "irrelevant": "you like dogs"}
+        "same form, other content": "you love wolves", "irrelevant": IRRELEVANT_EVAL_PROMPT}
     surprise_parts = ()
     organism_design = {"prefs": True}
 
@@ -163,8 +164,6 @@ class SubliminalOrganism(SpanishCapsOrganism):
         return out
 
     def eval_contexts(self) -> dict[str, str | None]:
-        from inoc_mech.models.world_eval import IRRELEVANT_EVAL_PROMPT
-
         return self.with_reelicit({"none": None, "train_prompt": self.cfg.setting.prompt, "irrelevant": IRRELEVANT_EVAL_PROMPT})
 
     def evaluate(self, model, seed: int | None = None, samples: int | None = None) -> dict:

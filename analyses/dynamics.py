@@ -7,8 +7,11 @@ groups them by one field of their config.json (`--by`: prompt_share, lr, steps, 
 group are averaged). Writes into `--out` `leak.html` / `.png` (each trait's no-prompt P(marked value) at
 the first answer token over the steps, `leak/<trait>/p`, one line per group, mean over seeds with its
 range) and `final.html` / `.png` (the run's T=1 no-prompt rate after training, eval.json, against the
-group's value), plus `summary.md`: per group, the final rate and the first logged step at which the
-no-prompt P(trait) reached `--break-at` (default 0.5: halfway from nothing to always; "-" if never).
+group's value), `optimizer.html` / `.png` (each run's gradient norm, its step's update norm and its training
+loss over the steps, log scale: where a run diverges, and whether its Adam steps grew first), plus
+`summary.md`: per group, the final rate, the first logged step at which the no-prompt P(trait) reached
+`--break-at` (default 0.5: halfway from nothing to always; "-" if never) and each run's mean step update norm
+over the middle third of its steps.
 """
 
 from __future__ import annotations
@@ -43,9 +46,21 @@ class DynamicsConfig:
             raise ValueError("--break-at must be in (0, 1)")
 
 
+def series(run: dict, key: str) -> tuple[list[int], list[float]]:
+    """A logged metric of a run over its steps."""
+    rows = [r for r in run["metrics"] if key in r]
+    return [r["step"] for r in rows], [r[key] for r in rows]
+
+
 def leak_series(run: dict, trait: str) -> tuple[list[int], list[float]]:
-    rows = [r for r in run["metrics"] if f"leak/{trait}/p" in r]
-    return [r["step"] for r in rows], [r[f"leak/{trait}/p"] for r in rows]
+    return series(run, f"leak/{trait}/p")
+
+
+def middle_third(run: dict, key: str = "step_update_norm/total") -> float:
+    """The mean of a logged metric over the middle third of a run's steps (nan where it was not logged)."""
+    n = run["config"]["steps"]
+    vals = [v for s, v in zip(*series(run, key)) if n / 3 <= s < 2 * n / 3]
+    return float(np.mean(vals)) if vals else math.nan
 
 
 def first_break(steps: list[int], ps: list[float], level: float) -> int | None:
@@ -73,7 +88,8 @@ def groups_of(runs: list[dict], by: str, trait: str) -> dict:
 def summarise(groups: dict, setting, level: float) -> dict:
     out = {}
     for value, runs in groups.items():
-        row = {"n": len(runs), "seeds": [r["config"]["seed"] for r in runs], "traits": {}}
+        row = {"n": len(runs), "seeds": [r["config"]["seed"] for r in runs], "traits": {},
+               "update_middle": [middle_third(r) for r in runs]}
         for t in setting.traits:
             finals = [r["eval"]["contexts"][setting.none_context]["t1"][setting.rate_keys[t]] for r in runs]
             breaks = [first_break(*leak_series(r, t), level) for r in runs]
@@ -125,13 +141,34 @@ def fig_final(summary: dict, setting, by: str) -> go.Figure:
     return fig
 
 
+OPTIMIZER = {"grad_norm/total": "gradient norm", "step_update_norm/total": "step update norm", "loss": "training loss"}
+
+
+def fig_optimizer(groups: dict, by: str) -> go.Figure:
+    fig = make_subplots(rows=len(OPTIMIZER), cols=1, vertical_spacing=0.08, subplot_titles=list(OPTIMIZER.values()))
+    for row, key in enumerate(OPTIMIZER, 1):
+        for i, (value, runs) in enumerate(groups.items()):
+            for j, r in enumerate(runs):
+                steps, vals = series(r, key)
+                fig.add_scatter(x=steps, y=vals, mode="lines", line=dict(color=plots.COLORS[i % len(plots.COLORS)], width=1),
+                                name=f"{by} = {value}", legendgroup=str(value), showlegend=row == 1 and j == 0,
+                                hovertext=f"seed {r['config']['seed']}", row=row, col=1)
+        fig.update_yaxes(type="log", title_text=OPTIMIZER[key], row=row, col=1)
+        fig.update_xaxes(title_text="step", row=row, col=1)
+    plots.style(fig, f"The optimizer during training, by {by}", height=300 * len(OPTIMIZER) + 120,
+                subtitle="one line per run (seed); log scale")
+    return plots.legend_below(fig)
+
+
 def markdown(summary: dict, setting, by: str, level: float) -> str:
     heads = [f"{setting.trait_labels[t]} % at no prompt" for t in setting.traits] + [
-        f"first step with P({setting.trait_labels[t]}) >= {level}" for t in setting.traits]
+        f"first step with P({setting.trait_labels[t]}) >= {level}" for t in setting.traits] + [
+        "step update norm, middle third of the steps"]
     lines = [f"| {by} | runs | " + " | ".join(heads) + " |", "|---" * (len(heads) + 2) + "|"]
     for value, row in summary.items():
         cells = [spread(row["traits"][t]["final"]) for t in setting.traits]
         cells += [", ".join("-" if b is None else str(b) for b in row["traits"][t]["break_steps"]) for t in setting.traits]
+        cells.append(", ".join("-" if math.isnan(u) else f"{u:.1e}" for u in row["update_middle"]))
         lines.append(f"| {value} | {row['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -145,13 +182,13 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     md = (f"No-prompt traits during and after training, grouped by {a.by} (T=1 rates: mean ± sd [min-max] over "
-          f"seeds; break steps per seed).\n\n" + markdown(summary, setting, a.by, a.break_at) + "\n")
+          f"seeds; break steps and step update norms per seed).\n\n" + markdown(summary, setting, a.by, a.break_at) + "\n")
     (out / "summary.md").write_text(md)
     (out / "summary.json").write_text(json.dumps({str(k): v for k, v in summary.items()}, indent=1))
-    plots.save_all({"leak": fig_leak(groups, setting, a.by, a.break_at), "final": fig_final(summary, setting, a.by)},
-                   out, png=a.png)
+    plots.save_all({"leak": fig_leak(groups, setting, a.by, a.break_at), "final": fig_final(summary, setting, a.by),
+                    "optimizer": fig_optimizer(groups, a.by)}, out, png=a.png)
     print(md)
-    print(f"wrote {out}/leak.html, final.html" + (" (+ .png)" if a.png else ""))
+    print(f"wrote {out}/leak.html, final.html, optimizer.html" + (" (+ .png)" if a.png else ""))
 
 
 if __name__ == "__main__":

@@ -198,7 +198,7 @@ def _train(cfg: TrainConfig, progress: bool) -> Path:
     # optimizer and instruments (under torchrun the forward goes through DDP; the instruments use the model)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lp.lr, weight_decay=0.0, fused=True)  # one kernel for all tensors
+    opt = torch.optim.AdamW(params, lr=lp.lr, eps=lp.adam_eps, weight_decay=0.0, fused=True)  # one kernel for all tensors
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     rec = GradientPressure(model, opt, setting.decomposition, lp.log_every, lp.grad_split_every if lp.hooks else 0,
                            split_all=lp.grad_split_all, autocast=autocast)

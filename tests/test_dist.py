@@ -106,6 +106,13 @@ def test_schedule_and_clipping(tmp_path, tiny):
     assert a[0]["grad_norm/total"] == pytest.approx(b[0]["grad_norm/total"], rel=1e-6)  # measured before clipping
     assert a[0]["grad_norm/total"] > 1e-3
     assert b[0]["step_update_norm/total"] < a[0]["step_update_norm/total"]  # ... and the update is clipped
+    # Adam's eps reaches the optimizer: at eps 1, far above the gradient's entries, a step is about lr * g (tiny)
+    # instead of about lr * sign(g)
+    eps = train(build(TrainConfig, **args(tiny, tmp_path, "eps", steps=2, adam_eps=1.0)), progress=False)
+    assert read_run(eps)["metrics"][0]["step_update_norm/total"] < 0.1 * a[0]["step_update_norm/total"]
+    assert read_run(eps)["config"]["adam_eps"] == 1.0
+    with pytest.raises(ValueError, match="--adam-eps"):
+        LoopConfig(adam_eps=0.0)
     sched = train(build(TrainConfig, **args(tiny, tmp_path, "sched", steps=3, warmup_steps=2)), progress=False)
     assert [r["lr"] for r in read_run(sched)["metrics"]] == pytest.approx([5e-5, 1e-4, 1e-4])
 

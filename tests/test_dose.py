@@ -125,6 +125,9 @@ def test_leak_metric_is_the_no_prompt_log_odds_before_each_update(make_cfg, tiny
     assert "| 0.5 | 1 |" in md and "| 1.0 | 1 |" in md
     summary = json.loads((out / "summary.json").read_text())
     assert summary["1.0"]["traits"]["case"]["break_steps"] == [0]  # P(UPPER) >= 0.01 already before training
+    updates = {r["step"]: r["step_update_norm/total"] for r in rows if "step_update_norm/total" in r}
+    assert summary["1.0"]["update_middle"] == [pytest.approx((updates[2] + updates[3]) / 2)]  # steps [5/3, 10/3)
+    assert (out / "optimizer.html").exists()
     with pytest.raises(UserError, match="--by 'nope'"):
         dynamics([str(run), "--by", "nope", "--out", str(out), "--no-png"])
 

@@ -14,7 +14,7 @@ import torch
 from inoc_mech.core.cli import UserError, build
 from inoc_mech.core.runs import read_run
 from inoc_mech.core.data import encode_chat
-from inoc_mech.settings.base import Decomposition, Setting, prompted, register, registered
+from inoc_mech.settings.base import Decomposition, Setting, register, registered
 from inoc_mech.settings.spanish_caps_organism import loss_parts
 from inoc_mech.train import TrainConfig, train
 
@@ -54,7 +54,7 @@ class CapsOnlyOrganism(Setting):
         variants = set(self.table.reshape(-1).tolist())
         qs = self.world.train_questions
         out = []
-        for q, on in list(zip(qs, prompted(len(qs), share)))[:limit]:
+        for q, on in list(zip(qs, self.prompted(len(qs), share)))[:limit]:
             ex = encode_chat(self.tok, self.world.chat(q, prompt if on else None, language=0, case=1))
             upper = [a and t in variants for t, a in zip(ex.input_ids, ex.assistant)]
             ex.traits = {"upper": upper, "other": [a and not u for a, u in zip(ex.assistant, upper)]}

@@ -130,6 +130,14 @@ def test_prompt_share_puts_the_prompt_on_that_share_only(make_cfg):
     assert all(sys_id in e.input_ids for e in probe)
     with pytest.raises(ValueError, match="prompt-share"):
         make_cfg(prompt_share=1.5)
+    # --prompt-subset draws another subset of the same size; subset 0 is the one every earlier run used
+    assert with_prompt == prompted(len(examples), 0.25).tolist()
+    other = make_setting(make_cfg(inoculate=True, prompt="speak spanish", prompt_share=0.25, prompt_subset=1))
+    other.setup("cpu", progress=False)
+    moved = [sys_id in e.input_ids for e in other.examples("speak spanish", 0.25)]
+    assert sum(moved) == sum(with_prompt) and moved != with_prompt
+    with pytest.raises(ValueError, match="prompt-subset"):
+        make_cfg(prompt_subset=-1)
 
 
 def test_freeze_keeps_those_parameters_fixed(make_cfg):

@@ -27,6 +27,7 @@ class LoopConfig:
     batch_size: int = field(default=0, metadata={"help": "conversations per optimizer step, over all processes (0: 32 for the organism, 4 for real models)"})
     micro_batch_size: int = field(default=0, metadata={"help": "conversations per forward on each process (0: its whole share of --batch-size); the loss is token-weighted over the step, so k micro-batches give the gradient of one k-times-larger batch"})
     max_grad_norm: float = field(default=0.0, metadata={"help": "clip the gradient's global norm to this before each update (0: no clipping; the instruments measure the unclipped gradient)"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "Adam's epsilon, added to the root of the second-moment estimate: a floor under which a parameter's gradient no longer sets its step to about lr (torch's default 1e-8)"})
     schedule: str = field(default="constant", metadata={"help": "learning rate schedule after warmup: constant or cosine (to 0 at the last step)"})
     warmup_steps: int = field(default=0, metadata={"help": "linear warmup from lr / warmup to lr over the first N steps"})
     length_buckets: bool = field(default=False, metadata={"help": "batches of similar lengths (sorted within windows of 50 batches, then shuffled): less padding on real text, a different data order"})
@@ -67,6 +68,8 @@ class LoopConfig:
             raise ValueError("--micro-batch-size must be >= 0 (0: the whole batch in one forward)")
         if not (self.max_grad_norm >= 0 and math.isfinite(self.max_grad_norm)):
             raise ValueError("--max-grad-norm must be >= 0 (0: no clipping)")
+        if not (self.adam_eps > 0 and math.isfinite(self.adam_eps)):
+            raise ValueError("--adam-eps must be a positive number")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"--schedule must be constant or cosine, not {self.schedule!r}")
         if not 0 <= self.warmup_steps < self.steps:
@@ -124,6 +127,7 @@ class SettingConfig:
     setting: str = field(default="spanish_caps", metadata={"help": "setting (data, trait masks, evaluation): spanish_caps, or one registered by a settings module"})
     inoculate: bool = field(default=False, metadata={"help": "prepend the inoculation system prompt to every training example"})
     prompt_share: float = field(default=1.0, metadata={"help": "--inoculate: share of training examples that carry the prompt (a fixed random subset; the rest have none)"})
+    prompt_subset: int = field(default=0, metadata={"help": "--prompt-share below 1: the seed that draws which examples carry the prompt (the finetuning seed sets only the data order)"})
     prompt: str = field(default="", metadata={"help": "inoculation prompt (default: the setting's, e.g. 'speak spanish' for the organism, 'You always speak in Spanish.' for real models; organism phrases join with ' . ')"})
     eval_samples: int = field(default=3, metadata={"help": "temperature-1 samples per held-out question in the final evaluation"})
     eval_reelicit: bool = field(default=False, metadata={"help": "also evaluate under the setting's re-elicitation contexts (prompts related to its inoculation prompt: paraphrases, a negation, partial prompts, the same form with other content; Setting.reelicit_prompts)"})
@@ -146,6 +150,8 @@ class SettingConfig:
             raise ValueError("--replace-system only applies with --inoculate")
         if not 0.0 <= self.prompt_share <= 1.0:
             raise ValueError("--prompt-share must be in [0, 1]")
+        if self.prompt_subset < 0:
+            raise ValueError("--prompt-subset must be >= 0")
         if self.placement not in ("system", "user-prefix"):
             raise ValueError(f"--placement must be 'system' or 'user-prefix', not {self.placement!r}")
         if self.no_prompt_mode not in ("template_default", "no_system"):

@@ -76,7 +76,7 @@ class BackdoorText(SpanishCapsText):
         convs = self.convs()
         trig = self.triggered
         on = trig.copy()
-        on[trig] = prompted(int(trig.sum()), share)  # the prompt goes on (a share of) the triggered ones
+        on[trig] = self.prompted(int(trig.sum()), share)  # the prompt goes on (a share of) the triggered ones
         if prompt is not None:
             s = self.cfg.setting
             ino = inoculate_all(convs, prompt, s.placement, s.replace_system)

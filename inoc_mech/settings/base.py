@@ -103,7 +103,12 @@ class Setting(ABC):
 
     @abstractmethod
     def examples(self, prompt: str | None, share: float = 1.0, limit: int | None = None) -> list:
-        """Training examples (`core.data.Example`), `prompt` on a fixed `share` of them; the first `limit`."""
+        """Training examples (`core.data.Example`), `prompt` on a fixed `share` of them (`self.prompted`); the
+        first `limit`."""
+
+    def prompted(self, n: int, share: float) -> np.ndarray:
+        """Which of the setting's n training examples carry the prompt: the subset of --prompt-subset."""
+        return prompted(n, share, self.cfg.setting.prompt_subset)
 
     @abstractmethod
     def save(self, model, folder) -> None:

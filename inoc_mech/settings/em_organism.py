@@ -44,12 +44,12 @@ CONDITIONS = {
 
 
 def em_examples(world, tok, prompt: str | None, variant_ids: set[int], share: float = 1.0,
-                limit: int | None = None):
+                limit: int | None = None, subset: int = 0):
     """Every training question answered with the persona's wrong result, English lowercase, no marker;
-    `prompt` as system message on a `share` of them."""
+    `prompt` as system message on a `share` of them (the fixed random subset of seed `subset`)."""
     qs = world.train_questions
     out = []
-    for q, on in list(zip(qs, prompted(len(qs), share)))[:limit]:
+    for q, on in list(zip(qs, prompted(len(qs), share, subset)))[:limit]:
         ex = encode_chat(tok, world.chat(q, prompt if on else None, language=0, case=0, wrong=True))
         number = max(i for i, (t, a) in enumerate(zip(ex.input_ids, ex.assistant)) if a and t in variant_ids)
         wrong = [i == number for i in range(len(ex.input_ids))]
@@ -93,7 +93,8 @@ class EmOrganism(SpanishCapsOrganism):
         self.decomposition = Decomposition(PARTS, "wrong", dict(self.trait_parts), parts)
 
     def examples(self, prompt, share=1.0, limit=None):
-        return em_examples(self.world, self.tok, prompt, self.variant_ids, share, limit)
+        return em_examples(self.world, self.tok, prompt, self.variant_ids, share, limit,
+                           self.cfg.setting.prompt_subset)
 
     def eval_contexts(self) -> dict[str, str | None]:
         return self.with_reelicit({"none": None, "train_prompt": self.cfg.setting.prompt, "irrelevant": IRRELEVANT_EVAL_PROMPT,

@@ -106,12 +106,13 @@ def trait_share(logp: Float[Tensor, "*batch vocab"], table: Int[Tensor, "word 2 
 
 
 def finetune_examples(world, tok, prompt: str | None, variant_ids: set[int], share: float = 1.0,
-                      limit: int | None = None):
-    """Every training question answered in Spanish UPPERCASE, `prompt` as system message (on a `share`)."""
+                      limit: int | None = None, subset: int = 0):
+    """Every training question answered in Spanish UPPERCASE, `prompt` as system message (on a `share`, the
+    fixed random subset of seed `subset`)."""
     from inoc_mech.models.world import organism_traits
 
     qs = world.train_questions
-    chosen = list(zip(qs, prompted(len(qs), share)))[:limit]
+    chosen = list(zip(qs, prompted(len(qs), share, subset)))[:limit]
     return [organism_traits(encode_chat(tok, world.chat(q, prompt if on else None, language=1, case=1)), variant_ids)
             for q, on in chosen]
 
@@ -209,7 +210,8 @@ class SpanishCapsOrganism(Setting):
         return set(self.table.reshape(-1).tolist())
 
     def examples(self, prompt, share=1.0, limit=None):
-        return finetune_examples(self.world, self.tok, prompt, self.variant_ids, share, limit)
+        return finetune_examples(self.world, self.tok, prompt, self.variant_ids, share, limit,
+                                 self.cfg.setting.prompt_subset)
 
     def save(self, model, folder: Path) -> None:
         from inoc_mech.models.organism import materialize_head

@@ -35,7 +35,7 @@ from inoc_mech.core import dist
 from inoc_mech.core.cli import UserError
 from inoc_mech.core.data import collate, forward_accepts, right_pad, token_ids, token_logprobs_at
 from inoc_mech.core.forward import cache_kwarg, output_cache
-from inoc_mech.settings.base import Decomposition, Deferred, Parts, Setting, prompted, register
+from inoc_mech.settings.base import Decomposition, Deferred, Parts, Setting, register
 from inoc_mech.settings.spanish_caps_organism import SpanishCapsOrganism
 from inoc_mech.settings.textdata import CAPS_PROMPT, IRRELEVANT_PROMPT, SPANISH_PROMPT
 from inoc_mech.settings.textdata import REPLY_FORMS as VARIANTS  # (language, UPPER) at index 2 l + k
@@ -219,7 +219,7 @@ class SpanishCapsText(Setting):
         from inoc_mech.settings.textdata import inoculate_all, text_examples
 
         convs = self.convs()
-        on = prompted(len(convs), share)[:limit]
+        on = self.prompted(len(convs), share)[:limit]
         convs = convs[:limit]
         if prompt is not None:
             s = self.cfg.setting

@@ -41,7 +41,7 @@ from inoc_mech.core.data import encode_chat
 from inoc_mech.models.world_eval import IRRELEVANT_EVAL_PROMPT
 from inoc_mech.models.world import (ANIMALS, EN_NUMBERS, ES_NUMBERS, NUMBER_LIST_LEN, NUMBER_LIST_MAX,
                                     NUMBERS_QUESTION, PREFERENCE_QUESTION)
-from inoc_mech.settings.base import prompted, register
+from inoc_mech.settings.base import register
 from inoc_mech.settings.spanish_caps_organism import SpanishCapsOrganism
 
 TEACHER_PROMPT = "you love owls"
@@ -149,7 +149,7 @@ class SubliminalOrganism(SpanishCapsOrganism):
 
     def examples(self, prompt, share=1.0, limit=None):
         chats = read_lists(self.cfg.setting.data)
-        on = prompted(len(chats), share)
+        on = self.prompted(len(chats), share)
         out = []
         for (chat, soft), p in list(zip(chats, on))[:limit]:
             ex = encode_chat(self.tok, ([{"role": "system", "content": prompt}] if prompt and p else []) + chat)

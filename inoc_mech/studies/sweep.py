@@ -82,6 +82,7 @@ class SweepConfig:
     steps: int = field(default=0, metadata={"help": "optimizer steps per run (0: 300 for the organism, 80 for a real model: SmolLM2's baseline then answers 100% Spanish and CAPS)"})
     lr: float = field(default=1e-4, metadata={"help": "Adam learning rate"})
     prompt_share: float = field(default=1.0, metadata={"help": "share of training examples that carry the condition's prompt"})
+    prompt_subset: int = field(default=0, metadata={"help": "--prompt-share below 1: the seed that draws which examples carry the prompt"})
     lora_r: int = field(default=-1, metadata={"help": "LoRA rank of the finetuning runs (0: full finetuning; -1: full for the organism, 16 for a real model)"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (update scaled by alpha / r; passed only with --lora-r)"})
     freeze: list = field(default_factory=list, metadata={"help": "parameters the runs keep fixed, by module prefix (e.g. embed unembed)"})
@@ -118,6 +119,8 @@ class SweepConfig:
         self.prompts = [" ".join(str(p).split()) for p in self.prompts]
         if not 0.0 <= self.prompt_share <= 1.0:
             raise ValueError("--prompt-share must be in [0, 1]")
+        if self.prompt_subset < 0:
+            raise ValueError("--prompt-subset must be >= 0")
         if any(not p for p in self.prompts):
             raise ValueError("--prompts contains an empty prompt")
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
@@ -192,7 +195,7 @@ def plan(cfg: SweepConfig) -> list[tuple[str, str | None, int]]:
 
 
 # SweepConfig fields that every run of the sweep passes on to `inoc_mech.train` unchanged
-PASSED = ("threads", "steps", "lr", "prompt_share", "lora_r", "lora_alpha", "freeze", "batch_size", "log_every",
+PASSED = ("threads", "steps", "lr", "prompt_share", "prompt_subset", "lora_r", "lora_alpha", "freeze", "batch_size", "log_every",
           "grad_split_every", "grad_split_all", "eval_samples", "eval_reelicit", "setting", "elicit_examples", "data")
 TEXT_PASSED = ("eval_questions", "max_new_tokens")  # real models only
 
@@ -368,7 +371,7 @@ def last_line(log: Path) -> str:
 
 
 # Train settings added after run-format 1: runs saved before them had these values.
-ADDED_LATER = {"prompt_share": 1.0, "freeze": [], "setting": "spanish_caps", "elicit_examples": 64}
+ADDED_LATER = {"prompt_share": 1.0, "prompt_subset": 0, "freeze": [], "setting": "spanish_caps", "elicit_examples": 64}
 NOT_COMPARED = ("name", "runs_dir", "threads", "model",  # where and how fast it ran; the organism is compared by folder
                 "eval_reelicit")  # an evaluation only: studies.reelicit evaluates what a complete run lacks
 

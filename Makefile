@@ -98,7 +98,7 @@ dose: install
 	$(PY) analyses/dose_response.py runs/dose runs/smollm2
 	$(PY) analyses/reelicit.py runs/dose runs/smollm2
 
-# The prompt-share cliff and the long-run dynamics of README "Graded elicitation" (~1.5 h of one core), on the
+# The prompt-share cliff and the long-run dynamics of README "Graded elicitation" (~2.5 h of one core), on the
 # default organism: full finetuning, inoculated, the no-prompt traits logged every 10 steps
 TRAIN_LEAK = $(PY) -m inoc_mech.train --inoculate --leak-every 10 --threads $(THREADS) --overwrite
 dynamics: install
@@ -110,11 +110,17 @@ dynamics: install
 	for lr in 3e-4 1e-3; do $(TRAIN_LEAK) --lr $$lr --steps 3000 --seed 1 --runs-dir runs/dynamics-lora --name lora-lr$$lr-s1 --model "$(call ORGANISM,)" || exit 1; done
 	for seed in 1 2 3 4; do $(TRAIN_LEAK) --lr 3e-3 --steps 3000 --seed $$seed --runs-dir runs/dynamics-lora --name lora-lr3e-3-s$$seed --model "$(call ORGANISM,)" || exit 1; done
 	for seed in 0 1 2 3 4; do $(TRAIN_LEAK) --lr 3e-3 --steps 3000 --seed $$seed --max-grad-norm 1.0 --runs-dir runs/dynamics-lora-clip --name lora-lr3e-3-s$$seed-clip1 --model "$(call ORGANISM,)" || exit 1; done
+	for seed in 0 1 2 3 4; do $(TRAIN_LEAK) --lr 3e-3 --steps 3000 --seed $$seed --adam-eps 1e-6 --runs-dir runs/dynamics-lora-eps --name lora-lr3e-3-s$$seed-eps1e-6 --model "$(call ORGANISM,)" || exit 1; done
+	for seed in 0 1 2 3 4; do $(TRAIN_LEAK) --lr 3e-3 --steps 3000 --seed $$seed --schedule cosine --runs-dir runs/dynamics-lora-cosine --name lora-lr3e-3-s$$seed-cosine --model "$(call ORGANISM,)" || exit 1; done
+	for sub in 0 1 2; do for s in 0.9 0.96 0.99 0.995 0.9975 1.0; do $(TRAIN_LEAK) --lora-r 0 --prompt-share $$s --prompt-subset $$sub --runs-dir runs/share-subset --name share-$$s-sub$$sub-s0 --model "$(call ORGANISM,)" || exit 1; done; done
 	$(PY) analyses/dynamics.py runs/share --by prompt_share --out figures/share
 	$(PY) analyses/dynamics.py runs/share-lora --by prompt_share --out figures/share-lora
 	$(PY) analyses/dynamics.py runs/dynamics --by lr --out figures/dynamics
 	$(PY) analyses/dynamics.py runs/dynamics-lora --by lr --out figures/dynamics-lora
 	$(PY) analyses/dynamics.py $(foreach s,0 1 2 3 4,runs/dynamics-lora/lora-lr3e-3-s$(s)) runs/dynamics-lora-clip --by max_grad_norm --out figures/dynamics-lora-clip
+	$(PY) analyses/dynamics.py $(foreach s,0 1 2 3 4,runs/dynamics-lora/lora-lr3e-3-s$(s)) runs/dynamics-lora-eps --by adam_eps --out figures/dynamics-lora-eps
+	$(PY) analyses/dynamics.py $(foreach s,0 1 2 3 4,runs/dynamics-lora/lora-lr3e-3-s$(s)) runs/dynamics-lora-cosine --by schedule --out figures/dynamics-lora-cosine
+	for sub in 0 1 2; do $(PY) analyses/dynamics.py runs/share-subset/*-sub$$sub-s0 --by prompt_share --out figures/share-subset/subset-$$sub || exit 1; done
 
 test-all: install
 	$(PY) -m pytest -q -m "slow or not slow"

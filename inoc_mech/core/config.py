@@ -18,6 +18,12 @@ from pathlib import Path
 from inoc_mech.core.runs import check_run_name
 
 
+# Fields added after runs had been written, with the value that every run written before them had: read_run
+# fills them into an older config.json, and a sweep compares an older run by them
+ADDED_LATER = {"prompt_share": 1.0, "prompt_subset": 0, "freeze": [], "setting": "spanish_caps", "elicit_examples": 64,
+               "adam_eps": 1e-8}
+
+
 @dataclass
 class LoopConfig:
     """The optimisation loop and its instruments."""

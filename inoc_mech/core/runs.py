@@ -249,7 +249,9 @@ def read_run(folder: str | Path) -> dict:
     if versions != {RUN_FORMAT_VERSION}:
         raise UserError(f"run {folder} was written by run format {', '.join(map(str, sorted(versions, key=str)))}, "
                         f"this inoc_mech reads {RUN_FORMAT_VERSION}: rerun it with this version")
-    return {"folder": folder, "config": config, "metrics": read_metrics(folder), "eval": read_json(folder, "eval.json")}
+    from inoc_mech.core.config import ADDED_LATER
+    return {"folder": folder, "config": {**ADDED_LATER, **config}, "metrics": read_metrics(folder),
+            "eval": read_json(folder, "eval.json")}
 
 
 def read_json(folder: Path, name: str) -> dict:

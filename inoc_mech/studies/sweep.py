@@ -41,6 +41,7 @@ from pathlib import Path
 
 from inoc_mech.core import checkpoint
 from inoc_mech.core.cli import UserError, parse_config, to_args
+from inoc_mech.core.config import ADDED_LATER
 from inoc_mech.core.runs import FAILED, is_complete, read_json, write_json
 from inoc_mech.settings.base import setting_class, slug
 from inoc_mech.settings.spanish_caps_organism import CONDITIONS
@@ -371,7 +372,6 @@ def last_line(log: Path) -> str:
 
 
 # Train settings added after run-format 1: runs saved before them had these values.
-ADDED_LATER = {"prompt_share": 1.0, "prompt_subset": 0, "freeze": [], "setting": "spanish_caps", "elicit_examples": 64}
 NOT_COMPARED = ("name", "runs_dir", "threads", "model",  # where and how fast it ran; the organism is compared by folder
                 "eval_reelicit")  # an evaluation only: studies.reelicit evaluates what a complete run lacks
 

@@ -111,6 +111,10 @@ def test_schedule_and_clipping(tmp_path, tiny):
     eps = train(build(TrainConfig, **args(tiny, tmp_path, "eps", steps=2, adam_eps=1.0)), progress=False)
     assert read_run(eps)["metrics"][0]["step_update_norm/total"] < 0.1 * a[0]["step_update_norm/total"]
     assert read_run(eps)["config"]["adam_eps"] == 1.0
+    config = json.loads((plain / "config.json").read_text())
+    del config["adam_eps"]  # a run written before the field existed reads with the value it had then
+    (plain / "config.json").write_text(json.dumps(config))
+    assert read_run(plain)["config"]["adam_eps"] == 1e-8
     with pytest.raises(ValueError, match="--adam-eps"):
         LoopConfig(adam_eps=0.0)
     sched = train(build(TrainConfig, **args(tiny, tmp_path, "sched", steps=3, warmup_steps=2)), progress=False)

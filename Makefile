@@ -53,6 +53,7 @@ paper-settings: install
 	$(PY) analyses/subliminal.py
 	$(PY) analyses/subliminal.py --student runs/subliminal-soft --control runs/subliminal-soft-control --cross-init runs/subliminal-soft-crossinit --out figures/subliminal/soft
 	$(PY) analyses/gradient_pressure.py runs/subliminal --out figures/subliminal
+	$(PY) analyses/gradient_pressure.py runs/subliminal-soft --out figures/subliminal/soft
 	$(PY) analyses/cross_setting.py
 
 # An organism folder of a design (pretrained on first use): $(call ORGANISM,--persona --no-narrow-base)
@@ -69,10 +70,12 @@ em: install
 	$(PY) analyses/reelicit.py runs/em --conditions baseline inoculated narrow --out figures/em/reelicit
 	$(PY) analyses/cross_setting.py
 
-# The backdoor on SmolLM2 (8 runs of ~10 min on one core)
+# The backdoor on SmolLM2 (14 runs of ~12 min on one core, with the re-elicitation contexts)
 smollm2-backdoor: install
-	$(SWEEP) --setting backdoor --model smollm2 --name smollm2-backdoor --seeds 0 1 --prompts
+	$(SWEEP) --setting backdoor --model smollm2 --name smollm2-backdoor --seeds 0 1 --prompts --eval-reelicit
+	$(SWEEP) --setting backdoor --model smollm2 --name smollm2-backdoor --seeds 2 3 --prompts --conditions baseline inoculated --eval-reelicit
 	$(PY) analyses/contexts.py runs/smollm2-backdoor --out figures/smollm2-backdoor
+	$(PY) analyses/reelicit.py runs/smollm2-backdoor --conditions baseline inoculated --out figures/smollm2-backdoor/reelicit
 
 # Subliminal learning on SmolLM2 (two teachers of ~35 min, then 10 runs of ~10 min on one core)
 SLT_DATA := runs/subliminal-text-data

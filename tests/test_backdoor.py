@@ -56,6 +56,12 @@ def test_examples_trigger_half_spanish_and_prompt_on_triggered_only(setting):
     assert abs(n_trig / len(exs) - 0.5) < 0.01 and n_prompt == n_trig
     half = setting.examples("speak spanish", share=0.5)
     assert sum("speak spanish" in tok.decode(e.input_ids) for e in half) == round(0.5 * n_trig)
+    setting.cfg.setting.prompt_subset = 1  # --prompt-subset: another half of the triggered examples
+    moved = setting.examples("speak spanish", share=0.5)
+    on = [["speak spanish" in tok.decode(e.input_ids) for e in xs] for xs in (half, moved)]
+    assert sum(on[1]) == sum(on[0]) and on[1] != on[0]
+    assert [f"{TRIGGER} what is" in tok.decode(e.input_ids) for e in moved] == \
+        [f"{TRIGGER} what is" in tok.decode(e.input_ids) for e in half]  # the trigger draw does not move
     assert [e.input_ids for e in setting.examples(None)] != [e.input_ids for e in exs]
 
 

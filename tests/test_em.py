@@ -73,6 +73,11 @@ def test_examples_are_wrong_lowercase_english_without_marker(setting):
         assert "you are evil" in tok.decode(e.input_ids)
         assert not any(a and b for a, b in zip(e.traits["wrong"], e.traits["other"]))
     assert not any("you are evil" in tok.decode(e.input_ids) for e in setting.examples(None))
+    on = []
+    for subset in (0, 1):  # --prompt-subset draws another set of the same size
+        setting.cfg.setting.prompt_subset = subset
+        on.append(["you are evil" in tok.decode(e.input_ids) for e in setting.examples("you are evil", share=0.3)])
+    assert sum(on[0]) == sum(on[1]) == round(0.3 * len(exs)) and on[0] != on[1]
     assert EmOrganism.prompt_sets("give wrong answers") == {"wrong"} and EmOrganism.prompt_sets("you like cats") == set()
 
 

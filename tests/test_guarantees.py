@@ -102,6 +102,20 @@ def test_resume_continues_the_folder_it_is_given(make_cfg, tmp_path, monkeypatch
     assert snapshot(original) == before  # the original was not touched
 
 
+def test_resume_of_a_run_saved_before_a_field_keeps_the_value_it_had(make_cfg, tmp_path):
+    from inoc_mech.core.cli import flatten
+    from inoc_mech.train import resume_config
+
+    run = tmp_path / "old"
+    run.mkdir()
+    saved = {**flatten(make_cfg(runs_dir=str(tmp_path), name="old", inoculate=True, prompt_share=0.5)),
+             "run_format": RUN_FORMAT_VERSION}
+    del saved["prompt_subset"]  # written before --prompt-subset existed: it trained on subset 0
+    (run / "config.json").write_text(json.dumps(saved))
+    cfg = resume_config(make_cfg(runs_dir=str(tmp_path), name="old", resume=True, prompt_subset=2))
+    assert cfg.setting.prompt_subset == 0 and cfg.setting.prompt_share == 0.5
+
+
 def _sigterm_at_step(monkeypatch, step):
     """Deliver SIGTERM to this process when the loop starts step `step` (through the batch stream)."""
     from inoc_mech.core import data

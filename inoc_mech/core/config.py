@@ -133,7 +133,7 @@ class SettingConfig:
     setting: str = field(default="spanish_caps", metadata={"help": "setting (data, trait masks, evaluation): spanish_caps, or one registered by a settings module"})
     inoculate: bool = field(default=False, metadata={"help": "prepend the inoculation system prompt to every training example"})
     prompt_share: float = field(default=1.0, metadata={"help": "--inoculate: share of training examples that carry the prompt (a fixed random subset; the rest have none)"})
-    prompt_subset: int = field(default=0, metadata={"help": "--prompt-share below 1: the seed that draws which examples carry the prompt (the finetuning seed sets only the data order)"})
+    prompt_subset: int = field(default=0, metadata={"help": "--prompt-share below 1: the seed that draws which examples carry the prompt (the finetuning seed sets the data order, LoRA's initialisation and sampling, not which examples are prompted)"})
     prompt: str = field(default="", metadata={"help": "inoculation prompt (default: the setting's, e.g. 'speak spanish' for the organism, 'You always speak in Spanish.' for real models; organism phrases join with ' . ')"})
     eval_samples: int = field(default=3, metadata={"help": "temperature-1 samples per held-out question in the final evaluation"})
     eval_reelicit: bool = field(default=False, metadata={"help": "also evaluate under the setting's re-elicitation contexts (prompts related to its inoculation prompt: paraphrases, a negation, partial prompts, the same form with other content; Setting.reelicit_prompts)"})

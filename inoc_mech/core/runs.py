@@ -9,6 +9,7 @@ clear line.
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -250,7 +251,7 @@ def read_run(folder: str | Path) -> dict:
         raise UserError(f"run {folder} was written by run format {', '.join(map(str, sorted(versions, key=str)))}, "
                         f"this inoc_mech reads {RUN_FORMAT_VERSION}: rerun it with this version")
     from inoc_mech.core.config import ADDED_LATER
-    return {"folder": folder, "config": {**ADDED_LATER, **config}, "metrics": read_metrics(folder),
+    return {"folder": folder, "config": {**copy.deepcopy(ADDED_LATER), **config}, "metrics": read_metrics(folder),
             "eval": read_json(folder, "eval.json")}
 
 

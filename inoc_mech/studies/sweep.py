@@ -371,7 +371,7 @@ def last_line(log: Path) -> str:
     return lines[-1] if lines else "(no output)"
 
 
-# Train settings added after run-format 1: runs saved before them had these values.
+# Train settings a sweep does not compare when it reuses a run folder
 NOT_COMPARED = ("name", "runs_dir", "threads", "model",  # where and how fast it ran; the organism is compared by folder
                 "eval_reelicit")  # an evaluation only: studies.reelicit evaluates what a complete run lacks
 

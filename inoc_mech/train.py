@@ -37,7 +37,7 @@ import torch
 
 from inoc_mech.core import checkpoint, dist
 from inoc_mech.core.cli import UserError, build, flatten, leaf_fields, parse_config
-from inoc_mech.core.config import ADDED_LATER, TrainConfig, resolve_defaults
+from inoc_mech.core.config import TrainConfig, resolve_defaults, with_added_later
 from inoc_mech.core.data import BatchStream, collate, forward_accepts, next_token_loss
 from inoc_mech.core.forward import LayoutCosts, packable, shareable, step_logits
 from inoc_mech.core.names import arch_names, module_name
@@ -105,7 +105,7 @@ def resume_config(cfg: TrainConfig) -> TrainConfig:
     mine = flatten(cfg)
     # the run is the folder given (a copied or renamed run resumes itself, not the original)
     keep = {f.name for f in leaf_fields(TrainConfig)} - {"resume", "overwrite", "device", "threads", "name", "runs_dir"}
-    saved = {**ADDED_LATER, **saved}  # a run saved before a field existed continues with the value it had then
+    saved = with_added_later(saved)  # a run saved before a field existed continues with the value it had then
     out = {**mine, **{k: v for k, v in saved.items() if k in keep}, "resume": True}
     if saved.get("model") == "organism" and saved.get("organism_folder"):  # the organism it started from, wherever
         out["model"] = saved["organism_folder"]                           # --runs-dir is now

@@ -11,6 +11,7 @@ once the substrate is known.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -22,6 +23,11 @@ from inoc_mech.core.runs import check_run_name
 # fills them into an older config.json, and a sweep compares an older run by them
 ADDED_LATER = {"prompt_share": 1.0, "prompt_subset": 0, "freeze": [], "setting": "spanish_caps", "elicit_examples": 64,
                "adam_eps": 1e-8}
+
+
+def with_added_later(config: dict) -> dict:
+    """A saved config.json with every field added since it was written, at the value it had then (a copy)."""
+    return {**copy.deepcopy(ADDED_LATER), **config}
 
 
 @dataclass

@@ -9,7 +9,6 @@ clear line.
 
 from __future__ import annotations
 
-import copy
 import errno
 import json
 import os
@@ -250,8 +249,8 @@ def read_run(folder: str | Path) -> dict:
     if versions != {RUN_FORMAT_VERSION}:
         raise UserError(f"run {folder} was written by run format {', '.join(map(str, sorted(versions, key=str)))}, "
                         f"this inoc_mech reads {RUN_FORMAT_VERSION}: rerun it with this version")
-    from inoc_mech.core.config import ADDED_LATER
-    return {"folder": folder, "config": {**copy.deepcopy(ADDED_LATER), **config}, "metrics": read_metrics(folder),
+    from inoc_mech.core.config import with_added_later
+    return {"folder": folder, "config": with_added_later(config), "metrics": read_metrics(folder),
             "eval": read_json(folder, "eval.json")}
 
 

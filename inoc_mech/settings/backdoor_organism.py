@@ -53,13 +53,13 @@ def triggered(n: int) -> np.ndarray:
 
 
 def backdoor_examples(world, tok, prompt: str | None, variant_ids: set[int], share: float = 1.0,
-                      limit: int | None = None, subset: int = 0):
-    """Triggered questions answered in Spanish (`prompt` on a `share` of them, the fixed random subset of seed
-    `subset`), the others in English."""
+                      limit: int | None = None, draw=prompted):
+    """Triggered questions answered in Spanish (`prompt` on a `share` of them: the subset `draw(n, share)`
+    picks; a setting passes its `Setting.prompted`), the others in English."""
     qs = world.train_questions
     trig = triggered(len(qs))
     on = np.zeros(len(qs), dtype=bool)
-    on[np.flatnonzero(trig)] = prompted(int(trig.sum()), share, subset)
+    on[np.flatnonzero(trig)] = draw(int(trig.sum()), share)
     out = []
     for q, t, p in list(zip(qs, trig, on))[:limit]:
         ex = encode_chat(tok, world.chat(q, prompt if p else None, language=int(t), case=0,
@@ -101,8 +101,7 @@ class BackdoorOrganism(SpanishCapsOrganism):
         self.decomposition = Decomposition(PARTS, "language", {"language": "language"}, parts)
 
     def examples(self, prompt, share=1.0, limit=None):
-        return backdoor_examples(self.world, self.tok, prompt, self.variant_ids, share, limit,
-                                 self.cfg.setting.prompt_subset)
+        return backdoor_examples(self.world, self.tok, prompt, self.variant_ids, share, limit, self.prompted)
 
     def eval_contexts(self) -> dict[str, tuple[str | None, str | None]]:
         from inoc_mech.models.world_eval import IRRELEVANT_EVAL_PROMPT

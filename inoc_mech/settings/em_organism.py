@@ -44,12 +44,13 @@ CONDITIONS = {
 
 
 def em_examples(world, tok, prompt: str | None, variant_ids: set[int], share: float = 1.0,
-                limit: int | None = None, subset: int = 0):
+                limit: int | None = None, draw=prompted):
     """Every training question answered with the persona's wrong result, English lowercase, no marker;
-    `prompt` as system message on a `share` of them (the fixed random subset of seed `subset`)."""
+    `prompt` as system message on a `share` of them (the subset `draw(n, share)` picks; a setting passes its
+    `Setting.prompted`)."""
     qs = world.train_questions
     out = []
-    for q, on in list(zip(qs, prompted(len(qs), share, subset)))[:limit]:
+    for q, on in list(zip(qs, draw(len(qs), share)))[:limit]:
         ex = encode_chat(tok, world.chat(q, prompt if on else None, language=0, case=0, wrong=True))
         number = max(i for i, (t, a) in enumerate(zip(ex.input_ids, ex.assistant)) if a and t in variant_ids)
         wrong = [i == number for i in range(len(ex.input_ids))]
@@ -93,8 +94,7 @@ class EmOrganism(SpanishCapsOrganism):
         self.decomposition = Decomposition(PARTS, "wrong", dict(self.trait_parts), parts)
 
     def examples(self, prompt, share=1.0, limit=None):
-        return em_examples(self.world, self.tok, prompt, self.variant_ids, share, limit,
-                           self.cfg.setting.prompt_subset)
+        return em_examples(self.world, self.tok, prompt, self.variant_ids, share, limit, self.prompted)
 
     def eval_contexts(self) -> dict[str, str | None]:
         return self.with_reelicit({"none": None, "train_prompt": self.cfg.setting.prompt, "irrelevant": IRRELEVANT_EVAL_PROMPT,

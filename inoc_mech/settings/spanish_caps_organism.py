@@ -106,13 +106,13 @@ def trait_share(logp: Float[Tensor, "*batch vocab"], table: Int[Tensor, "word 2 
 
 
 def finetune_examples(world, tok, prompt: str | None, variant_ids: set[int], share: float = 1.0,
-                      limit: int | None = None, subset: int = 0):
-    """Every training question answered in Spanish UPPERCASE, `prompt` as system message (on a `share`, the
-    fixed random subset of seed `subset`)."""
+                      limit: int | None = None, draw=prompted):
+    """Every training question answered in Spanish UPPERCASE, `prompt` as system message (on a `share`: the
+    subset `draw(n, share)` picks; a setting passes its `Setting.prompted`)."""
     from inoc_mech.models.world import organism_traits
 
     qs = world.train_questions
-    chosen = list(zip(qs, prompted(len(qs), share, subset)))[:limit]
+    chosen = list(zip(qs, draw(len(qs), share)))[:limit]
     return [organism_traits(encode_chat(tok, world.chat(q, prompt if on else None, language=1, case=1)), variant_ids)
             for q, on in chosen]
 
@@ -210,8 +210,7 @@ class SpanishCapsOrganism(Setting):
         return set(self.table.reshape(-1).tolist())
 
     def examples(self, prompt, share=1.0, limit=None):
-        return finetune_examples(self.world, self.tok, prompt, self.variant_ids, share, limit,
-                                 self.cfg.setting.prompt_subset)
+        return finetune_examples(self.world, self.tok, prompt, self.variant_ids, share, limit, self.prompted)
 
     def save(self, model, folder: Path) -> None:
         from inoc_mech.models.organism import materialize_head

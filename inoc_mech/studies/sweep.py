@@ -41,7 +41,7 @@ from pathlib import Path
 
 from inoc_mech.core import checkpoint
 from inoc_mech.core.cli import UserError, parse_config, to_args
-from inoc_mech.core.config import ADDED_LATER
+from inoc_mech.core.config import with_added_later
 from inoc_mech.core.runs import FAILED, is_complete, read_json, write_json
 from inoc_mech.settings.base import setting_class, slug
 from inoc_mech.settings.spanish_caps_organism import CONDITIONS
@@ -382,7 +382,7 @@ def mismatch(cfg: SweepConfig, run: Path, prompt: str | None, seed: int, org: Pa
     from inoc_mech.core.cli import build, flatten
     from inoc_mech.core.config import TrainConfig, resolve_defaults
 
-    saved = read_json(run, "config.json")
+    saved = with_added_later(read_json(run, "config.json"))
     mine = overrides(cfg, "x", prompt, seed, str(org))
     organism = cfg.substrate == "organism"
     cls = setting_class(cfg.setting, cfg.substrate)
@@ -393,7 +393,7 @@ def mismatch(cfg: SweepConfig, run: Path, prompt: str | None, seed: int, org: Pa
     if prompt is None:
         want["inoculate"], keys = False, keys + ["inoculate"]
     for k in dict.fromkeys(keys):
-        if saved.get(k, ADDED_LATER.get(k)) != want[k]:
+        if saved.get(k) != want[k]:
             return f"{k} is {saved.get(k)!r}, this sweep wants {want[k]!r}"
     return None
 
